@@ -1,0 +1,36 @@
+# qlab — every target creates the virtual environment on first use.
+PY        ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo test bench lint figures clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: this machine holds a local CPU wheel of exactly this version.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,hub,notebooks]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/qlab demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+lint: $(STAMP)
+	$(BIN)/ruff check qlab tests benchmarks
+	$(BIN)/ruff format --check qlab tests benchmarks
+
+figures: $(STAMP)
+	$(BIN)/qlab figures --out figures
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+import sys
+
+from qlab.cli import main
+
+sys.exit(main())

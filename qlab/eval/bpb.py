@@ -1,0 +1,169 @@
+"""Validation loss and bits per byte, the challenge's metric.
+
+BPB = (Σ NLL / ln 2) / Σ bytes, where each target token y after token x is worth
+base[y] + (has_leading_space[y] AND NOT is_boundary[x]) bytes (PAPERS.md §2). Sums are
+accumulated in float64 and all-reduced across ranks, so a distributed evaluation gives
+the same number as a single process.
+
+Two window layouts:
+- standard: non-overlapping windows of ``seq_len`` tokens, every target scored once;
+- sliding (``stride``): windows start at 0, stride, 2·stride, …; the first window
+  scores all its positions and each later window only the targets not yet scored (its
+  last ≤ stride positions), so every target is scored exactly once with at least
+  ``seq_len − stride`` tokens of context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from qlab.data.tokenizer import ByteTables, token_bytes
+from qlab.errors import DataError
+
+
+@dataclass
+class EvalResult:
+    val_loss: float  # mean negative log-likelihood per token, nats
+    val_bpb: float
+    tokens: int
+    bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Inputs tokens[start:end], targets tokens[start+1:end+1]; targets from ``score_from`` on count."""
+
+    start: int
+    end: int
+    score_from: int  # absolute index of the first scored target token
+
+
+def standard_windows(num_tokens: int, seq_len: int) -> list[Window]:
+    """Non-overlapping windows over ``num_tokens`` tokens (targets 1 … num_tokens−1)."""
+    targets = num_tokens - 1
+    return [Window(s, s + seq_len, s + 1) for s in range(0, targets - seq_len + 1, seq_len)]
+
+
+def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> list[Window]:
+    """Windows of ``seq_len`` every ``stride`` tokens; each target scored by exactly one window."""
+    if not 0 < stride <= seq_len:
+        raise DataError(f"sliding-window stride must be in 1..seq_len={seq_len}, got {stride}")
+    targets = num_tokens - 1
+    windows, scored_to = [], 0  # targets with absolute index ≤ scored_to are done
+    start = 0
+    while scored_to < targets:
+        end = min(start + seq_len, targets)
+        windows.append(Window(start, end, scored_to + 1))
+        scored_to = end
+        start += stride
+    return windows
+
+
+def truncate_tokens(tokens: torch.Tensor, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """Keep ⌊(N−1)/L⌋·L + 1 tokens (at most ``max_tokens``), as the challenge truncates validation."""
+    n = tokens.numel() if max_tokens is None else min(tokens.numel(), max_tokens)
+    usable = (n - 1) // seq_len * seq_len + 1
+    if usable < seq_len + 1:
+        raise DataError(f"validation set has {tokens.numel()} tokens: fewer than one window of {seq_len}+1")
+    return tokens[:usable]
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _autocast(device: torch.device, autocast: str | None):
+    if autocast == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_bpb(
+    model: torch.nn.Module,
+    val_tokens: torch.Tensor,
+    byte_tables: ByteTables,
+    *,
+    seq_len: int,
+    batch_seqs: int = 8,
+    stride: int | None = None,
+    device: torch.device | str | None = None,
+    max_tokens: int | None = None,
+    autocast: str | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Score ``val_tokens`` with ``model(x, y, reduction="none")`` and return loss and bpb.
+
+    ``stride=None`` uses standard windows; otherwise the sliding window. Windows are
+    dealt round-robin to ranks when torch.distributed is initialised.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    tokens = val_tokens.to(torch.int64)
+    if stride is None:
+        tokens = truncate_tokens(tokens, seq_len, max_tokens)
+        windows = standard_windows(tokens.numel(), seq_len)
+    else:
+        if max_tokens is not None:
+            tokens = tokens[:max_tokens]
+        windows = sliding_windows(tokens.numel(), seq_len, stride)
+    rank, world = _rank_world()
+    mine = windows[rank::world]
+    local_tables = ByteTables(
+        base_bytes=byte_tables.base_bytes.to(device),
+        has_leading_space=byte_tables.has_leading_space.to(device),
+        is_boundary=byte_tables.is_boundary.to(device),
+    )
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+
+    was_training = model.training
+    model.eval()
+    try:
+        batches = range(0, len(mine), batch_seqs)
+        for i in tqdm(batches, desc="eval", disable=not progress or rank != 0, leave=False):
+            sums += _score_batch(model, tokens, mine[i : i + batch_seqs], local_tables, device, autocast)
+    finally:
+        model.train(was_training)
+    if world > 1:
+        dist.all_reduce(sums)
+    nll, count, nbytes = sums.tolist()
+    return EvalResult(
+        val_loss=nll / count, val_bpb=nll / math.log(2) / nbytes, tokens=int(count), bytes=int(nbytes)
+    )
+
+
+def _score_batch(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    windows: list[Window],
+    tables: ByteTables,
+    device: torch.device,
+    autocast: str | None,
+) -> torch.Tensor:
+    # Windows in one batch share a length except possibly the final, shorter sliding
+    # window; pad it and mask the padding out of the score.
+    length = max(w.end - w.start for w in windows)
+    x = torch.zeros(len(windows), length, dtype=torch.int64)
+    y = torch.zeros_like(x)
+    mask = torch.zeros(len(windows), length, dtype=torch.bool)
+    for row, w in enumerate(windows):
+        n = w.end - w.start
+        x[row, :n] = tokens[w.start : w.end]
+        y[row, :n] = tokens[w.start + 1 : w.end + 1]
+        mask[row, w.score_from - w.start - 1 : n] = True
+    x, y, mask = x.to(device), y.to(device), mask.to(device)
+    with _autocast(device, autocast):
+        nll = model(x, y, reduction="none")
+    nll = nll.float().double()
+    nbytes = token_bytes(tables, x, y).double()
+    return torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum()])
