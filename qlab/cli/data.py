@@ -1,0 +1,81 @@
+"""``qlab data``: build, download and inspect tokenized datasets."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qlab.data.corpus import DEFAULT_SHARD_TOKENS, build_dataset, build_from_folder
+from qlab.data.dataset import DatasetInfo, open_dataset
+from qlab.data.embedded import embedded_documents
+from qlab.data.fineweb import VARIANTS, download_fineweb
+from qlab.data.shards import read_shard_header
+from qlab.errors import ConfigError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("data", help="build, download and inspect tokenized datasets")
+    sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    p = sub.add_parser("embedded", help="tokenize the embedded corpus (Python's own docs; no network)")
+    p.add_argument("--out", required=True, type=Path, help="output dataset directory")
+    p.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary size (default 1024)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    p.set_defaults(func=_embedded)
+
+    p = sub.add_parser("build", help="tokenize a folder of .txt / .jsonl (field 'text') files")
+    p.add_argument("src", type=Path, help="source folder")
+    p.add_argument("--out", required=True, type=Path, help="output dataset directory")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--tokenizer", type=Path, help="existing SentencePiece model to use")
+    group.add_argument("--vocab", type=int, help="train a new tokenizer of this vocabulary size")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    p.set_defaults(func=_build)
+
+    p = sub.add_parser("fineweb", help="download Parameter Golf's FineWeb shards (needs huggingface_hub)")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="sp1024")
+    p.add_argument("--train-shards", type=int, default=1, help="number of 100M-token train shards")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.set_defaults(func=_fineweb)
+
+    p = sub.add_parser("info", help="print a dataset's vocabulary, files and token counts")
+    p.add_argument("path", type=Path, help="dataset directory (qlab or Parameter Golf layout)")
+    p.set_defaults(func=_info)
+
+
+def _embedded(args: argparse.Namespace) -> int:
+    train, val = embedded_documents()
+    info = build_dataset(train, val, args.out, args.vocab, shard_tokens=args.shard_tokens, source="embedded")
+    return _print_info(info)
+
+
+def _build(args: argparse.Namespace) -> int:
+    vocab = args.vocab if args.vocab is not None else 1024
+    info = build_from_folder(args.src, args.tokenizer, args.out, vocab, shard_tokens=args.shard_tokens)
+    return _print_info(info)
+
+
+def _fineweb(args: argparse.Namespace) -> int:
+    if args.train_shards < 0:
+        raise ConfigError(f"--train-shards must be ≥ 0, got {args.train_shards}")
+    return _print_info(download_fineweb(args.variant, args.train_shards, args.out))
+
+
+def _info(args: argparse.Namespace) -> int:
+    return _print_info(open_dataset(args.path))
+
+
+def _print_info(info: DatasetInfo) -> int:
+    print(f"dataset:    {info.root}")
+    print(f"tokenizer:  {info.tokenizer_path}")
+    print(f"vocab_size: {info.vocab_size}")
+    for split, files in (("train", info.train_files), ("val", info.val_files)):
+        counts = [read_shard_header(f) for f in files]
+        print(f"{split}: {sum(counts):,} tokens in {len(files)} shard(s)")
+        for f, n in zip(files, counts):
+            print(f"  {f.name}  {n:,}")
+    source = info.meta.get("source")
+    if source:
+        print(f"source:     {source}")
+    return 0

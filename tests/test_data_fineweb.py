@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from qlab.data import fineweb
+from qlab.data.fineweb import download_fineweb, remote_files
+from qlab.data.shards import read_shard, write_shard
+from qlab.errors import ConfigError, DataError
+
+
+@pytest.fixture()
+def fake_hub(tmp_path, tiny_dataset):
+    """A local directory laid out like the hub repo: datasets/datasets/... and datasets/tokenizers/."""
+    hub = tmp_path / "hub"
+    data = hub / "datasets" / "datasets" / "fineweb10B_sp1024"
+    for i in range(3):
+        write_shard(data / f"fineweb_train_{i:06d}.bin", np.full(40 + i, i))
+    write_shard(data / "fineweb_val_000000.bin", np.arange(30))
+    (hub / "datasets" / "tokenizers").mkdir(parents=True)
+    shutil.copy(tiny_dataset.tokenizer_path, hub / "datasets" / "tokenizers" / "fineweb_1024_bpe.model")
+    calls: list[str] = []
+
+    def fetch(remote: str):
+        calls.append(remote)
+        return hub / remote
+
+    return hub, fetch, calls
+
+
+def test_remote_paths():
+    files = remote_files("sp8192", 2)
+    assert files == [
+        "datasets/tokenizers/fineweb_8192_bpe.model",
+        "datasets/datasets/fineweb10B_sp8192/fineweb_val_000000.bin",
+        "datasets/datasets/fineweb10B_sp8192/fineweb_train_000000.bin",
+        "datasets/datasets/fineweb10B_sp8192/fineweb_train_000001.bin",
+    ]
+    assert remote_files("sp1024", 0, prefix="")[0] == "tokenizers/fineweb_1024_bpe.model"
+    with pytest.raises(ConfigError, match="sp4096"):
+        remote_files("sp4096", 1)
+
+
+def test_download_from_fake_hub(tmp_path, fake_hub):
+    hub, fetch, calls = fake_hub
+    out = tmp_path / "out"
+    info = download_fineweb("sp1024", 2, out, fetch=fetch)
+    assert len(calls) == 4
+    assert info.root == out / "datasets" / "fineweb10B_sp1024" and info.vocab_size == 1024
+    assert [read_shard(f).tolist()[0] for f in info.train_files] == [0, 1]
+    assert info.val_tokens == 30
+    assert info.tokenizer_path == out / "tokenizers" / "fineweb_1024_bpe.model"
+    # a second call keeps valid files and fetches only what is new
+    calls.clear()
+    download_fineweb("sp1024", 3, out, fetch=fetch)
+    assert calls == ["datasets/datasets/fineweb10B_sp1024/fineweb_train_000002.bin"]
+
+
+def test_corrupt_download_rejected(tmp_path, fake_hub):
+    hub, fetch, _ = fake_hub
+    bad = hub / "datasets" / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin"
+    bad.write_bytes(bad.read_bytes()[:-4])
+    with pytest.raises(DataError, match="fineweb_train_000001.bin is invalid.*truncated"):
+        download_fineweb("sp1024", 2, tmp_path / "out", fetch=fetch)
+    assert not (tmp_path / "out" / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin").exists()
+    with pytest.raises(DataError, match="no file"):
+        download_fineweb("sp1024", 1, tmp_path / "o2", fetch=lambda remote: tmp_path / "missing")
+
+
+def test_missing_huggingface_hub_is_clear(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_hub(name, *args, **kwargs):
+        if name == "huggingface_hub":
+            raise ImportError("no module named huggingface_hub")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_hub)
+    with pytest.raises(DataError, match="huggingface_hub"):
+        fineweb.download_fineweb("sp1024", 1, tmp_path)
