@@ -9,7 +9,9 @@ import torch
 from qlab.data.tokenizer import ByteTables, token_bytes
 
 
-def unigram_bpb(train_tokens: torch.Tensor, val_tokens: torch.Tensor, tables: ByteTables, vocab_size: int) -> float:
+def unigram_bpb(
+    train_tokens: torch.Tensor, val_tokens: torch.Tensor, tables: ByteTables, vocab_size: int
+) -> float:
     """Bits per byte of the add-one-smoothed unigram model fitted on ``train_tokens``.
 
     Scores every validation target (positions 1 … N−1) with −log₂ p(y), counting bytes

@@ -83,7 +83,7 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _autocast(device: torch.device, autocast: str | None):
+def autocast_context(device: torch.device, autocast: str | None):
     if autocast == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -131,7 +131,7 @@ def evaluate_bpb(
     try:
         batches = range(0, len(mine), batch_seqs)
         for i in tqdm(batches, desc="eval", disable=not progress or rank != 0, leave=False):
-            sums += _score_batch(model, tokens, mine[i : i + batch_seqs], local_tables, device, autocast)
+            sums += score_windows(model, tokens, mine[i : i + batch_seqs], local_tables, device, autocast)
     finally:
         model.train(was_training)
     if world > 1:
@@ -142,7 +142,7 @@ def evaluate_bpb(
     )
 
 
-def _score_batch(
+def score_windows(
     model: torch.nn.Module,
     tokens: torch.Tensor,
     windows: list[Window],
@@ -162,7 +162,7 @@ def _score_batch(
         y[row, :n] = tokens[w.start + 1 : w.end + 1]
         mask[row, w.score_from - w.start - 1 : n] = True
     x, y, mask = x.to(device), y.to(device), mask.to(device)
-    with _autocast(device, autocast):
+    with autocast_context(device, autocast):
         nll = model(x, y, reduction="none")
     nll = nll.float().double()
     nbytes = token_bytes(tables, x, y).double()

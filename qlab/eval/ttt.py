@@ -49,7 +49,14 @@ from tqdm.auto import tqdm
 
 from qlab.data.tokenizer import ByteTables
 from qlab.errors import ConfigError, DataError, NumericalError, QlabError
-from qlab.eval.bpb import Window, _autocast, _score_batch, sliding_windows, standard_windows, truncate_tokens
+from qlab.eval.bpb import (
+    Window,
+    autocast_context,
+    score_windows,
+    sliding_windows,
+    standard_windows,
+    truncate_tokens,
+)
 
 OPTIMIZERS = ("sgd", "adamw")
 GRAD_SCALINGS = (None, "snr", "snr2")
@@ -246,7 +253,7 @@ def _train(work, params, opt, x, y, cfg: TTTConfig, lr: float, device, what: str
     work.train()
     steps = 0
     for xb, yb in _batches(x, y, cfg.batch_seqs, cfg.epochs):
-        with _autocast(device, cfg.autocast):
+        with autocast_context(device, cfg.autocast):
             loss = work(xb.to(device), yb.to(device))
         if not torch.isfinite(loss):
             raise NumericalError(f"TTT: non-finite training loss on {what} (lr={lr:.3g}); lower the lr")
@@ -377,7 +384,7 @@ def _score_chunk(work, tokens, chunk: list[Window], tables, device, cfg: TTTConf
     work.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for i in range(0, len(chunk), cfg.score_batch_seqs):
-        sums += _score_batch(work, tokens, chunk[i : i + cfg.score_batch_seqs], tables, device, cfg.autocast)
+        sums += score_windows(work, tokens, chunk[i : i + cfg.score_batch_seqs], tables, device, cfg.autocast)
     return sums
 
 
