@@ -1,0 +1,369 @@
+"""Low-level, validating readers for the file formats a checkpoint can come in.
+
+Two ideas live here, both below the public API of :mod:`qlab.io.readers`:
+
+* **safetensors** is parsed by hand (u64 little-endian header length, a JSON header
+  mapping names to ``dtype`` / ``shape`` / ``data_offsets``, then raw little-endian
+  data) so every corruption gets a clear :class:`CheckpointError`, and each tensor is
+  read with a plain positioned read into a fresh buffer. No mapping of the file stays
+  alive, so the resident set holds one tensor at a time however large the file is
+  (a memory-mapped reader keeps every page it has touched resident until unmapped).
+* **torch** files are loaded with ``weights_only=True`` (memory-mapped when the zip
+  format allows it), wrappers like ``{"state_dict": ...}`` are unwrapped, and pages
+  of the mapping can be handed back to the kernel once a tensor has been copied out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import pickle
+import sys
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlab.errors import CheckpointError
+
+__all__ = [
+    "SAFETENSORS_DTYPES",
+    "SafetensorsEntry",
+    "read_safetensors_header",
+    "read_safetensors_tensor",
+    "load_torch_file",
+    "release_pages",
+    "normalize_tensor",
+]
+
+# Header sizes above this are refused (the reference implementation uses the same cap):
+# a corrupt length field must not make us allocate gigabytes.
+MAX_HEADER_BYTES = 100_000_000
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _st, _attr in [
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+]:
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[_st] = getattr(torch, _attr)
+
+_FP8 = {getattr(torch, a) for a in dir(torch) if a.startswith("float8_")}
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """One tensor's header record; ``begin``/``end`` are absolute byte offsets in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_safetensors_header(path: str | os.PathLike) -> list[SafetensorsEntry]:
+    """Parse and validate a safetensors header; entries come back in storage order."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(
+                    f"{path}: truncated safetensors file ({size} bytes; the 8-byte header length is missing)"
+                )
+            n = int.from_bytes(prefix, "little")
+            if n > size - 8:
+                raise CheckpointError(
+                    f"{path}: safetensors header length field says {n} bytes but the file has only "
+                    f"{size - 8} bytes after it (truncated or not a safetensors file)"
+                )
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: safetensors header of {n} bytes exceeds {MAX_HEADER_BYTES}")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object but {type(header).__name__}")
+    data_start = 8 + n
+    records = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    entries = [_parse_entry(path, name, rec, data_start, size) for name, rec in records]
+    entries.sort(key=lambda e: (e.begin, e.end))
+    _check_no_overlap(path, entries)
+    return entries
+
+
+def _parse_entry(path: Path, name: str, rec: object, data_start: int, size: int) -> SafetensorsEntry:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(rec, dict) or not {"dtype", "shape", "data_offsets"} <= rec.keys():
+        raise CheckpointError(f"{where}: header record must hold dtype, shape and data_offsets, got {rec!r}")
+    dtype, shape, offs = rec["dtype"], rec["shape"], rec["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(
+            f"{where}: unsupported dtype {dtype!r} (supported: {', '.join(sorted(SAFETENSORS_DTYPES))})"
+        )
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offs)
+        or offs[0] > offs[1]
+    ):
+        raise CheckpointError(f"{where}: data_offsets must be [begin, end], 0 <= begin <= end, got {offs!r}")
+    entry = SafetensorsEntry(name, dtype, tuple(shape), data_start + offs[0], data_start + offs[1])
+    expected = entry.numel * entry.torch_dtype.itemsize
+    if entry.end - entry.begin != expected:
+        raise CheckpointError(
+            f"{where}: data_offsets span {entry.end - entry.begin} bytes, "
+            f"but {dtype} {list(shape)} needs {expected}"
+        )
+    if entry.end > size:
+        raise CheckpointError(
+            f"{where}: data ends at byte {entry.end} but the file has {size} bytes (truncated file)"
+        )
+    return entry
+
+
+def _check_no_overlap(path: Path, entries: list[SafetensorsEntry]) -> None:
+    for a, b in zip(entries, entries[1:]):
+        if b.begin < a.end and b.begin != b.end:
+            raise CheckpointError(f"{path}: tensors {a.name!r} and {b.name!r} overlap in the data section")
+
+
+def read_safetensors_tensor(f, entry: SafetensorsEntry, path: str | os.PathLike) -> torch.Tensor:
+    """Read one tensor from the open binary file ``f`` into a new, owned CPU tensor.
+
+    ``f`` is best opened unbuffered (``buffering=0``): the bytes then go straight from
+    the kernel into the tensor, with no intermediate copy.
+    """
+    nbytes = entry.end - entry.begin
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    f.seek(entry.begin)
+    got = 0
+    while got < nbytes:  # one read() returns at most ~2 GiB on Linux
+        n = f.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{path}: tensor {entry.name!r}: file ended after {got} of {nbytes} bytes")
+        got += n
+    t = buf.view(entry.torch_dtype).reshape(entry.shape)
+    if sys.byteorder == "big":  # safetensors data is little-endian
+        t = torch.from_numpy(t.numpy().byteswap())
+    return t
+
+
+def load_torch_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool]:
+    """Load a torch checkpoint safely; returns (flat tensor dict, whether it is memory-mapped).
+
+    ``weights_only=True`` refuses pickles that would run arbitrary code; that refusal is
+    reported as a CheckpointError saying the file was refused as unsafe.
+    """
+    path = Path(path)
+    mapped = zipfile.is_zipfile(path)  # mmap needs the zip format of torch >= 1.6
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+    except pickle.UnpicklingError as e:
+        reason = _unpickler_reason(str(e))
+        if _needs_code(reason):
+            raise CheckpointError(
+                f"{path}: refused as unsafe: loading it would need arbitrary code, which "
+                f"weights_only=True forbids ({reason})"
+            ) from e
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason})") from e
+    except Exception as e:  # torch raises many types on corrupt input; none should escape raw
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    return flatten_state(obj, path), mapped
+
+
+def _unpickler_reason(msg: str) -> str:
+    """The one informative line of torch's long weights-only error message."""
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error:" in ln:
+            rest = ln.split("WeightsUnpickler error:", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else ln)
+    return lines[0] if lines else msg
+
+
+def _needs_code(reason: str) -> bool:
+    # The restricted unpickler names the global/class/callable it refused to resolve;
+    # other failures ("Unsupported operand …") mean the bytes are simply not a pickle.
+    r = reason.lower()
+    return any(w in r for w in ("global", "reduce", "class", "callable"))
+
+
+# Keys under which training scripts nest the weights; the first present one is unwrapped.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema", "weights", "params")
+
+
+def flatten_state(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Unwrap ``{"model": {...}}``-style wrappers, then flatten nested dicts with dots.
+
+    Non-tensor leaves (step counters, config strings) are dropped: they are not weights.
+    """
+    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            break
+        obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    _flatten_into(obj, "", out)
+    if not out:
+        raise CheckpointError(f"{path}: the checkpoint holds no tensors (keys: {list(obj)[:10]})")
+    return out
+
+
+def _flatten_into(obj: Mapping, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    for k, v in obj.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            out[name] = v
+        elif isinstance(v, Mapping):
+            _flatten_into(v, name + ".", out)
+
+
+def normalize_tensor(t: torch.Tensor, name: str, path: str | os.PathLike) -> torch.Tensor:
+    """Refuse dtypes analysis cannot use; widen fp8 to float32 (few torch ops accept fp8)."""
+    if t.is_complex():
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported complex dtype {t.dtype}")
+    if t.is_quantized:
+        raise CheckpointError(f"{path}: tensor {name!r} is a torch quantized tensor ({t.dtype}), unsupported")
+    if t.dtype in _FP8:
+        return t.to(torch.float32)
+    return t
+
+
+_libc = None
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Tell the kernel the pages under a *memory-mapped, read-only* tensor are not needed.
+
+    Only call this on tensors backed by a private file mapping that nobody wrote to:
+    the kernel drops the pages from the resident set and re-reads them from the file
+    if they are touched again, so values stay correct while RSS stays bounded.
+    """
+    global _libc
+    if not sys.platform.startswith("linux") or t.numel() == 0:
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = t.untyped_storage().data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    lo = -(-start // page) * page  # whole pages only: neighbours' partial pages are left alone
+    hi = (end // page) * page
+    if hi > lo:
+        _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+# --------------------------------------------------------------------------- Parameter Golf trees
+# The records torch.save one of two object trees into their .ptz artifacts:
+#  * "int8_clean_per_row_v1" (baseline) / "mixed_intN_per_row_v1": {"__quant_format__",
+#    "quantized": {name: int codes}, "scales": {name: per-row or scalar scale},
+#    "dtypes", "passthrough": {name: tensor}, "passthrough_orig_dtypes"?, "qmeta"?};
+#  * the int6 records: {"w": {name + ".q", name + ".scale", passthrough names},
+#    "m": {name: "passthrough*" | {"type": "int5" | "int6" | "int8", ...}}}.
+# Value = codes · scale, the scale broadcast over each row when it has a dimension.
+
+_PG_PLAIN_KEYS = {"type", "bits", "scheme", "axis"}
+
+
+def decode_pg_tree(obj: object, path: str | os.PathLike, raw_codes: bool) -> dict[str, torch.Tensor]:
+    """Tensors of a .ptz object tree: Parameter Golf quantized formats or a plain state dict.
+
+    Quantized entries come back dequantized to float32, or as their integer codes with
+    ``raw_codes``; variants this reader does not know (LQER factors, grouped int4, …)
+    are refused by name unless ``raw_codes`` is set.
+    """
+    if isinstance(obj, Mapping) and {"quantized", "scales", "passthrough"} <= obj.keys():
+        return _decode_pg_clean(obj, path, raw_codes)
+    if isinstance(obj, Mapping) and set(obj) == {"w", "m"} and isinstance(obj["m"], Mapping):
+        return _decode_pg_mixed(obj["w"], obj["m"], path, raw_codes)
+    return flatten_state(obj, path)
+
+
+def _decode_pg_clean(obj: Mapping, path, raw_codes: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, q in obj["quantized"].items():
+        out[name] = q if raw_codes else _row_scaled(q, obj["scales"][name], name, path)
+    orig = obj.get("passthrough_orig_dtypes", {})
+    for name, t in obj["passthrough"].items():
+        out[name] = t.to(getattr(torch, orig[name])) if name in orig else t
+    return out
+
+
+def _decode_pg_mixed(w: Mapping, meta: Mapping, path, raw_codes: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, info in meta.items():
+        if isinstance(info, str) and info.startswith("passthrough"):
+            out[name] = _pg_get(w, name, path)
+            continue
+        q = _pg_get(w, name + ".q", path)
+        if raw_codes:
+            out[name] = q
+        elif isinstance(info, Mapping) and set(info) <= _PG_PLAIN_KEYS:
+            out[name] = _row_scaled(q, _pg_get(w, name + ".scale", path), name, path)
+        else:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} uses a Parameter Golf quantization variant this reader "
+                f"cannot dequantize ({info!r}); read its codes with raw_codes=True"
+            )
+    return out
+
+
+def _pg_get(w: Mapping, key: str, path) -> torch.Tensor:
+    if key not in w or not isinstance(w[key], torch.Tensor):
+        raise CheckpointError(f"{path}: Parameter Golf artifact lacks tensor {key!r}")
+    return w[key]
+
+
+def _row_scaled(q: torch.Tensor, s: torch.Tensor, name: str, path) -> torch.Tensor:
+    if s.ndim == 0 or s.numel() == 1:
+        return q.float() * s.float().reshape(())
+    if q.ndim == 0 or s.numel() != q.shape[0]:
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: scale of shape {tuple(s.shape)} does not match the "
+            f"{tuple(q.shape)[:1]} rows of its codes"
+        )
+    return q.float() * s.float().reshape(q.shape[0], *([1] * (q.ndim - 1)))
