@@ -1,0 +1,290 @@
+"""qlab's own artifact format: named raw arrays + a JSON header, no pickle anywhere.
+
+Layout::
+
+    b"QLAB" | version u16 LE | header length u64 LE | UTF-8 JSON header | payload
+
+The payload is the concatenation of every array's raw little-endian bytes (each array
+starting at an 8-byte aligned offset), then optionally byte-shuffled and compressed
+with any codec of :mod:`qlab.compress.codecs`. The header lists, per entry, its kind and
+JSON fields and, per array, dtype, shape, offset and length in the *raw* payload; it
+also carries the codec, the policy, user ``extra`` and the SHA-256 of both the stored
+and the raw payload, so a tampered, truncated or mis-described file is always caught.
+
+Entries may be torch tensors, numpy arrays, :class:`qlab.quant.tensor.QuantizedTensor`
+or :class:`qlab.quant.policy.Passthrough`; dataclasses are split into their tensor
+fields (arrays) and other fields (JSON) by :func:`to_arrays` / :func:`from_arrays`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qlab.compress.codecs import get_codec
+from qlab.errors import ArtifactError, ConfigError
+from qlab.io.atomic import atomic_write_bytes
+
+MAGIC = b"QLAB"
+VERSION = 1
+_PREFIX = struct.Struct("<4sHQ")
+_ALIGN = 8
+# Only these classes are ever rebuilt from a file: the header names a kind, never a class.
+_KINDS = {
+    "quantized": ("qlab.quant.tensor", "QuantizedTensor"),
+    "passthrough": ("qlab.quant.policy", "Passthrough"),
+}
+_TORCH_DTYPES = {
+    str(d).replace("torch.", ""): d
+    for d in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.int8,
+        torch.uint8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+    )
+}
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if isinstance(value, np.ndarray):
+        return "ndarray"
+    for kind, (module, cls) in _KINDS.items():
+        if type(value).__name__ == cls and type(value).__module__ == module:
+            return kind
+    raise ConfigError(
+        f"artifact entry of type {type(value).__name__} is not storable "
+        "(expected Tensor, ndarray, QuantizedTensor or Passthrough)"
+    )
+
+
+def to_arrays(value: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Split an entry into ``(kind, {role: array}, json_fields)``."""
+    kind = _kind_of(value)
+    if kind in ("tensor", "ndarray"):
+        return kind, {"data": value}, {}
+    arrays, fields = {}, {}
+    for f in dataclasses.fields(value):
+        v = getattr(value, f.name)
+        if isinstance(v, (torch.Tensor, np.ndarray)):
+            arrays[f.name] = v
+        else:
+            fields[f.name] = list(v) if isinstance(v, tuple) else v
+            if isinstance(v, tuple):
+                fields.setdefault("__tuples__", []).append(f.name)
+    return kind, arrays, fields
+
+
+def from_arrays(kind: str, arrays: dict[str, Any], fields: dict[str, Any], where: str) -> Any:
+    """Rebuild an entry written by :func:`to_arrays` (only registered kinds)."""
+    if kind in ("tensor", "ndarray"):
+        return arrays["data"]
+    if kind not in _KINDS:
+        raise ArtifactError(f"{where}: unknown entry kind {kind!r}")
+    module, cls_name = _KINDS[kind]
+    cls = getattr(importlib.import_module(module), cls_name)
+    fields = dict(fields)
+    for name in fields.pop("__tuples__", []):
+        fields[name] = tuple(fields[name])
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in {**fields, **arrays}.items() if k in names}
+    for name in names - kwargs.keys():
+        kwargs[name] = None  # optional tensor fields that were None are simply absent
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ArtifactError(f"{where}: cannot rebuild {cls_name} ({exc})") from exc
+
+
+def _array_bytes(a: Any) -> tuple[str, list[int], bytes]:
+    if isinstance(a, torch.Tensor):
+        t = a.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return str(t.dtype).replace("torch.", ""), list(t.shape), raw
+    arr = np.ascontiguousarray(a)
+    arr = arr.astype(arr.dtype.newbyteorder("<")) if arr.dtype.byteorder == ">" else arr
+    return "np:" + arr.dtype.str, list(arr.shape), arr.tobytes()
+
+
+def _array_from(dtype: str, shape: list[int], raw: bytes, where: str) -> Any:
+    if dtype.startswith("np:"):
+        try:
+            np_dtype = np.dtype(dtype[3:])
+        except TypeError as exc:
+            raise ArtifactError(f"{where}: unknown numpy dtype {dtype!r}") from exc
+        if np_dtype.hasobject:
+            raise ArtifactError(f"{where}: object arrays are not allowed")
+        _check_len(raw, shape, np_dtype.itemsize, where)
+        return np.frombuffer(raw, dtype=np_dtype).reshape(shape).copy()
+    if dtype not in _TORCH_DTYPES:
+        raise ArtifactError(f"{where}: unknown dtype {dtype!r}")
+    torch_dtype = _TORCH_DTYPES[dtype]
+    _check_len(raw, shape, torch.empty(0, dtype=torch_dtype).element_size(), where)
+    if not raw:
+        return torch.empty(shape, dtype=torch_dtype)
+    return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(shape)
+
+
+def _check_len(raw: bytes, shape: list[int], itemsize: int, where: str) -> None:
+    want = int(np.prod(shape, dtype=np.int64)) * itemsize
+    if len(raw) != want:
+        raise ArtifactError(f"{where}: {len(raw)} bytes, but shape {shape} needs {want}")
+
+
+def encode_artifact(
+    tensors: dict[str, Any],
+    *,
+    policy: Any = None,
+    codec: str = "brotli-11",
+    shuffle: bool = True,
+    extra: dict | None = None,
+) -> bytes:
+    """The bytes :func:`write_artifact` writes (useful for in-memory size accounting)."""
+    if sys.byteorder != "little":
+        raise ArtifactError("qlab artifacts are written on little-endian hosts only")
+    c = get_codec(codec, shuffle=shuffle)
+    entries, chunks, offset = [], [], 0
+    for name, value in tensors.items():
+        kind, arrays, fields = to_arrays(value)
+        described = {}
+        for role, a in arrays.items():
+            dtype, shape, raw = _array_bytes(a)
+            pad = (-offset) % _ALIGN
+            chunks.append(b"\0" * pad + raw)
+            offset += pad
+            described[role] = {"dtype": dtype, "shape": shape, "offset": offset, "length": len(raw)}
+            offset += len(raw)
+        entries.append({"name": str(name), "kind": kind, "fields": fields, "arrays": described})
+    raw_payload = b"".join(chunks)
+    if dataclasses.is_dataclass(policy) and not isinstance(policy, type):
+        policy = dataclasses.asdict(policy)
+    payload = c.compress(raw_payload)
+    header = {
+        "format": "qlab-artifact",
+        "version": VERSION,
+        "codec": c.spec,
+        "policy": policy,
+        "extra": extra or {},
+        "tensors": entries,
+        "raw_length": len(raw_payload),
+        "payload_length": len(payload),
+        "raw_sha256": hashlib.sha256(raw_payload).hexdigest(),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    try:
+        head = json.dumps(header, sort_keys=True, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"artifact header (policy/extra/fields) is not JSON-serialisable: {exc}") from exc
+    return _PREFIX.pack(MAGIC, VERSION, len(head)) + head + payload
+
+
+def write_artifact(
+    path: str | os.PathLike,
+    tensors: dict[str, Any],
+    *,
+    policy: Any = None,
+    codec: str = "brotli-11",
+    shuffle: bool = True,
+    extra: dict | None = None,
+) -> Path:
+    """Write ``tensors`` atomically as a qlab artifact; returns the path."""
+    data = encode_artifact(tensors, policy=policy, codec=codec, shuffle=shuffle, extra=extra)
+    return atomic_write_bytes(path, data)
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict]:
+    """Read and verify an artifact; returns ``(entries by name, header)``."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read artifact ({exc.strerror})") from exc
+    return decode_artifact(data, where=str(path))
+
+
+def decode_artifact(data: bytes, where: str = "<bytes>") -> tuple[dict[str, Any], dict]:
+    """Parse and verify artifact bytes (see :func:`read_artifact`)."""
+    header, payload = _split(data, where)
+    if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
+        raise ArtifactError(f"{where}: payload SHA-256 mismatch (file corrupted or tampered with)")
+    raw = get_codec(header["codec"]).decompress(payload) if header.get("codec") else payload
+    if len(raw) != header.get("raw_length") or hashlib.sha256(raw).hexdigest() != header.get("raw_sha256"):
+        raise ArtifactError(f"{where}: decompressed payload does not match its recorded length/SHA-256")
+    out = {}
+    for entry in _entries(header, where):
+        name = entry["name"]
+        arrays = {}
+        for role, spec in entry["arrays"].items():
+            lo, n = int(spec["offset"]), int(spec["length"])
+            if lo < 0 or n < 0 or lo + n > len(raw):
+                raise ArtifactError(
+                    f"{where}: tensor {name!r}/{role} range [{lo}, {lo + n}) is outside "
+                    f"the {len(raw)}-byte payload"
+                )
+            arrays[role] = _array_from(
+                spec["dtype"], spec["shape"], raw[lo : lo + n], f"{where}: {name}/{role}"
+            )
+        out[name] = from_arrays(entry["kind"], arrays, entry.get("fields", {}), f"{where}: {name}")
+    return out, header
+
+
+def _split(data: bytes, where: str) -> tuple[dict, bytes]:
+    if len(data) < _PREFIX.size:
+        raise ArtifactError(
+            f"{where}: truncated ({len(data)} bytes, shorter than the {_PREFIX.size}-byte prefix)"
+        )
+    magic, version, head_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise ArtifactError(f"{where}: bad magic {magic!r} (expected {MAGIC!r}; not a qlab artifact)")
+    if version != VERSION:
+        raise ArtifactError(f"{where}: unsupported artifact version {version} (expected {VERSION})")
+    end = _PREFIX.size + head_len
+    if end > len(data):
+        raise ArtifactError(
+            f"{where}: truncated header (needs {head_len} bytes, file has {len(data) - _PREFIX.size})"
+        )
+    try:
+        header = json.loads(data[_PREFIX.size : end].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{where}: header is not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(header, dict) or header.get("format") != "qlab-artifact":
+        raise ArtifactError(f"{where}: header is not a qlab-artifact header")
+    payload = data[end:]
+    if len(payload) != header.get("payload_length"):
+        raise ArtifactError(
+            f"{where}: payload is {len(payload)} bytes, header says "
+            f"{header.get('payload_length')} (truncated or padded file)"
+        )
+    return header, payload
+
+
+def _entries(header: dict, where: str) -> list[dict]:
+    entries = header.get("tensors")
+    ok = isinstance(entries, list) and all(
+        isinstance(e, dict) and {"name", "kind", "arrays"} <= e.keys() and isinstance(e["arrays"], dict)
+        for e in entries
+    )
+    if not ok:
+        raise ArtifactError(f"{where}: header 'tensors' list is malformed")
+    for e in entries:
+        for role, spec in e["arrays"].items():
+            if not isinstance(spec, dict) or not {"dtype", "shape", "offset", "length"} <= spec.keys():
+                raise ArtifactError(f"{where}: tensor {e['name']!r}/{role} lacks dtype/shape/offset/length")
+    return entries
