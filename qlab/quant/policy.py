@@ -1,0 +1,326 @@
+"""Per-tensor quantization policies: which tensor gets which quantizer.
+
+A :class:`Policy` is an ordered list of :class:`Rule`s; the first rule whose name pattern
+(fnmatch, or a regex when prefixed ``re:``) and optional conditions (float only, ndim,
+element-count bounds) match a tensor decides its :class:`TensorSpec`. Non-float tensors
+are always stored unchanged. Presets follow PAPERS.md §3 (``record``, ``record_pathA``,
+``per_category``, ``rtn_int6``, ``rtn_int8``); :func:`policy_from_dict` reads the same
+structure from JSON/YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
+
+import torch
+from tqdm.auto import tqdm
+
+from qlab.errors import ConfigError, QuantError
+from qlab.quant.gptq import gptq_quantize_many
+from qlab.quant.rtn import quantize_rtn
+from qlab.quant.tensor import QuantizedTensor, dequantize
+
+METHODS = ("gptq", "rtn", "passthrough")
+PASSTHROUGH_KINDS = ("fp16", "int8_tensor", "int8_row", "raw")
+SMALL = 65536  # float tensors with at most this many elements are "small" (passthrough)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """How to store one tensor."""
+
+    method: str = "gptq"
+    bits: int = 6
+    clip: str = "sdclip"
+    clip_params: Mapping = field(default_factory=dict)
+    granularity: str = "row"
+    group_size: int | None = None
+    symmetric: bool = True
+    passthrough_dtype: str = "fp16"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"TensorSpec.method must be one of {METHODS}, got {self.method!r}")
+        if self.passthrough_dtype not in PASSTHROUGH_KINDS:
+            raise ConfigError(
+                f"TensorSpec.passthrough_dtype must be one of {PASSTHROUGH_KINDS}, "
+                f"got {self.passthrough_dtype!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Pattern (+ optional conditions) → spec. ``None`` conditions always match."""
+
+    pattern: str
+    spec: TensorSpec
+    ndim: int | None = None
+    min_numel: int | None = None
+    max_numel: int | None = None
+
+    def matches(self, name: str, tensor: torch.Tensor) -> bool:
+        if self.pattern.startswith("re:"):
+            if re.fullmatch(self.pattern[3:], name) is None:
+                return False
+        elif not fnmatchcase(name, self.pattern):
+            return False
+        n = tensor.numel()
+        return (
+            (self.ndim is None or tensor.dim() == self.ndim)
+            and (self.min_numel is None or n >= self.min_numel)
+            and (self.max_numel is None or n <= self.max_numel)
+        )
+
+
+@dataclass
+class Passthrough:
+    """A tensor kept (almost) as is: fp16, per-tensor int8 (fp32 scale), per-row int8
+    (fp16 scales), or raw (non-float tensors, stored unchanged)."""
+
+    data: torch.Tensor
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    scale: torch.Tensor | None = None
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The stored tensor in ``dtype`` (default: the original dtype)."""
+        target = dtype or getattr(torch, self.dtype)
+        if self.kind in ("fp16", "raw"):
+            return self.data.to(target).reshape(self.shape)
+        scale = self.scale.to(torch.float32)
+        if self.kind == "int8_row" and self.data.dim() == 2:
+            scale = scale.reshape(-1, 1)
+        return (self.data.to(torch.float32) * scale).to(target).reshape(self.shape)
+
+
+def make_passthrough(t: torch.Tensor, kind: str, name: str | None = None) -> Passthrough:
+    """Store ``t`` as a :class:`Passthrough` of ``kind`` (non-float tensors are always raw)."""
+    dtype = str(t.dtype).removeprefix("torch.")
+    if not t.is_floating_point() or kind == "raw":
+        return Passthrough(t.detach().clone(), "raw", dtype, tuple(t.shape))
+    if kind == "fp16":
+        return Passthrough(t.detach().to(torch.float16), "fp16", dtype, tuple(t.shape))
+    if kind not in ("int8_tensor", "int8_row"):
+        raise ConfigError(f"tensor {name!r}: unknown passthrough kind {kind!r}")
+    flat = t.reshape(1, -1) if t.dim() == 0 else t
+    per_row = kind == "int8_row" and t.dim() == 2
+    q = quantize_rtn(
+        flat,
+        8,
+        granularity="row" if per_row else "tensor",
+        clip="absmax",
+        scale_dtype=torch.float16 if per_row else torch.float32,
+        name=name,
+    )
+    return Passthrough(q.codes.reshape(t.shape), kind, dtype, tuple(t.shape), q.scale.reshape(-1))
+
+
+@dataclass
+class Policy:
+    """Ordered rules; the first match wins. Non-float tensors are always raw passthrough."""
+
+    name: str
+    rules: list[Rule]
+    default: TensorSpec = field(default_factory=lambda: TensorSpec(method="passthrough"))
+
+    def spec_for(self, name: str, tensor: torch.Tensor) -> TensorSpec:
+        if not tensor.is_floating_point():
+            return TensorSpec(method="passthrough", passthrough_dtype="raw")
+        for rule in self.rules:
+            if rule.matches(name, tensor):
+                return rule.spec
+        return self.default
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "rules": [{**asdict(r), "spec": _spec_dict(r.spec)} for r in self.rules],
+            "default": _spec_dict(self.default),
+        }
+
+
+def _spec_dict(spec: TensorSpec) -> dict:
+    d = asdict(spec)
+    d["clip_params"] = dict(spec.clip_params)
+    return d
+
+
+def _spec_from(d: Mapping, where: str) -> TensorSpec:
+    try:
+        return TensorSpec(**{**d, "clip_params": dict(d.get("clip_params", {}))})
+    except TypeError as exc:
+        raise ConfigError(f"policy {where}: bad tensor spec {dict(d)!r} ({exc})") from exc
+
+
+def policy_from_dict(d: Mapping) -> Policy:
+    """Build a Policy from ``{"name", "rules": [{"pattern", "spec", "ndim"?, ...}], "default"?}``."""
+    if not isinstance(d, Mapping) or "rules" not in d:
+        raise ConfigError("policy: expected a mapping with a 'rules' list")
+    rules = []
+    for i, r in enumerate(d["rules"]):
+        if not isinstance(r, Mapping) or "pattern" not in r or "spec" not in r:
+            raise ConfigError(f"policy rule {i}: needs 'pattern' and 'spec'")
+        extra = set(r) - {"pattern", "spec", "ndim", "min_numel", "max_numel"}
+        if extra:
+            raise ConfigError(f"policy rule {i}: unknown keys {sorted(extra)}")
+        cond = {k: r[k] for k in ("ndim", "min_numel", "max_numel") if k in r}
+        rules.append(Rule(str(r["pattern"]), _spec_from(r["spec"], f"rule {i}"), **cond))
+    default = _spec_from(d["default"], "default") if "default" in d else TensorSpec(method="passthrough")
+    return Policy(str(d.get("name", "custom")), rules, default)
+
+
+def _gptq(bits: int, k: float) -> TensorSpec:
+    return TensorSpec(method="gptq", bits=bits, clip="sdclip", clip_params={"k": k})
+
+
+_EMB = "tok_emb.weight"
+_PASS = TensorSpec(method="passthrough", passthrough_dtype="fp16")
+_CONTROL = ("*attn_scale", "*mlp_scale", "*resid_mix", "*q_gain", "skip_weights", "skip_gates")
+
+
+def _record() -> Policy:
+    return Policy(
+        "record",
+        [
+            Rule(_EMB, _gptq(8, 20.0)),
+            Rule("*", _gptq(6, 12.85), ndim=2, min_numel=SMALL + 1),
+            Rule("*", _PASS),
+        ],
+    )
+
+
+def _record_path_a() -> Policy:
+    int8_t = TensorSpec(method="passthrough", passthrough_dtype="int8_tensor")
+    int8_r = TensorSpec(method="passthrough", passthrough_dtype="int8_row")
+    return Policy(
+        "record_pathA",
+        [
+            Rule(_EMB, _gptq(8, 20.0)),
+            Rule("*", _gptq(6, 12.85), ndim=2, min_numel=SMALL + 1),
+            *[Rule(p, int8_t, max_numel=SMALL) for p in _CONTROL],
+            Rule("*", int8_r, ndim=2, max_numel=SMALL),
+            Rule("*", _PASS),
+        ],
+    )
+
+
+def _per_category() -> Policy:
+    return Policy(
+        "per_category",
+        [
+            Rule(_EMB, _gptq(8, 15.0)),
+            Rule("*.mlp.*", _gptq(6, 12.0), ndim=2, min_numel=SMALL + 1),
+            Rule("*.attn.*", _gptq(6, 13.0), ndim=2, min_numel=SMALL + 1),
+            Rule("*", _gptq(6, 12.85), ndim=2, min_numel=SMALL + 1),
+            Rule("*", _PASS),
+        ],
+    )
+
+
+def _rtn(bits: int) -> Policy:
+    spec = TensorSpec(method="rtn", bits=bits, clip="absmax")
+    return Policy(f"rtn_int{bits}", [Rule("*", spec, ndim=2, min_numel=SMALL + 1), Rule("*", _PASS)])
+
+
+POLICIES = {
+    "record": _record,
+    "record_pathA": _record_path_a,
+    "per_category": _per_category,
+    "rtn_int6": lambda: _rtn(6),
+    "rtn_int8": lambda: _rtn(8),
+}
+
+
+def get_policy(name: str) -> Policy:
+    """A fresh preset policy by name; unknown names raise ConfigError listing them."""
+    if name not in POLICIES:
+        raise ConfigError(f"unknown quantization policy {name!r}; known: {sorted(POLICIES)}")
+    return POLICIES[name]()
+
+
+def _rtn_for(name: str, t: torch.Tensor, spec: TensorSpec, note: str | None = None) -> QuantizedTensor:
+    q = quantize_rtn(
+        t,
+        spec.bits,
+        symmetric=spec.symmetric,
+        granularity=spec.granularity,
+        group_size=spec.group_size,
+        clip=spec.clip,
+        clip_params=spec.clip_params,
+        name=name,
+    )
+    if note:
+        q.meta["note"] = note
+    return q
+
+
+def quantize_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    policy: Policy,
+    hessians: Mapping[str, torch.Tensor] | None = None,
+    progress: bool = False,
+) -> dict[str, QuantizedTensor | Passthrough]:
+    """Quantize every tensor by the policy; GPTQ tensors are batched by spec.
+
+    A GPTQ tensor without a Hessian falls back to RTN with the same bits and clip
+    (``meta["note"]`` says so). The result keeps the state dict's order.
+    """
+    hessians = hessians or {}
+    out: dict[str, QuantizedTensor | Passthrough] = {}
+    gptq_groups: dict[TensorSpec, list[str]] = {}
+    for name, t in tqdm(state_dict.items(), desc="quantize", disable=not progress):
+        spec = policy.spec_for(name, t)
+        if spec.method == "passthrough":
+            out[name] = make_passthrough(t, spec.passthrough_dtype, name)
+        elif spec.method == "rtn":
+            out[name] = _rtn_for(name, t, spec)
+        elif name in hessians:
+            gptq_groups.setdefault(_hashable(spec), []).append(name)
+            out[name] = None  # placeholder keeps the order
+        else:
+            out[name] = _rtn_for(name, t, spec, note="gptq requested but no Hessian: RTN fallback")
+    for spec, names in gptq_groups.items():
+        if spec.granularity != "row" or not spec.symmetric:
+            raise ConfigError(f"GPTQ supports symmetric per-row scales only (tensors {names})")
+        res = gptq_quantize_many(
+            {n: state_dict[n] for n in names},
+            {n: hessians[n] for n in names},
+            bits=spec.bits,
+            clip_rule=spec.clip,
+            clip_params=dict(spec.clip_params),
+            progress=progress,
+        )
+        out.update(res)
+    return out
+
+
+def _hashable(spec: TensorSpec) -> TensorSpec:
+    """TensorSpec with clip_params as a sorted tuple so it can key a dict."""
+    return TensorSpec(**{**asdict(spec), "clip_params": _FrozenParams(spec.clip_params)})
+
+
+class _FrozenParams(dict):
+    """A dict usable as (part of) a dict key; only built from already-valid params."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(repr(sorted(self.items())))  # repr: values may be lists (from JSON)
+
+
+def dequantize_state_dict(
+    qsd: Mapping[str, QuantizedTensor | Passthrough], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Back to plain tensors, each in ``dtype`` or its original dtype (``meta["dtype"]``)."""
+    out = {}
+    for name, q in qsd.items():
+        if isinstance(q, Passthrough):
+            out[name] = q.dequantize(dtype)
+        elif isinstance(q, QuantizedTensor):
+            target = dtype or getattr(torch, q.meta.get("dtype", "float32"))
+            out[name] = dequantize(q, target)
+        else:
+            raise QuantError(f"tensor {name!r}: cannot dequantize a {type(q).__name__}")
+    return out

@@ -1,0 +1,139 @@
+"""GPTQ against a textbook per-column reference, and its failure modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlab.errors import NumericalError, QuantError
+from qlab.quant.clip import clip_to_scale, compute_clip
+from qlab.quant.gptq import gptq_quantize, gptq_quantize_many
+from qlab.quant.rtn import quantize_rtn
+from qlab.quant.tensor import dequantize
+
+
+def textbook_gptq(W, H, bits=6, k=12.85, damp=0.01, act_order=True):
+    """Plain GPTQ: no blocks, every column's error applied to all later columns at once,
+    Hinv by Cholesky → inverse → Cholesky (the route the original paper's code takes)."""
+    W = W.clone().float()
+    H = H.clone().float()
+    R = 2 ** (bits - 1) - 1
+    s = clip_to_scale(compute_clip(W, bits, "sdclip", {"k": k}), R, torch.float16).float()[:, 0]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    cols = W.shape[1]
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H[range(cols), range(cols)] += damp * torch.diag(H).mean()
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for j in range(cols):
+        q = torch.clamp(torch.round(W[:, j] / s), -R, R)
+        Q[:, j] = q
+        err = (W[:, j] - q * s) / Hinv[j, j]
+        W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
+    return Q[:, torch.argsort(perm)].to(torch.int8), s
+
+
+def _problem(rows, cols, n_x=400, seed=0, dead=(3, 17)):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) * 0.02
+    X = torch.randn(n_x, cols, generator=g) * (0.2 + torch.rand(cols, generator=g))
+    H = X.T @ X / n_x
+    for j in dead:
+        H[j, :] = 0
+        H[:, j] = 0
+    return W, H
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("shape", [(48, 300), (96, 160)])
+def test_matches_textbook_reference(shape, act_order):
+    W, H = _problem(*shape)
+    q = gptq_quantize(W, H, act_order=act_order, block_size=128, sub_block=16)
+    ref_codes, ref_s = textbook_gptq(W, H, act_order=act_order)
+    assert torch.equal(q.codes, ref_codes)
+    assert torch.equal(q.scale.float()[:, 0], ref_s)
+    assert q.meta["dead_columns"] == 2
+    assert q.codes.dtype == torch.int8 and q.scale.dtype == torch.float16
+    assert int(q.codes.abs().max()) <= 31
+
+
+def test_block_sizes_do_not_change_codes():
+    W, H = _problem(40, 200, seed=3)
+    a = gptq_quantize(W, H, block_size=128, sub_block=16).codes
+    b = gptq_quantize(W, H, block_size=32, sub_block=8).codes
+    c = gptq_quantize(W, H, block_size=200, sub_block=200).codes
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def _hessian_error(W, Wq, H):
+    D = W - Wq
+    return float(torch.trace(D @ H @ D.T))
+
+
+def test_gptq_beats_rtn_with_same_scales():
+    W, H = _problem(64, 256, seed=1, dead=())
+    q = gptq_quantize(W, H, bits=4, clip_params={"k": 6.0})
+    rtn = quantize_rtn(W, 4, clip=q.scale.float() * 7)  # same scales: c = s·R, R = 7
+    assert torch.equal(rtn.scale, q.scale)
+    assert _hessian_error(W, dequantize(q), H) < 0.8 * _hessian_error(W, dequantize(rtn), H)
+
+
+def test_rank_deficient_hessian_works():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(32, 128, generator=g)
+    X = torch.randn(20, 128, generator=g)  # rank 20 < 128
+    X[:, 5] = 0  # a dead column
+    q = gptq_quantize(W, X.T @ X, bits=4)
+    assert q.meta["dead_columns"] == 1
+    assert torch.all(q.codes[:, 5] == 0)
+    assert torch.isfinite(dequantize(q)).all()
+
+
+@pytest.mark.parametrize("bad", ["negative", "nan"])
+def test_non_pd_hessian_retries_then_fails(bad):
+    W = torch.randn(8, 16)
+    H = -torch.eye(16) if bad == "negative" else torch.full((16, 16), float("nan"))
+    with pytest.raises(NumericalError, match="after 3 tries"):
+        gptq_quantize(W, H, max_tries=3, name="blocks.0.mlp.fc.weight")
+
+
+def test_retry_with_more_damping_is_recorded():
+    H = torch.eye(16)
+    H[0, 0] = -0.05  # mean diag ≈ 0.93: 0.01·mean is not enough, 0.1·mean is
+    q = gptq_quantize(torch.randn(8, 16), H)
+    assert q.meta["cholesky_retries"] == 1 and q.meta["damp"] == pytest.approx(0.1)
+
+
+def test_batched_equals_unbatched():
+    ws, hs = {}, {}
+    for i, shape in enumerate([(40, 160), (40, 160), (24, 160), (40, 160), (40, 96)]):
+        ws[f"m{i}"], hs[f"m{i}"] = _problem(*shape, seed=10 + i)
+    many = gptq_quantize_many(ws, hs, bits=5, clip_params={"k": 10.0}, max_batch=2)
+    assert list(many) == list(ws)
+    for n in ws:
+        single = gptq_quantize(ws[n], hs[n], bits=5, clip_params={"k": 10.0}, name=n)
+        assert torch.equal(many[n].codes, single.codes)
+        assert torch.equal(many[n].scale, single.scale)
+
+
+def test_bad_inputs():
+    W, H = _problem(8, 32, dead=())
+    W[1, 2] = float("nan")
+    with pytest.raises(QuantError, match="layer.w"):
+        gptq_quantize(W, H, name="layer.w")
+    with pytest.raises(QuantError, match="Hessian has shape"):
+        gptq_quantize(torch.randn(8, 32), torch.eye(16))
+    with pytest.raises(QuantError, match="bits"):
+        gptq_quantize(torch.randn(8, 32), torch.eye(32), bits=9)
+    with pytest.raises(QuantError, match="no Hessian"):
+        gptq_quantize_many({"a": torch.randn(4, 8)}, {})
+
+
+def test_hessian_aware_clip_gets_the_diagonal():
+    W, H = _problem(16, 64, dead=())
+    q = gptq_quantize(W, H, clip_rule="hessian_sdclip", clip_params={"k": 10.0})
+    c = compute_clip(W, 6, "hessian_sdclip", {"k": 10.0}, hdiag=torch.diag(H))
+    assert torch.equal(q.scale, clip_to_scale(c, 31, torch.float16))
