@@ -28,11 +28,10 @@ class Record:
 
 
 def markdown_table(records: list[Record]) -> str:
-    header = "| benchmark | metric | value | unit | target | met | baseline | notes |\n|---|---|---|---|---|---|---|---|"
-    rows = []
+    columns = ["benchmark", "metric", "value", "unit", "target", "met", "baseline", "notes"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in records:
         met = "" if r.met is None else ("yes" if r.met else "**no**")
-        rows.append(
-            f"| {r.name} | {r.metric} | {r.value:.4g} | {r.unit} | {r.target} | {met} | {r.baseline} | {r.notes} |"
-        )
-    return "\n".join([header, *rows])
+        cells = [r.name, r.metric, f"{r.value:.4g}", r.unit, r.target, met, r.baseline, r.notes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
