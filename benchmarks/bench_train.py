@@ -4,12 +4,15 @@ Three ways to run the same training steps — eager fp32, bf16 autocast, torch.c
 each through ``qlab.train.train`` on the embedded corpus, reported as tokens/s and as
 ratios to eager. Training time excludes validation, and compile's warm-up steps are run
 and discarded before timing starts (``warmup_steps``), so the compile figure is steady
-state; its one-off compile time is reported separately. Evaluation throughput is
+state; its one-off compile time is reported separately. Inductor's C++ compilation of
+both loop modes takes minutes on a 2-core CPU, so the compile run is opt-in:
+``QLAB_BENCH_COMPILE=1 python -m benchmarks bench_train``. Evaluation throughput is
 ``evaluate_bpb`` on the trained model.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -74,9 +77,11 @@ def _measure() -> list[Record]:
         out = Path(tmp)
         eager, eager_s = _run("eager", out)
         bf16, _ = _run("bf16", out)
+        compiled, compiled_s, compile_note = float("nan"), float("nan"), "skipped: set QLAB_BENCH_COMPILE=1"
         try:
-            compiled, compiled_s = _run("compile", out)
-            compile_note = ""
+            if os.environ.get("QLAB_BENCH_COMPILE") == "1":
+                compiled, compiled_s = _run("compile", out)
+                compile_note = ""
         except Exception as exc:  # no C++ toolchain, unsupported op, …: report, don't crash the suite
             compiled, compiled_s, compile_note = float("nan"), float("nan"), f"compile failed: {exc!s:.80}"
         eval_tps = _eval_tokens_per_s(out / "eager")

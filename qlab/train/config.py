@@ -1,0 +1,426 @@
+"""Training configuration: ``TrainConfig``, train presets, and Parameter Golf's env variables.
+
+Precedence, lowest to highest: preset default → environment variable → CLI flag.
+A malformed value raises ConfigError naming the variable (or field) and the value.
+
+Environment variables honoured (Parameter Golf's ``train_gpt.py`` names where it has
+one; ``*`` marks qlab-only names):
+
+=============================  ==================================  ==========
+variable                       field                               type
+=============================  ==================================  ==========
+ITERATIONS                     train.iterations                    int
+TRAIN_BATCH_TOKENS             train.train_batch_tokens            int
+TRAIN_SEQ_LEN                  train.train_seq_len (+ model)       int
+GRAD_ACCUM_STEPS               train.grad_accum                    int
+MAX_WALLCLOCK_SECONDS          train.max_wallclock_seconds         float
+GPTQ_RESERVE_SECONDS           train.gptq_reserve_seconds          float
+WARMDOWN_FRAC                  train.warmdown_frac                 float
+WARMDOWN_ITERS                 train.warmdown_frac = N/ITERATIONS  int
+WARMUP_STEPS                   train.warmup_steps                  int
+MATRIX_LR                      train.matrix_lr (Muon)              float
+MUON_MOMENTUM                  train.muon_momentum                 float
+MUON_MOMENTUM_WARMUP_START     train.muon_momentum_warmup_start    float
+MUON_MOMENTUM_WARMUP_STEPS     train.muon_momentum_warmup_steps    int
+MUON_BACKEND_STEPS             train.muon_ns_steps                 int
+MUON_WD                        train.muon_wd                       float
+MUON_ROW_NORMALIZE             train.muon_row_normalize            bool
+TIED_EMBED_LR                  train.embed_lr                      float
+EMBED_WD                       train.embed_wd                      float
+SCALAR_LR                      train.scalar_lr                     float
+ADAM_WD                        train.scalar_wd                     float
+BETA1 / BETA2 / ADAM_EPS       train.beta1 / beta2 / adam_eps      float
+GRAD_CLIP_NORM                 train.grad_clip                     float
+EMA_DECAY                      train.ema_decay (0 = off)           float
+SEED                           train.seed                          int
+VAL_LOSS_EVERY                 train.val_every                     int
+VAL_MAX_TOKENS *               train.val_max_tokens                int
+EVAL_STRIDE                    train.eval_stride                   int
+TRAIN_LOG_EVERY                train.log_every                     int
+CHECKPOINT_EVERY *             train.checkpoint_every              int
+COMPILE *                      train.compile                       bool
+DATA_PATH                      train.data                          str
+TOKENIZER_PATH                 train.tokenizer_path                str
+RUN_ID                         train.out_dir = runs/RUN_ID         str
+VOCAB_SIZE                     model.vocab_size                    int
+NUM_LAYERS                     model.num_layers                    int
+MODEL_DIM                      model.model_dim                     int
+NUM_HEADS / NUM_KV_HEADS       model.num_heads / num_kv_heads      int
+MLP_MULT                       model.mlp_mult                      float
+TIE_EMBEDDINGS                 model.tie_embeddings                bool
+TIED_EMBED_INIT_STD            model.embed_init_std                float
+ROPE_BASE                      model.rope_base                     float
+ROPE_DIMS                      model.rope_dims                     int
+QK_GAIN_INIT                   model.q_gain_init                   float
+LOGIT_SOFTCAP                  model.logit_softcap                 float
+LN_SCALE                       model.ln_scale                      bool
+ENABLE_LOOPING_AT              model.loop_start_frac               float
+EVAL_SEQ_LEN                   model.eval_seq_len                  int
+BIGRAM_BUCKETS / BIGRAM_DIM    model.bigram_buckets / bigram_dim   int
+=============================  ==================================  ==========
+
+Parameter Golf names qlab does not use (EMBED_LR and HEAD_LR for untied embeddings,
+VAL_BATCH_SIZE) are ignored rather than silently misapplied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qlab.config import ModelConfig, get_preset
+from qlab.errors import ConfigError
+
+AUTOCAST_MODES = ("auto", "bf16", "none")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of the training loop. Defaults are the record stack (PAPERS.md §1)."""
+
+    iterations: int = 20000
+    train_batch_tokens: int = 786_432
+    train_seq_len: int = 2048
+    grad_accum: int | None = None  # None = 8 // world_size (at least 1)
+    max_wallclock_seconds: float = 600.0  # 0 = no cap
+    gptq_reserve_seconds: float = 12.0
+    warmdown_frac: float = 0.667
+    warmup_steps: int = 20  # compile warm-up steps, run then discarded
+    matrix_lr: float = 0.02
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_wd: float = 0.085
+    muon_row_normalize: bool = True
+    muon_ns_steps: int = 5
+    embed_lr: float = 0.03
+    embed_wd: float = 0.085
+    scalar_lr: float = 0.02
+    scalar_wd: float = 0.02
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 0.3  # 0 = off
+    ema_decay: float = 0.997  # 0 = off
+    seed: int = 1337
+    val_every: int = 1000  # 0 = only at the end
+    val_max_tokens: int = 1 << 20  # 0 = the whole validation split
+    val_batch_seqs: int = 16
+    eval_stride: int | None = None
+    log_every: int = 50
+    checkpoint_every: int = 0  # 0 = only at the end
+    compile: bool = False
+    autocast: str = "auto"  # "auto" = bf16 on CUDA, none on CPU
+    device: str = "auto"
+    data: str = "embedded"  # a dataset directory, or "embedded" for the built-in corpus
+    tokenizer_path: str | None = None
+    out_dir: str = "runs/default"
+    regs: dict[str, float] = field(default_factory=dict)  # regularizer name -> weight
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"train config must be a mapping, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown train config field(s): {', '.join(unknown)}")
+        return cls(**dict(d))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown train config field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    # ---- batch geometry --------------------------------------------------------------
+    def grad_accum_for(self, world_size: int) -> int:
+        """Micro-steps per optimizer step: the explicit value, else 8 // world_size (≥ 1)."""
+        return self.grad_accum if self.grad_accum is not None else max(8 // world_size, 1)
+
+    def seqs_per_rank(self, world_size: int) -> int:
+        """Sequences one rank processes per optimizer step (all its micro-steps together)."""
+        accum = self.grad_accum_for(world_size)
+        per = self.train_seq_len * world_size * accum
+        if self.train_batch_tokens % per:
+            raise ConfigError(
+                f"train_batch_tokens={self.train_batch_tokens} must be divisible by "
+                f"train_seq_len × world_size × grad_accum = {self.train_seq_len} × {world_size} × {accum}"
+            )
+        return self.train_batch_tokens // (self.train_seq_len * world_size)
+
+
+def _validate(c: TrainConfig) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"TrainConfig: {msg}")
+
+    for name in ("iterations", "train_batch_tokens", "train_seq_len", "muon_ns_steps", "val_batch_seqs"):
+        v = getattr(c, name)
+        need(_is_int(v) and v > 0, f"{name} must be a positive integer, got {v!r}")
+    for name in ("warmup_steps", "muon_momentum_warmup_steps", "val_every", "val_max_tokens", "log_every"):
+        v = getattr(c, name)
+        need(_is_int(v) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
+    need(_is_int(c.checkpoint_every) and c.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+    need(c.grad_accum is None or (_is_int(c.grad_accum) and c.grad_accum > 0), "grad_accum must be >= 1")
+    need(c.eval_stride is None or (_is_int(c.eval_stride) and c.eval_stride > 0), "eval_stride must be >= 1")
+    for name in (
+        "max_wallclock_seconds", "gptq_reserve_seconds", "matrix_lr", "muon_wd", "embed_lr", "embed_wd",
+        "scalar_lr", "scalar_wd", "grad_clip", "adam_eps",
+    ):  # fmt: skip
+        v = getattr(c, name)
+        need(_finite(v) and v >= 0, f"{name} must be a finite non-negative number, got {v!r}")
+    need(_finite(c.warmdown_frac) and 0 <= c.warmdown_frac <= 1, "warmdown_frac must lie in [0, 1]")
+    for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"):
+        v = getattr(c, name)
+        need(_finite(v) and 0 <= v < 1, f"{name} must lie in [0, 1), got {v!r}")
+    need(_finite(c.ema_decay) and 0 <= c.ema_decay < 1, f"ema_decay must lie in [0, 1), got {c.ema_decay!r}")
+    need(c.autocast in AUTOCAST_MODES, f"autocast must be one of {AUTOCAST_MODES}, got {c.autocast!r}")
+    need(
+        c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
+        f"device must be auto, cpu or cuda[:N], got {c.device!r}",
+    )
+    need(isinstance(c.regs, dict), "regs must be a dict name -> weight")
+    for k, v in c.regs.items():
+        need(isinstance(k, str) and _finite(v), f"regularizer weight for {k!r} must be a finite number")
+    need(_is_int(c.seed), f"seed must be an integer, got {c.seed!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---- presets -----------------------------------------------------------------------------
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "record": {},
+    # Parameter Golf's naive baseline ran 524,288 tokens per step at sequence length 1024.
+    "baseline": {"train_batch_tokens": 524_288, "train_seq_len": 1024},
+    # CPU-sized: 16 sequences of 256 tokens per step, step-based schedule, no compile warm-up.
+    "tiny": {
+        "iterations": 200,
+        "train_batch_tokens": 4096,
+        "train_seq_len": 256,
+        "grad_accum": 1,
+        "max_wallclock_seconds": 0.0,
+        "gptq_reserve_seconds": 0.0,
+        "warmup_steps": 0,
+        "muon_momentum_warmup_steps": 50,
+        "val_every": 50,
+        "val_max_tokens": 32_768,
+        "log_every": 10,
+        "checkpoint_every": 50,
+    },
+}
+
+
+def train_preset(name: str) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise ConfigError(f"unknown train preset {name!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
+    return TrainConfig(**TRAIN_PRESETS[name])
+
+
+# ---- environment variables -------------------------------------------------------------
+
+
+def parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _parse_int(text: str) -> int:
+    return int(text.strip().replace("_", ""))
+
+
+def _parse_float(text: str) -> float:
+    v = float(text.strip())
+    if not math.isfinite(v):
+        raise ValueError(f"not finite: {text!r}")
+    return v
+
+
+def _parse_str(text: str) -> str:
+    if not text.strip():
+        raise ValueError("empty")
+    return text
+
+
+TRAIN_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "ITERATIONS": ("iterations", _parse_int),
+    "TRAIN_BATCH_TOKENS": ("train_batch_tokens", _parse_int),
+    "TRAIN_SEQ_LEN": ("train_seq_len", _parse_int),
+    "GRAD_ACCUM_STEPS": ("grad_accum", _parse_int),
+    "MAX_WALLCLOCK_SECONDS": ("max_wallclock_seconds", _parse_float),
+    "GPTQ_RESERVE_SECONDS": ("gptq_reserve_seconds", _parse_float),
+    "WARMDOWN_FRAC": ("warmdown_frac", _parse_float),
+    "WARMUP_STEPS": ("warmup_steps", _parse_int),
+    "MATRIX_LR": ("matrix_lr", _parse_float),
+    "MUON_MOMENTUM": ("muon_momentum", _parse_float),
+    "MUON_MOMENTUM_WARMUP_START": ("muon_momentum_warmup_start", _parse_float),
+    "MUON_MOMENTUM_WARMUP_STEPS": ("muon_momentum_warmup_steps", _parse_int),
+    "MUON_BACKEND_STEPS": ("muon_ns_steps", _parse_int),
+    "MUON_WD": ("muon_wd", _parse_float),
+    "MUON_ROW_NORMALIZE": ("muon_row_normalize", parse_bool),
+    "TIED_EMBED_LR": ("embed_lr", _parse_float),
+    "EMBED_WD": ("embed_wd", _parse_float),
+    "SCALAR_LR": ("scalar_lr", _parse_float),
+    "ADAM_WD": ("scalar_wd", _parse_float),
+    "BETA1": ("beta1", _parse_float),
+    "BETA2": ("beta2", _parse_float),
+    "ADAM_EPS": ("adam_eps", _parse_float),
+    "GRAD_CLIP_NORM": ("grad_clip", _parse_float),
+    "EMA_DECAY": ("ema_decay", _parse_float),
+    "SEED": ("seed", _parse_int),
+    "VAL_LOSS_EVERY": ("val_every", _parse_int),
+    "VAL_MAX_TOKENS": ("val_max_tokens", _parse_int),
+    "EVAL_STRIDE": ("eval_stride", _parse_int),
+    "TRAIN_LOG_EVERY": ("log_every", _parse_int),
+    "CHECKPOINT_EVERY": ("checkpoint_every", _parse_int),
+    "COMPILE": ("compile", parse_bool),
+    "DATA_PATH": ("data", _parse_str),
+    "TOKENIZER_PATH": ("tokenizer_path", _parse_str),
+}
+
+MODEL_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "VOCAB_SIZE": ("vocab_size", _parse_int),
+    "NUM_LAYERS": ("num_layers", _parse_int),
+    "MODEL_DIM": ("model_dim", _parse_int),
+    "NUM_HEADS": ("num_heads", _parse_int),
+    "NUM_KV_HEADS": ("num_kv_heads", _parse_int),
+    "MLP_MULT": ("mlp_mult", _parse_float),
+    "TIE_EMBEDDINGS": ("tie_embeddings", parse_bool),
+    "TIED_EMBED_INIT_STD": ("embed_init_std", _parse_float),
+    "ROPE_BASE": ("rope_base", _parse_float),
+    "ROPE_DIMS": ("rope_dims", _parse_int),
+    "QK_GAIN_INIT": ("q_gain_init", _parse_float),
+    "LOGIT_SOFTCAP": ("logit_softcap", _parse_float),
+    "LN_SCALE": ("ln_scale", parse_bool),
+    "ENABLE_LOOPING_AT": ("loop_start_frac", _parse_float),
+    "TRAIN_SEQ_LEN": ("train_seq_len", _parse_int),
+    "EVAL_SEQ_LEN": ("eval_seq_len", _parse_int),
+    "BIGRAM_BUCKETS": ("bigram_buckets", _parse_int),
+    "BIGRAM_DIM": ("bigram_dim", _parse_int),
+}
+
+
+def _read_env(
+    env: Mapping[str, str], table: Mapping[str, tuple[str, Callable[[str], Any]]]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for var, (name, parse) in table.items():
+        if var not in env:
+            continue
+        try:
+            out[name] = parse(env[var])
+        except ValueError as exc:
+            raise ConfigError(f"environment variable {var}={env[var]!r} is malformed ({exc})") from exc
+    return out
+
+
+def train_env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """TrainConfig fields set by environment variables (RUN_ID/WARMDOWN_ITERS resolved later)."""
+    out = _read_env(env, TRAIN_ENV)
+    if "RUN_ID" in env:
+        run_id = env["RUN_ID"].strip()
+        if not run_id or "/" in run_id or run_id in (".", ".."):
+            raise ConfigError(f"environment variable RUN_ID={env['RUN_ID']!r} must be a plain name")
+        out["out_dir"] = os.path.join("runs", run_id)
+    return out
+
+
+def resolve_configs(
+    preset: str,
+    train_overrides: Mapping[str, Any] | None = None,
+    model_overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[TrainConfig, ModelConfig]:
+    """Preset defaults, then environment variables, then explicit (CLI) overrides."""
+    env = os.environ if env is None else env
+    model = get_preset(preset)
+    base = dict(TRAIN_PRESETS.get(preset, {}))
+    base.setdefault("train_seq_len", model.train_seq_len)
+    train_fields = {**base, **train_env_overrides(env), **dict(train_overrides or {})}
+    if (
+        "WARMDOWN_ITERS" in env
+        and "WARMDOWN_FRAC" not in env
+        and "warmdown_frac" not in (train_overrides or {})
+    ):
+        try:
+            iters = _parse_int(env["WARMDOWN_ITERS"])
+        except ValueError as exc:
+            raise ConfigError(
+                f"environment variable WARMDOWN_ITERS={env['WARMDOWN_ITERS']!r} is malformed"
+            ) from exc
+        total = train_fields.get("iterations", TrainConfig.iterations)
+        if iters < 0:
+            raise ConfigError(f"environment variable WARMDOWN_ITERS={iters} must be >= 0")
+        train_fields["warmdown_frac"] = min(iters / total, 1.0)
+    train = TrainConfig(**train_fields)
+    model_fields = {**_read_env(env, MODEL_ENV), **dict(model_overrides or {})}
+    model_fields.setdefault("train_seq_len", train.train_seq_len)
+    model = model.replace(**model_fields)
+    return train, model
+
+
+# ---- regularizer registry -------------------------------------------------------------
+# The extension point for loss regularizers (PAPERS.md §5). A regularizer is a callable
+# ``reg(hidden, model) -> scalar Tensor`` (hidden = the final-norm output, shape (B, T, d));
+# ``TrainConfig.regs`` maps registered names to weights. The trainer adds Σ λ·reg to the
+# loss and logs every term separately. Modules register with ``@register_regularizer``;
+# ``qlab.train.regularizers`` (when present) is imported on first lookup so its
+# regularizers are available by name without the caller importing it.
+
+Regularizer = Callable[..., Any]
+REGULARIZERS: dict[str, Regularizer] = {}
+_REG_MODULE = "qlab.train.regularizers"
+
+
+def register_regularizer(name: str) -> Callable[[Regularizer], Regularizer]:
+    """Decorator: make ``fn`` available as ``TrainConfig.regs[name]``."""
+
+    def deco(fn: Regularizer) -> Regularizer:
+        if name in REGULARIZERS and REGULARIZERS[name] is not fn:
+            raise ConfigError(f"regularizer {name!r} is registered twice")
+        REGULARIZERS[name] = fn
+        return fn
+
+    return deco
+
+
+def build_regularizers(regs: Mapping[str, float]) -> list[tuple[str, float, Regularizer]]:
+    """(name, weight, fn) for every non-zero entry of ``regs``; unknown names → ConfigError."""
+    import importlib.util
+
+    if regs and importlib.util.find_spec(_REG_MODULE) is not None:
+        importlib.import_module(_REG_MODULE)
+    out = []
+    for name, weight in regs.items():
+        key = name if name in REGULARIZERS else _case_insensitive(name)
+        if weight:
+            out.append((key, float(weight), REGULARIZERS[key]))
+    return out
+
+
+def _case_insensitive(name: str) -> str:
+    matches = [k for k in REGULARIZERS if k.lower() == name.lower()]
+    if len(matches) != 1:
+        known = ", ".join(sorted(REGULARIZERS)) or "none registered"
+        raise ConfigError(f"unknown regularizer {name!r} (known: {known})")
+    return matches[0]

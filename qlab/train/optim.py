@@ -1,0 +1,106 @@
+"""The record stack's optimizers, built from ``model.param_groups()``, and their schedules.
+
+- "matrix" (2-D block weights) → :class:`~qlab.train.muon.Muon`, lr 0.02, wd 0.085;
+- "embed"  (embeddings, untied head) → AdamW, lr 0.03, wd 0.085;
+- "scalar" (gains, scales, mixes, skip weights) → AdamW, lr 0.02, wd 0.02;
+AdamW with betas (0.9, 0.95) and ``fused=False`` so CPU and GPU run the same maths.
+Each param group remembers its ``base_lr``; :meth:`Optimizers.apply_schedule` sets
+lr = base_lr × multiplier and Muon's warmed-up momentum before every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qlab.errors import CheckpointError, ConfigError
+from qlab.train.config import TrainConfig
+from qlab.train.muon import Muon
+from qlab.train.schedule import muon_momentum
+
+GROUP_NAMES = ("matrix", "embed", "scalar")
+
+
+class Optimizers:
+    """Muon + AdamW over one model, stepped, zeroed, scheduled and saved together."""
+
+    def __init__(self, named: dict[str, torch.optim.Optimizer], config: TrainConfig) -> None:
+        self.named = named
+        self.config = config
+
+    def __iter__(self):
+        return iter(self.named.values())
+
+    def zero_grad(self) -> None:
+        for opt in self:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self:
+            opt.step()
+
+    def apply_schedule(self, step: int, lr_mult: float) -> None:
+        """lr = base_lr·lr_mult for every group; Muon momentum warmed up by ``step``."""
+        c = self.config
+        momentum = muon_momentum(
+            step, c.muon_momentum_warmup_start, c.muon_momentum, c.muon_momentum_warmup_steps
+        )
+        for name, opt in self.named.items():
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_mult
+                if name == "matrix":
+                    group["momentum"] = momentum
+
+    def current_lrs(self) -> dict[str, float]:
+        return {name: opt.param_groups[0]["lr"] for name, opt in self.named.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.named.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.named):
+            raise CheckpointError(
+                f"optimizer state holds groups {sorted(state)}, the model needs {sorted(self.named)}"
+            )
+        for name, opt in self.named.items():
+            try:
+                opt.load_state_dict(state[name])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise CheckpointError(
+                    f"optimizer state for group {name!r} does not fit the model ({exc})"
+                ) from exc
+
+
+def build_optimizers(model: nn.Module, config: TrainConfig) -> Optimizers:
+    """Muon for "matrix", AdamW for "embed" and "scalar" (empty groups get no optimizer)."""
+    groups = model.param_groups()
+    unknown = set(groups) - set(GROUP_NAMES)
+    if unknown:
+        raise ConfigError(f"model.param_groups() returned unknown group(s) {sorted(unknown)}")
+    c = config
+    named: dict[str, torch.optim.Optimizer] = {}
+    if groups.get("matrix"):
+        params = [p for _, p in groups["matrix"]]
+        named["matrix"] = Muon(
+            [{"params": params, "base_lr": c.matrix_lr}],
+            lr=c.matrix_lr,
+            momentum=c.muon_momentum_warmup_start if c.muon_momentum_warmup_steps else c.muon_momentum,
+            weight_decay=c.muon_wd,
+            nesterov=True,
+            row_normalize=c.muon_row_normalize,
+            ns_steps=c.muon_ns_steps,
+        )
+    for name, lr, wd in (("embed", c.embed_lr, c.embed_wd), ("scalar", c.scalar_lr, c.scalar_wd)):
+        if groups.get(name):
+            params = [p for _, p in groups[name]]
+            named[name] = torch.optim.AdamW(
+                [{"params": params, "base_lr": lr}],
+                lr=lr,
+                betas=(c.beta1, c.beta2),
+                eps=c.adam_eps,
+                weight_decay=wd,
+                fused=False,
+            )
+    return Optimizers(named, config)

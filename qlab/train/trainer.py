@@ -1,0 +1,443 @@
+"""The training loop: ``train(TrainConfig, ModelConfig) -> TrainResult``.
+
+nanoGPT-shaped and meant to be read top to bottom. One optimizer step:
+  1. take this rank's share of the global batch from the loader and split it into
+     ``grad_accum`` micro-batches;
+  2. forward + backward each (DDP's ``no_sync`` on all but the last, so gradients are
+     all-reduced once), loss scaled by 1/grad_accum;
+  3. clip the global gradient norm, set lr (flat, then linear warm-down by wallclock or
+     step fraction) and Muon's momentum warm-up, step Muon + AdamW, update the EMA.
+Before the loop, ``warmup_steps`` steps are run and thrown away (weights, optimizer,
+loader and RNG restored) so torch.compile's warm-up does not count. Depth recurrence is
+switched on at ``model_config.loop_start_frac`` of training. Training time excludes
+validation and checkpointing, as in Parameter Golf.
+
+Launch under ``torchrun`` for DDP (NCCL on GPU, gloo on CPU). Every rank runs the
+same optimizer update on the averaged gradient, so all ranks hold identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from qlab.config import ModelConfig
+from qlab.errors import ConfigError, NumericalError
+from qlab.io import checkpoint as ckpt
+from qlab.io.runlog import METRICS_NAME, RunLog
+from qlab.train import distributed as D
+from qlab.train.config import TrainConfig, build_regularizers
+from qlab.train.ema import EMA
+from qlab.train.optim import Optimizers, build_optimizers
+from qlab.train.schedule import (
+    looping_enabled,
+    lr_multiplier,
+    progress_fraction,
+    training_budget_seconds,
+)
+
+# Fields that may differ between a run and its resumption without changing its trajectory.
+RESUMABLE_CHANGES = {
+    "iterations", "max_wallclock_seconds", "val_every", "val_max_tokens", "val_batch_seqs", "eval_stride",
+    "log_every", "checkpoint_every", "compile", "device", "data", "tokenizer_path", "out_dir", "grad_accum",
+}  # fmt: skip
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`; ``val_*`` are measured on the saved (EMA) weights."""
+
+    run_dir: Path
+    steps: int
+    tokens_seen: int
+    train_seconds: float
+    tokens_per_second: float
+    train_loss: float
+    val_loss: float | None
+    val_bpb: float | None
+    stopped_by: str  # "iterations" or "wallclock"
+    world_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LossWithRegularizers(nn.Module):
+    """model + loss + regularizers in one ``forward(x, y) -> (loss, logs)``, so DDP sees one forward.
+
+    Without regularizers this is ``model(x, y)``; with them the final hidden state is
+    computed once, fed to the head for the cross-entropy and to every regularizer.
+    """
+
+    def __init__(self, model: nn.Module, regs: list[tuple[str, float, Any]]) -> None:
+        super().__init__()
+        self.model = model
+        self.regs = regs
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if not self.regs:
+            loss = self.model(x, y)
+            return loss, {"ce": loss.detach()}
+        h = self.model.final_hidden(x)
+        logits = self.model.logits_from_hidden(h)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        total, logs = ce, {"ce": ce.detach()}
+        for name, weight, fn in self.regs:
+            term = fn(h, self.model)
+            total = total + weight * term
+            logs[f"reg_{name}"] = term.detach().float()
+        return total, logs
+
+
+# ---- setup helpers ---------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} requested but CUDA is not available")
+    return name
+
+
+def autocast_context(mode: str, device: torch.device):
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _eval_autocast(mode: str, device: torch.device) -> str | None:
+    return "bf16" if mode == "bf16" or (mode == "auto" and device.type == "cuda") else None
+
+
+def open_training_data(config: TrainConfig, vocab_size: int):
+    """The DatasetInfo to train on; the embedded corpus is built by rank 0 first (cache)."""
+    from qlab.data import default_dataset, open_dataset
+
+    def load():
+        if config.data == "embedded":
+            return default_dataset(vocab_size=vocab_size)
+        return open_dataset(config.data)
+
+    if not D.is_main():
+        D.barrier()
+    info = load()
+    if D.is_main():
+        D.barrier()
+    if info.vocab_size != vocab_size:
+        raise ConfigError(
+            f"model vocab_size={vocab_size} but dataset {info.root} has vocab_size={info.vocab_size} "
+            "(set VOCAB_SIZE / --vocab-size to match)"
+        )
+    return info
+
+
+def check_resume_compatible(saved: dict[str, Any], config: TrainConfig, model_config: ModelConfig) -> None:
+    """ConfigError listing the fields whose change would alter a resumed run's trajectory."""
+    if saved["model"] != model_config.to_dict():
+        diff = sorted(k for k, v in model_config.to_dict().items() if saved["model"].get(k) != v)
+        raise ConfigError(f"--resume: model config differs from the checkpoint's in {diff}")
+    saved_train = saved.get("train", {})
+    diff = sorted(
+        k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved_train.get(k, v) != v
+    )
+    if diff:
+        raise ConfigError(f"--resume: train config differs from the checkpoint's in {diff}")
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+class _Trainer:
+    """State of one training run; methods are the steps of the loop."""
+
+    def __init__(self, config: TrainConfig, model_config: ModelConfig, resume: bool, progress: bool) -> None:
+        from qlab.data import (
+            ShuffledSequenceLoader,
+            build_byte_tables,
+            load_tokenizer,
+            load_validation_tokens,
+        )
+        from qlab.model.gpt import GPT
+
+        self.config, self.model_config = config, model_config
+        self.device = D.setup(resolve_device(config.device))
+        self.rank, self.world = D.rank(), D.world_size()
+        self.accum = config.grad_accum_for(self.world)
+        self.seqs_per_rank = config.seqs_per_rank(self.world)
+        if self.seqs_per_rank % self.accum:
+            raise ConfigError(
+                f"{self.seqs_per_rank} sequences per rank do not split into {self.accum} micro-steps"
+            )
+        self.run_dir = Path(config.out_dir)
+        self.progress = progress and D.is_main()
+        self.log = RunLog(self.run_dir / METRICS_NAME)
+
+        torch.manual_seed(config.seed)
+        info = open_training_data(config, model_config.vocab_size)
+        self.model = GPT(model_config).to(self.device)
+        self.has_loop = model_config.loop_layers is not None
+        self.opts: Optimizers = build_optimizers(self.model, config)
+        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
+        self.loader = ShuffledSequenceLoader(
+            info.train_files, config.train_seq_len, self.rank, self.world, config.seed
+        )
+        sp = load_tokenizer(config.tokenizer_path or info.tokenizer_path)
+        self.byte_tables = build_byte_tables(sp, model_config.vocab_size)
+        self.val_tokens = load_validation_tokens(info.val_files, config.train_seq_len)
+
+        self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self.saved_step = -1
+        self.resumed = resume and ckpt.has_checkpoint(self.run_dir)
+        if self.resumed:
+            self._load_resume_state()
+        elif ckpt.has_checkpoint(self.run_dir):
+            raise ConfigError(
+                f"{self.run_dir} already holds a checkpoint: pass --resume, or choose another --out"
+            )
+        elif D.is_main() and self.log.path.exists():
+            self.log.truncate_after(-1)  # a run killed before its first checkpoint: start the log afresh
+
+        self.step_module = LossWithRegularizers(self.model, build_regularizers(config.regs))
+        module: nn.Module = torch.compile(self.step_module) if config.compile else self.step_module
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        self.module = module
+        self.budget = training_budget_seconds(config.max_wallclock_seconds, config.gptq_reserve_seconds)
+
+    # -- resume ---------------------------------------------------------------------------------
+    def _load_resume_state(self) -> None:
+        state = ckpt.resume_state(self.run_dir)
+        check_resume_compatible(state["config"], self.config, self.model_config)
+        ckpt.load_weights(self.model, state["model"], str(self.run_dir / ckpt.STATE_NAME))
+        self.opts.load_state_dict(state["optimizers"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ConfigError("--resume: the checkpoint was trained without EMA but ema_decay > 0")
+            self.ema.load_state_dict(state["ema"])
+        t = state["trainer"]
+        self.step, self.tokens_seen, self.elapsed = int(t["step"]), int(t["tokens_seen"]), float(t["elapsed"])
+        self.loader.load_state_dict(t["loader"])
+        self.saved_step = self.step
+        torch.set_rng_state(t["rng_torch"])
+        if self.device.type == "cuda" and t.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(t["rng_cuda"], self.device)
+        if self.has_loop:
+            self.model.set_looping(bool(t["looping"]))
+        if D.is_main():
+            self.log.truncate_after(self.step)
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed,
+            "loader": self.loader.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "looping": bool(self.has_loop and self.model.looping),
+            "world_size": self.world,
+        }
+
+    # -- one optimizer step ---------------------------------------------------------------------
+    def train_step(self) -> dict[str, Tensor]:
+        x_all, y_all = self.loader.next_batch(self.seqs_per_rank)
+        self.opts.zero_grad()
+        sums: dict[str, Tensor] = {}
+        for i, (x, y) in enumerate(zip(x_all.chunk(self.accum), y_all.chunk(self.accum))):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = i == self.accum - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.module.no_sync()
+            with sync:
+                with autocast_context(self.config.autocast, self.device):
+                    loss, logs = self.module(x, y)
+                (loss / self.accum).backward()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v / self.accum
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.opts.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return sums
+
+    def discard_warmup(self) -> None:
+        """Run ``warmup_steps`` steps (both loop modes, to compile both graphs), then restore everything."""
+        n = self.config.warmup_steps
+        if n <= 0 or self.resumed:
+            return
+        model_state = copy.deepcopy(self.model.state_dict())
+        opt_state = copy.deepcopy(self.opts.state_dict())
+        ema_state = copy.deepcopy(self.ema.state_dict()) if self.ema is not None else None
+        loader_state, rng = self.loader.state_dict(), torch.get_rng_state()
+        for i in range(n):
+            if self.has_loop:
+                self.model.set_looping(i >= n // 2)
+            self.opts.apply_schedule(0, 1.0)
+            self.train_step()
+        if self.has_loop:
+            self.model.set_looping(False)
+        self.model.load_state_dict(model_state)
+        self.opts.load_state_dict(opt_state)
+        if self.ema is not None:
+            self.ema.load_state_dict(ema_state)
+        self.loader.load_state_dict(loader_state)
+        torch.set_rng_state(rng)
+
+    # -- evaluation, logging, checkpoints ---------------------------------------------------------
+    def evaluate(self):
+        from qlab.eval.bpb import evaluate_bpb
+
+        c = self.config
+        return evaluate_bpb(
+            self.model,
+            self.val_tokens,
+            self.byte_tables,
+            seq_len=c.train_seq_len,
+            batch_seqs=c.val_batch_seqs,
+            stride=c.eval_stride,
+            device=self.device,
+            max_tokens=c.val_max_tokens or None,
+            autocast=_eval_autocast(c.autocast, self.device),
+        )
+
+    def save(self) -> None:
+        if self.saved_step == self.step:  # e.g. the final step was also a checkpoint_every step
+            return
+        self.saved_step = self.step
+        if D.is_main():
+            ckpt.save_checkpoint(
+                self.run_dir,
+                self.model,
+                self.ema,
+                self.opts,
+                self.trainer_state(),
+                self.model_config,
+                self.config,
+            )
+        D.barrier()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if D.is_main():
+            self.log.append(record)
+
+    # -- main loop --------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        c = self.config
+        self.discard_warmup()
+        bar = tqdm(total=c.iterations, initial=self.step, desc="train", disable=not self.progress)
+        self.last_log = (self.step, self.elapsed)
+        self.last_loss = float("nan")
+        while (stopped_by := self.stop_reason()) is None:
+            lr_mult = self.apply_schedules()
+            logs = self.timed_step()
+            bar.update(1)
+            if self.due(c.log_every) or self.step == c.iterations:
+                self.log_train(logs, lr_mult)
+                bar.set_postfix(loss=f"{self.last_loss:.4f}")
+            if self.due(c.val_every) and self.step < c.iterations:
+                r = self.evaluate()
+                self.write({"kind": "val", "step": self.step, "val_loss": r.val_loss, "val_bpb": r.val_bpb,
+                            "elapsed": self.elapsed})  # fmt: skip
+            if self.due(c.checkpoint_every):
+                self.save()
+        bar.close()
+        return self.finish(stopped_by)
+
+    def due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def stop_reason(self) -> str | None:
+        if self.step >= self.config.iterations:
+            return "iterations"
+        if self.budget > 0 and self.elapsed >= self.budget:
+            return "wallclock"
+        return None
+
+    def apply_schedules(self) -> float:
+        """Loop switch, LR multiplier and Muon momentum for the step about to run."""
+        c = self.config
+        frac = progress_fraction(self.step, c.iterations, self.elapsed, self.budget)
+        if self.has_loop:
+            self.model.set_looping(looping_enabled(frac, self.model_config.loop_start_frac))
+        lr_mult = lr_multiplier(frac, c.warmdown_frac)
+        self.opts.apply_schedule(self.step, lr_mult)
+        return lr_mult
+
+    def timed_step(self) -> dict[str, Tensor]:
+        """One optimizer step; its time is added to the (rank-synchronised) training clock."""
+        t0 = time.perf_counter()
+        logs = self.train_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = self.elapsed + time.perf_counter() - t0
+        # With a wallclock budget every rank must take the same schedule and stop decisions.
+        self.elapsed = D.all_reduce_max(elapsed, self.device) if self.budget > 0 else elapsed
+        self.step += 1
+        self.tokens_seen += self.config.train_batch_tokens
+        return logs
+
+    def log_train(self, logs: dict[str, Tensor], lr_mult: float) -> None:
+        means = {k: D.all_reduce_mean(v.float()).item() for k, v in logs.items()}
+        self.last_loss = means.pop("ce")
+        step0, elapsed0 = self.last_log
+        tps = (self.step - step0) * self.config.train_batch_tokens / max(self.elapsed - elapsed0, 1e-9)
+        self.last_log = (self.step, self.elapsed)
+        lrs = {f"lr_{k}": v for k, v in self.opts.current_lrs().items()}
+        looping = bool(self.has_loop and self.model.looping)
+        self.write({"kind": "train", "step": self.step, "train_loss": self.last_loss, "lr_mult": lr_mult,
+                    **lrs, "tokens_per_s": tps, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
+                    "looping": looping, **means})  # fmt: skip
+
+    def finish(self, stopped_by: str) -> TrainResult:
+        """Final validation on the shipped weights (EMA if on), final checkpoint, summary record."""
+        ctx = self.ema.swapped_into(self.model) if self.ema is not None else contextlib.nullcontext()
+        with ctx:
+            r = self.evaluate()
+        identical = D.ranks_identical(self.model)
+        self.save()
+        tps = self.tokens_seen / self.elapsed if self.elapsed > 0 else 0.0
+        self.write({"kind": "final", "step": self.step, "val_loss": r.val_loss, "val_bpb": r.val_bpb,
+                    "tokens_seen": self.tokens_seen, "elapsed": self.elapsed, "tokens_per_s": tps,
+                    "weights": "ema" if self.ema is not None else "raw", "stopped_by": stopped_by,
+                    "world_size": self.world, "ranks_identical": identical})  # fmt: skip
+        if not identical:  # a non-deterministic update somewhere made the ranks drift apart
+            raise NumericalError(f"DDP ranks ended training with different weights (world size {self.world})")
+        return TrainResult(
+            run_dir=self.run_dir,
+            steps=self.step,
+            tokens_seen=self.tokens_seen,
+            train_seconds=self.elapsed,
+            tokens_per_second=tps,
+            train_loss=self.last_loss,
+            val_loss=r.val_loss,
+            val_bpb=r.val_bpb,
+            stopped_by=stopped_by,
+            world_size=self.world,
+        )
+
+
+def train(
+    config: TrainConfig, model_config: ModelConfig, *, resume: bool = False, progress: bool = True
+) -> TrainResult:
+    """Train ``model_config`` under ``config``; checkpoints and metrics go to ``config.out_dir``.
+
+    ``resume=True`` continues from the checkpoint in ``out_dir`` (if any) and reaches the
+    same weights as an uninterrupted run. Under torchrun every rank calls this.
+    """
+    if config.train_seq_len != model_config.train_seq_len:
+        model_config = model_config.replace(train_seq_len=config.train_seq_len)
+    owns_group = not D.is_initialized()  # tear down only a process group this call created
+    try:
+        return _Trainer(config, model_config, resume, progress).run()
+    finally:
+        if owns_group:
+            D.teardown()
