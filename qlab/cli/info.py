@@ -1,0 +1,58 @@
+"""``qlab info``: show a model preset's configuration and exact parameter count."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from qlab.config import PRESETS, ModelConfig, get_preset
+from qlab.errors import ConfigError
+from qlab.model.gpt import GPT, parameter_table
+
+FAMILIES = ("embedding", "attention", "mlp", "control")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "info", help="show a model preset's configuration and parameter count", description=__doc__
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--preset", metavar="NAME", help=f"preset to describe ({', '.join(PRESETS)})")
+    what.add_argument("--list", action="store_true", help="list the preset names with their sizes")
+    parser.set_defaults(func=run)
+
+
+def _meta_model(config: ModelConfig) -> GPT:
+    # Parameters on the meta device cost no memory or init time; only shapes are needed.
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def describe(config: ModelConfig) -> list[str]:
+    """Lines describing one configuration: its fields, then the parameter breakdown."""
+    lines = [f"  {f.name} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config)]
+    table = parameter_table(_meta_model(config))
+    total = int(table["numel"].sum())
+    lines.append(f"parameters: {total:,}")
+    by_family = table.groupby("family")["numel"].sum()
+    for family in FAMILIES:
+        count = int(by_family.get(family, 0))
+        lines.append(f"  {family:<10} {count:>12,}  ({100.0 * count / total:5.2f}%)")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        for name in PRESETS:
+            total = _meta_model(get_preset(name)).num_parameters()
+            print(f"{name:<10} {total:>12,} parameters")
+        return 0
+    if not args.preset:
+        raise ConfigError("qlab info: --preset needs a name")
+    config = get_preset(args.preset)
+    print(f"preset: {args.preset}")
+    for line in describe(config):
+        print(line)
+    return 0
