@@ -1,0 +1,58 @@
+"""``qlab eval``: validation loss and bits per byte of a run directory or a .qlab artifact.
+
+An artifact is evaluated as the dequantized model rebuilt from the model config stored
+in its header; a run directory with its saved weights and depth-recurrence mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qlab.errors import ConfigError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="val_loss and val_bpb of a checkpoint or artifact", description=__doc__
+    )
+    p.add_argument("checkpoint", help="qlab run directory or .qlab artifact")
+    p.add_argument("--data", default="embedded", help="dataset directory, or 'embedded' (default)")
+    p.add_argument("--stride", type=int, help="sliding-window stride (default: standard windows)")
+    p.add_argument("--seq-len", type=int, help="evaluation sequence length (default: the model's)")
+    p.add_argument("--max-tokens", type=int, help="evaluate on at most N validation tokens")
+    p.add_argument("--batch-seqs", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
+    from qlab.eval.bpb import evaluate_bpb
+    from qlab.eval.pipeline import resolve_dataset, resolve_model
+
+    for name in ("stride", "seq_len", "max_tokens", "batch_seqs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    model, label = resolve_model(args.checkpoint)
+    data = resolve_dataset(args.data, model.config.vocab_size)
+    seq_len = args.seq_len or model.config.eval_seq_len
+    val = load_validation_tokens(data.val_files, seq_len, vocab_size=data.vocab_size)
+    tables = build_byte_tables(load_tokenizer(data.tokenizer_path), model.config.vocab_size)
+    res = evaluate_bpb(
+        model,
+        val,
+        tables,
+        seq_len=seq_len,
+        stride=args.stride,
+        max_tokens=args.max_tokens,
+        batch_seqs=args.batch_seqs,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    windows = f"sliding, stride {args.stride}" if args.stride else "standard windows"
+    print(f"model:     {label} (seq_len {seq_len}, {windows})")
+    print(f"val_loss:  {res.val_loss:.4f}")
+    print(f"val_bpb:   {res.val_bpb:.4f}")
+    print(f"scored:    {res.tokens:,} tokens, {res.bytes:,} bytes")
+    return 0

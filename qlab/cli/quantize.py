@@ -1,0 +1,154 @@
+"""``qlab quantize``: checkpoint → quantized artifact, with the byte budget and post-quant bpb.
+
+Calibrates on training batches, quantizes by a policy (optionally solving the clip width
+k so artifact + code fits the cap), writes a qlab artifact (the model config rides in its
+header, so ``qlab eval model.qlab`` works on the file alone), then prints the per-tensor
+breakdown and the pre-quant → quantized → sliding-window row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from qlab.compress.budget import CAP, budget_table, code_bytes
+from qlab.errors import ConfigError
+from qlab.io.atomic import atomic_write_bytes
+from qlab.quant.policy import Policy, get_policy, policy_from_dict
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quantize", help="quantize a checkpoint into a 16 MB artifact", description=__doc__
+    )
+    p.add_argument("checkpoint", help="qlab run directory or .qlab artifact")
+    p.add_argument("--policy", default="record", help="preset name or a .json/.yaml policy file")
+    p.add_argument("--out", required=True, help="artifact path to write (e.g. model.qlab)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--data", default="embedded", help="dataset directory, or 'embedded' (default)")
+    p.add_argument("--calib-batches", type=int, default=64, help="calibration batches (0 = no GPTQ)")
+    p.add_argument("--calib-batch-seqs", type=int, default=8, help="sequences per calibration batch")
+    p.add_argument("--codec", default="brotli-11", help="artifact codec (byte shuffle is added)")
+    p.add_argument("--code", nargs="+", metavar="PATH", help="code files counted against the cap")
+    p.add_argument(
+        "--code-wrap", choices=("raw", "lzma"), default="raw", help="count code raw or lzma-wrapped"
+    )
+    p.add_argument("--eval-tokens", type=int, help="evaluate on at most N validation tokens")
+    p.add_argument("--seq-len", type=int, help="evaluation sequence length (default: the model's)")
+    p.add_argument("--stride", type=int, default=64, help="sliding-window stride (0 = skip that stage)")
+    p.add_argument("--solve-k", action="store_true", help="solve the matrices' clip width k for --cap")
+    p.add_argument("--cap", type=int, default=CAP, help=f"byte cap for artifact + code (default {CAP:,})")
+    p.add_argument("--k-range", type=float, nargs=2, default=(4.0, 40.0), metavar=("LO", "HI"))
+    p.add_argument("--k-tol", type=float, default=0.01, help="solver tolerance on k (default 0.01)")
+    p.add_argument("--top", type=int, default=12, help="tensors listed in the breakdown")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def load_policy(spec: str) -> Policy:
+    """A preset by name, or a policy file (.json, .yaml/.yml) read by ``policy_from_dict``."""
+    path = Path(spec)
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        return get_policy(spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"policy file {path}: cannot read ({exc.strerror})") from exc
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"policy file {path}: invalid JSON ({exc})") from exc
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"policy file {path}: invalid YAML ({exc})") from exc
+    return policy_from_dict(data)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} already exists; pass --force to overwrite it")
+    if args.calib_batches < 0 or args.calib_batch_seqs < 1:
+        raise ConfigError("--calib-batches must be ≥ 0 and --calib-batch-seqs ≥ 1")
+    if args.cap <= 0 or args.top < 0 or args.stride < 0:
+        raise ConfigError("--cap must be positive, --top and --stride non-negative")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qlab.compress.solver import solve_k
+    from qlab.eval.pipeline import resolve_dataset, resolve_model, run_pipeline
+    from qlab.quant.model_quant import calibration_batches, model_extra, model_hessians
+
+    _check_args(args)
+    progress = not args.no_progress and sys.stderr.isatty()
+    model, label = resolve_model(args.checkpoint)
+    policy = load_policy(args.policy)
+    data = resolve_dataset(args.data, model.config.vocab_size)
+    code = code_bytes(args.code, wrap=args.code_wrap) if args.code else 0
+    hessians = None
+    if args.calib_batches:
+        batches = calibration_batches(
+            data, args.calib_batches, seq_len=model.config.train_seq_len, batch_seqs=args.calib_batch_seqs
+        )
+        hessians = model_hessians(model, policy, batches, progress=progress)
+    extra = {"source": label}
+    if args.solve_k:
+        sd = {k: v.detach() for k, v in model.state_dict().items()}
+        res = solve_k(sd, policy, args.cap, k_range=tuple(args.k_range), tol=args.k_tol, hessians=hessians,
+                      code_bytes=code, codec=args.codec, extra=model_extra(model, **extra),
+                      progress=progress)  # fmt: skip
+        policy = res.policy
+        print(f"solved k:      {res.k:.4f} (matrices; smallest k whose artifact + code fits {args.cap:,} B)")
+        print(f"               predicted {res.predicted_bytes:,} B, measured {res.measured_bytes:,} B, "
+              f"{len(res.iterations)} evaluations")  # fmt: skip
+    result = run_pipeline(model, policy, data, calib_batches=args.calib_batches, hessians=hessians,
+                          seq_len=args.seq_len, stride=args.stride or None, max_eval_tokens=args.eval_tokens,
+                          codec=args.codec, code_bytes=code, cap=args.cap, extra=extra,
+                          progress=progress)  # fmt: skip
+    atomic_write_bytes(args.out, result.artifact)
+    head = model_extra(result.quantized.dequantized_model, result.quantized.meta["aliases"], **extra)
+    table = budget_table(result.quantized.quantized_state, code=code, cap=args.cap,
+                         policy=policy.to_dict(), extra=head)  # fmt: skip
+    _print_breakdown(table, args.top)
+    _print_row(result.row.iloc[0], args.out, args.cap)
+    return 0
+
+
+def _print_breakdown(table: pd.DataFrame, top: int) -> None:
+    tensors = table[~table["name"].str.startswith("[")]
+    shown = tensors.nlargest(top, "compressed_bytes")
+    rest = tensors.drop(shown.index)
+    print(f"{'tensor':<34} {'kind':<18} {'bits':>4} {'k':>6} {'numel':>10} {'pred. bytes':>12} {'share':>7}")
+    for _, r in shown.iterrows():
+        k = f"{r['k']:.2f}" if pd.notna(r["k"]) else "-"
+        print(f"{r['name']:<34} {r['kind']:<18} {int(r['bits']):>4} {k:>6} {int(r['numel']):>10,} "
+              f"{r['compressed_bytes']:>12,.0f} {100 * r['share']:>6.2f}%")  # fmt: skip
+    if len(rest):
+        print(f"{f'... {len(rest)} more':<34} {'':<18} {'':>4} {'':>6} {int(rest['numel'].sum()):>10,} "
+              f"{rest['compressed_bytes'].sum():>12,.0f} {100 * rest['share'].sum():>6.2f}%")  # fmt: skip
+    for _, r in table[table["name"].str.startswith("[")].iterrows():
+        print(f"{r['name']:<34} {r['kind']:<18} {'':>4} {'':>6} {'':>10} {r['compressed_bytes']:>12,.0f} "
+              f"{100 * r['share']:>6.2f}%")  # fmt: skip
+
+
+def _print_row(r: pd.Series, out: str, cap: int) -> None:
+    verdict = "fits" if r["fits_cap"] else "DOES NOT FIT"
+    print(f"artifact:      {out}: {r['artifact_bytes']:,} B (model + {r['code_bytes']:,} B code; "
+          f"predicted {r['predicted_bytes']:,}) -> {verdict} the {cap:,} B cap, "
+          f"headroom {r['headroom_bytes']:,} B")  # fmt: skip
+    print(f"pre-quant:     val_bpb {r['pre_quant_bpb']:.4f}")
+    print(f"quantized:     val_bpb {r['quantized_bpb']:.4f}  (quant tax {r['quant_tax_mbpb']:+.2f} mBPB)")
+    if pd.notna(r["sliding_bpb"]):
+        gain = r["sliding_gain_mbpb"]
+        print(f"sliding:       val_bpb {r['sliding_bpb']:.4f}  (sliding gain {gain:+.2f} mBPB)")
+    hess = "GPTQ with Hessians" if r["hessians_used"] else "no Hessians (RTN)"
+    print(f"calibration:   {r['calib_batches']} batches, {hess}; {r['eval_tokens']:,} tokens scored")

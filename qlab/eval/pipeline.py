@@ -1,0 +1,270 @@
+"""The evaluation pipeline of the records as one DataFrame row per checkpoint + policy.
+
+Stages (PAPERS.md §4): pre-quantization → quantized (calibration + GPTQ by the policy,
+then standard windows) → quantized sliding window (``stride``) → optionally score-first
+TTT on the quantized model. Column names follow
+:func:`qlab.analysis.papers.pipeline_attribution` where they overlap, with the same sign
+convention (quant tax = quantized − pre-quant; sliding gain = sliding − quantized; TTT
+gain = TTT − sliding, or − quantized without a sliding stage; all in mBPB, negative =
+better), so qlab's rows and the paper's concatenate. The row also carries the artifact
+size (real compressed blob + code bytes), its prediction, whether it fits the cap, and
+wall times per stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from torch import nn
+
+from qlab.compress.budget import CAP, predict_artifact_bytes
+from qlab.compress.container import encode_artifact
+from qlab.errors import CheckpointError, ConfigError
+from qlab.eval.bpb import evaluate_bpb
+from qlab.quant.model_quant import QuantizedModel, calibration_batches, model_extra, quantize_model
+from qlab.quant.policy import Policy, get_policy
+
+COLUMNS = [
+    "source",
+    "variant",
+    "checkpoint",
+    "policy",
+    "pre_quant_bpb",
+    "quantized_bpb",
+    "sliding_bpb",
+    "ttt_bpb",
+    "quant_tax_mbpb",
+    "sliding_gain_mbpb",
+    "ttt_gain_mbpb",
+    "final_bpb",
+    "pre_quant_loss",
+    "quantized_loss",
+    "eval_tokens",
+    "calib_batches",
+    "hessians_used",
+    "artifact_bytes",
+    "predicted_bytes",
+    "code_bytes",
+    "fits_cap",
+    "headroom_bytes",
+    "time_calib_quant_s",
+    "time_pre_quant_s",
+    "time_quantized_s",
+    "time_sliding_s",
+    "time_ttt_s",
+    "time_compress_s",
+]
+
+
+@dataclass
+class PipelineResult:
+    """The row plus what produced it (the CLI writes ``artifact`` to disk)."""
+
+    row: pd.DataFrame
+    quantized: QuantizedModel
+    artifact: bytes
+    policy: Policy
+
+
+def resolve_model(model_or_ckpt: nn.Module | str | os.PathLike) -> tuple[nn.Module, str]:
+    """A model and a label: a module as is, a qlab run directory via ``load_model`` (with
+    its depth-recurrence mode restored), or a qlab artifact via its header's model config."""
+    if isinstance(model_or_ckpt, nn.Module):
+        return model_or_ckpt, type(model_or_ckpt).__name__
+    path = Path(model_or_ckpt)
+    from qlab.io.readers import detect_format
+
+    fmt = detect_format(path)
+    if fmt == "qlab-run":
+        from qlab.io.checkpoint import load_model, read_config
+
+        model, _ = load_model(path)
+        _restore_looping(model, read_config(path))
+        return model, str(path)
+    if fmt == "qlab-artifact":
+        from qlab.quant.model_quant import load_quantized
+
+        return load_quantized(path).model, str(path)
+    raise CheckpointError(
+        f"{path}: a {fmt} checkpoint holds no model configuration; evaluate a qlab run "
+        "directory or a .qlab artifact (or pass the model object)"
+    )
+
+
+def _restore_looping(model: nn.Module, cfg: dict) -> None:
+    """Training switches depth recurrence on from ``loop_start_frac`` of the run; a model
+    saved after that point is evaluated with it on, as the trainer does."""
+    mc = getattr(model, "config", None)
+    if mc is None or getattr(mc, "loop_layers", None) is None or getattr(model, "looping", False):
+        return
+    train = cfg.get("train") or {}
+    iters = train.get("iterations")
+    frac = mc.loop_start_frac
+    if isinstance(iters, int) and iters > 0 and frac >= 0 and cfg["step"] >= frac * iters:
+        model.set_looping(True)
+
+
+def resolve_dataset(dataset: Any, vocab_size: int) -> Any:
+    """A DatasetInfo from a DatasetInfo, a directory, or ``"embedded"`` (built once, cached)."""
+    from qlab.data import default_dataset, open_dataset
+
+    if hasattr(dataset, "val_files"):
+        return dataset
+    if dataset is None or str(dataset) == "embedded":
+        return default_dataset(vocab_size=vocab_size)
+    return open_dataset(dataset)
+
+
+def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
+
+
+def run_pipeline(
+    model_or_ckpt: nn.Module | str | os.PathLike,
+    policy: Policy | str,
+    dataset: Any,
+    *,
+    calib_batches: int = 64,
+    calib_batch_seqs: int = 8,
+    seq_len: int | None = None,
+    stride: int | None = 64,
+    max_eval_tokens: int | None = None,
+    ttt: Any = None,
+    codec: str = "brotli-11",
+    code_bytes: int = 0,
+    cap: int = CAP,
+    hessians: dict | None = None,
+    extra: dict | None = None,
+    progress: bool = False,
+) -> PipelineResult:
+    """Run every stage and return the row, the quantized model and the artifact bytes."""
+    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
+
+    model, label = resolve_model(model_or_ckpt)
+    policy = get_policy(policy) if isinstance(policy, str) else policy
+    vocab = model.config.vocab_size if hasattr(model, "config") else None
+    data = resolve_dataset(dataset, vocab or 1024)
+    seq_len = seq_len or getattr(getattr(model, "config", None), "eval_seq_len", None)
+    if not seq_len:
+        raise ConfigError("pipeline: seq_len is needed for a model without a config")
+    if vocab is not None and data.vocab_size > vocab:
+        raise ConfigError(f"dataset vocab {data.vocab_size} exceeds the model's vocab {vocab}")
+    val = load_validation_tokens(data.val_files, seq_len, vocab_size=data.vocab_size)
+    tables = build_byte_tables(load_tokenizer(data.tokenizer_path), vocab)
+    ev = dict(seq_len=seq_len, max_tokens=max_eval_tokens, progress=progress)
+    pre, t_pre = _timed(evaluate_bpb, model, val, tables, **ev)
+    train_len = getattr(getattr(model, "config", None), "train_seq_len", seq_len)
+    batches = None
+    if hessians is None and calib_batches:
+        batches = calibration_batches(data, calib_batches, seq_len=train_len, batch_seqs=calib_batch_seqs)
+    qm, t_quant = _timed(quantize_model, model, policy, batches, hessians=hessians, progress=progress)
+    if hessians is not None:
+        qm.meta["calib_batches"] = calib_batches  # the batches the given Hessians came from
+    quant, t_q = _timed(evaluate_bpb, qm.dequantized_model, val, tables, **ev)
+    slide, t_s = (None, 0.0)
+    if stride is not None:
+        slide, t_s = _timed(evaluate_bpb, qm.dequantized_model, val, tables, stride=stride, **ev)
+    ttt_res, t_ttt = (None, 0.0)
+    if ttt is not None:
+        ttt_res, t_ttt = _timed(
+            _run_ttt, qm.dequantized_model, val, tables, ttt, seq_len, stride, max_eval_tokens, progress
+        )
+    head = model_extra(qm.dequantized_model, qm.meta["aliases"], **(extra or {}))
+    t0 = time.perf_counter()
+    blob = encode_artifact(qm.quantized_state, policy=policy.to_dict(), codec=codec, extra=head)
+    t_c = time.perf_counter() - t0
+    predicted = predict_artifact_bytes(qm.quantized_state, policy=policy.to_dict(), extra=head)
+    stages = dict(pre=pre, quant=quant, slide=slide, ttt=ttt_res)
+    times = dict(calib_quant=t_quant, pre_quant=t_pre, quantized=t_q, sliding=t_s, ttt=t_ttt, compress=t_c)
+    sizes = dict(artifact=len(blob) + code_bytes, predicted=predicted + code_bytes, code=code_bytes, cap=cap)
+    row = _row(label, policy.name, stages, qm, sizes, times)
+    return PipelineResult(row, qm, blob, policy)
+
+
+def _run_ttt(model, val, tables, ttt, seq_len: int, stride: int | None, max_tokens, progress: bool):
+    from qlab.eval.ttt import TTTConfig, score_first_ttt
+
+    cfg = TTTConfig(seq_len=seq_len, stride=stride) if ttt is True else ttt
+    if not isinstance(cfg, TTTConfig):
+        raise ConfigError(f"pipeline: ttt must be None, True or a TTTConfig, got {type(ttt).__name__}")
+    if cfg.max_tokens is None and max_tokens is not None:
+        cfg = dataclasses.replace(cfg, max_tokens=max_tokens)  # score the same tokens as the other stages
+    return score_first_ttt(model, val, tables, cfg, progress=progress)
+
+
+def _row(label: str, policy: str, stages: dict, qm: QuantizedModel, sizes: dict, times: dict) -> pd.DataFrame:
+    def bpb(r) -> float:
+        return float(r.val_bpb) if r is not None else math.nan
+
+    pre, quant, slide, ttt = (bpb(stages[k]) for k in ("pre", "quant", "slide", "ttt"))
+    ttt_ref = slide if not math.isnan(slide) else quant
+    final = next((v for v in (ttt, slide) if not math.isnan(v)), quant)
+    row = {
+        "source": "qlab",
+        "variant": f"{Path(label).name}:{policy}",
+        "checkpoint": label,
+        "policy": policy,
+        "pre_quant_bpb": pre,
+        "quantized_bpb": quant,
+        "sliding_bpb": slide,
+        "ttt_bpb": ttt,
+        "quant_tax_mbpb": 1e3 * (quant - pre),
+        "sliding_gain_mbpb": 1e3 * (slide - quant),
+        "ttt_gain_mbpb": 1e3 * (ttt - ttt_ref),
+        "final_bpb": final,
+        "pre_quant_loss": float(stages["pre"].val_loss),
+        "quantized_loss": float(stages["quant"].val_loss),
+        "eval_tokens": int(stages["quant"].tokens),
+        "calib_batches": int(qm.meta["calib_batches"]),
+        "hessians_used": bool(qm.hessians_used),
+        "artifact_bytes": int(sizes["artifact"]),
+        "predicted_bytes": int(sizes["predicted"]),
+        "code_bytes": int(sizes["code"]),
+        "fits_cap": bool(sizes["artifact"] <= sizes["cap"]),
+        "headroom_bytes": int(sizes["cap"] - sizes["artifact"]),
+        **{f"time_{k}_s": float(v) for k, v in times.items()},
+    }
+    return pd.DataFrame([row], columns=COLUMNS)
+
+
+def pipeline_row(
+    model_or_ckpt: nn.Module | str | os.PathLike,
+    policy: Policy | str,
+    dataset: Any,
+    *,
+    calib_batches: int = 64,
+    seq_len: int | None = None,
+    stride: int | None = 64,
+    max_eval_tokens: int | None = None,
+    ttt: Any = None,
+    progress: bool = False,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """One row: pre-quant → quantized → sliding (→ TTT) bpb, deltas, artifact bytes, timings.
+
+    ``dataset``: a DatasetInfo, a directory or ``"embedded"``. ``ttt``: None, True (the
+    record's TTT settings at this seq_len/stride) or a :class:`qlab.eval.ttt.TTTConfig`.
+    Other keywords (codec, code_bytes, cap, calib_batch_seqs, hessians) go to
+    :func:`run_pipeline`.
+    """
+    return run_pipeline(
+        model_or_ckpt,
+        policy,
+        dataset,
+        calib_batches=calib_batches,
+        seq_len=seq_len,
+        stride=stride,
+        max_eval_tokens=max_eval_tokens,
+        ttt=ttt,
+        progress=progress,
+        **kwargs,
+    ).row
