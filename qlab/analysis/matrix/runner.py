@@ -1,0 +1,209 @@
+"""Run the cells of a matrix: train once per (base, variant, seed), measure, write atomically.
+
+Layout of an output folder::
+
+    OUT/spec.json                 the spec as run (informational)
+    OUT/runs/<cell-id>/           the cell's qlab run directory (checkpoint, metrics.jsonl)
+    OUT/runs/<cell-id>/matrix_train.json   written once training has finished
+    OUT/cells/<cell-id>.json      the cell's measurements — written last, atomically
+
+Resume rules, so that killing the process at any moment loses at most the cell in
+progress: a cell whose result file exists and carries the current evaluation key is
+skipped; a cell whose training finished (``matrix_train.json``) but whose result is
+missing or stale is only re-evaluated; otherwise it is trained, resuming from the run
+directory's last checkpoint if one was written (``checkpoint_every``). All writes go
+through :mod:`qlab.io.atomic` or the checkpoint's two-phase commit.
+
+Sharding (``shard=(i, n)``) deals the sorted cell ids round-robin, so the n processes of
+a SLURM array (``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``) run disjoint
+cells into the same OUT folder and ``qlab matrix merge OUT`` collects them. Under
+``torchrun`` every rank trains (DDP) and rank 0 alone measures and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from qlab.analysis.matrix.measure import EvalData, measure_hidden, measure_pipeline
+from qlab.analysis.matrix.spec import Cell, MatrixSpec, plan_cells, resolve_base, resolve_policy, shard_cells
+from qlab.errors import ConfigError, DataError
+from qlab.io.atomic import atomic_write_json
+
+__all__ = ["CELLS_DIR", "RUNS_DIR", "cell_result_path", "run_cell", "run_matrix", "with_overrides"]
+
+CELLS_DIR = "cells"
+RUNS_DIR = "runs"
+TRAIN_DONE = "matrix_train.json"
+SPEC_NAME = "spec.json"
+RESULT_FORMAT = 1
+
+
+def cell_result_path(out: str | Path, cell_id: str) -> Path:
+    return Path(out) / CELLS_DIR / f"{cell_id}.json"
+
+
+def with_overrides(spec: MatrixSpec, data: str | None = None, device: str | None = None) -> MatrixSpec:
+    """The spec with every base's dataset and/or the device replaced (neither changes cell ids)."""
+    if data is not None:
+        path = data if data == "embedded" else str(Path(data).resolve())
+        spec = dataclasses.replace(spec, bases=tuple(dataclasses.replace(b, data=path) for b in spec.bases))
+    if device is not None:
+        spec = dataclasses.replace(spec, device=device)
+    return spec
+
+
+def run_matrix(
+    spec: MatrixSpec,
+    out: str | Path,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    cells: list[str] | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Run this shard's cells (or only the ``cells`` ids given); one status row per cell.
+
+    Status is ``skipped`` (finished before), ``evaluated`` (trained before, measured now)
+    or ``trained`` (trained and measured now).
+    """
+    out = Path(out)
+    todo = shard_cells(plan_cells(spec), *shard)
+    if cells is not None:
+        known = {c.cell_id for c in plan_cells(spec)}
+        unknown = sorted(set(cells) - known)
+        if unknown:
+            raise ConfigError(f"unknown cell id(s) {unknown}; `qlab matrix list SPEC` shows them")
+        todo = [c for c in todo if c.cell_id in set(cells)]
+    if _rank() == 0:
+        atomic_write_json(out / SPEC_NAME, spec.to_dict())
+    rows = []
+    for cell in tqdm(todo, desc="matrix", disable=not progress):
+        t0 = time.perf_counter()
+        status = run_cell(spec, cell, out, progress=progress)
+        rows.append({"cell_id": cell.cell_id, "status": status, "seconds": time.perf_counter() - t0})
+    return pd.DataFrame(rows, columns=["cell_id", "status", "seconds"])
+
+
+def run_cell(spec: MatrixSpec, cell: Cell, out: str | Path, *, progress: bool = False) -> str:
+    """Train (if needed) and measure one cell; returns ``skipped``, ``evaluated`` or ``trained``."""
+    out = Path(out)
+    result_path = cell_result_path(out, cell.cell_id)
+    eval_key = spec.eval.key()
+    if _finished(result_path, eval_key):
+        return "skipped"
+    run_dir = out / RUNS_DIR / cell.cell_id
+    tc, mc = resolve_base(spec, spec.base(cell.base), cell.variant, cell.seed, str(run_dir))
+    status = "evaluated"
+    if not (run_dir / TRAIN_DONE).is_file():
+        summary = _train(tc, mc, progress)
+        status = "trained"
+        if _rank() != 0:
+            return status
+        atomic_write_json(run_dir / TRAIN_DONE, summary)
+    elif _rank() != 0:
+        return "skipped"
+    summary = json.loads((run_dir / TRAIN_DONE).read_text(encoding="utf-8"))
+    record = _measure(spec, cell, tc, run_dir, progress)
+    record |= {"cell_id": cell.cell_id, "eval_key": eval_key, "train_result": summary}
+    atomic_write_json(result_path, _jsonable(record))
+    return status
+
+
+def _finished(path: Path, eval_key: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); delete it to recompute the cell") from exc
+    return isinstance(data, dict) and data.get("eval_key") == eval_key
+
+
+def _train(tc, mc, progress: bool) -> dict[str, Any]:
+    from qlab.train.trainer import train
+
+    r = train(tc, mc, resume=True, progress=progress)
+    return {
+        "steps": r.steps,
+        "tokens_seen": r.tokens_seen,
+        "train_seconds": r.train_seconds,
+        "train_loss": r.train_loss,
+        "val_bpb": r.val_bpb,
+        "stopped_by": r.stopped_by,
+        "world_size": r.world_size,
+    }
+
+
+def _measure(spec: MatrixSpec, cell: Cell, tc, run_dir: Path, progress: bool) -> dict[str, Any]:
+    from qlab.io.checkpoint import load_model
+    from qlab.train.trainer import resolve_device
+
+    device = torch.device(resolve_device(tc.device))
+    model, mc = load_model(run_dir, device)
+    data = _eval_data(spec, tc, mc, device)
+    policies = {name: resolve_policy(spec, name) for name in spec.eval.weight_policies}
+    pipeline = measure_pipeline(model, data, spec.eval, policies, progress=progress)
+    hidden, geometry = measure_hidden(model, data, spec.eval)
+    v = cell.variant
+    return {
+        "format": RESULT_FORMAT,
+        "spec": spec.name,
+        "base": cell.base,
+        "variant": v.label,
+        "regs": v.reg_names,
+        "lambda": v.lam,
+        "lambdas": v.lambdas,
+        "seed": cell.seed,
+        "model": mc.to_dict(),
+        "train": tc.to_dict(),
+        "pipeline": pipeline,
+        "hidden": hidden,
+        "geometry": geometry,
+    }
+
+
+def _eval_data(spec: MatrixSpec, tc, mc, device: torch.device) -> EvalData:
+    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens, read_shard
+    from qlab.train.trainer import open_training_data
+
+    info = open_training_data(tc, mc.vocab_size)
+    sp = load_tokenizer(tc.tokenizer_path or info.tokenizer_path)
+    train_tokens = None
+    if spec.eval.calibration_seqs:
+        train_tokens = torch.from_numpy(read_shard(info.train_files[0]).astype("int64"))
+    return EvalData(
+        val_tokens=load_validation_tokens(info.val_files, tc.train_seq_len),
+        byte_tables=build_byte_tables(sp, mc.vocab_size),
+        seq_len=tc.train_seq_len,
+        device=device,
+        train_tokens=train_tokens,
+    )
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN/Inf → None (strict JSON), tuples → lists, numpy/torch scalars → Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

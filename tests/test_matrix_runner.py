@@ -1,0 +1,207 @@
+"""The smoke grid end to end: train, measure, kill -9 mid-run and resume, merge, report, CLI.
+
+One module-scoped run does the expensive part once: ``qlab matrix run`` on
+examples/matrix_smoke.toml (2 bases × 4 variants × 2 seeds = 16 cells) in a subprocess,
+SIGKILLed as soon as the first cell's result appears, then resumed in-process to the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qlab.analysis.matrix import (
+    cell_result_path,
+    collect_results,
+    load_spec,
+    merge_results,
+    plan_cells,
+    run_matrix,
+    with_overrides,
+)
+from qlab.analysis.papers import reg_quant_matrix
+from qlab.cli import main
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "examples" / "matrix_smoke.toml"
+MEASURED = ["pipeline", "hidden", "geometry", "variant", "regs", "lambdas", "seed", "base", "eval_key"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the subprocess runs with OMP_NUM_THREADS=1; equal thread counts give bit-equal results
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_dataset):
+    return with_overrides(load_spec(SMOKE), data=str(tiny_dataset.root), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def killed_run(spec, tiny_dataset, tmp_path_factory):
+    """(out dir, {finished-before-kill cell id: mtime_ns}, status table of the resumed run)."""
+    out = tmp_path_factory.mktemp("matrix") / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "qlab",
+        "matrix",
+        "run",
+        str(SMOKE),
+        "--out",
+        str(out),
+        "--data",
+        str(tiny_dataset.root),
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cells = out / "cells"
+    deadline = time.time() + 180
+    while not (cells.is_dir() and any(cells.glob("*.json"))):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline, "no cell finished within 180 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p.stem: p.stat().st_mtime_ns for p in cells.glob("*.json")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess: same kernels, same bits
+    try:
+        status = run_matrix(spec, out)
+    finally:
+        torch.set_num_threads(threads)
+    return out, done, status
+
+
+def measured(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    return {k: data[k] for k in MEASURED}
+
+
+def test_kill_loses_only_the_cell_in_progress(spec, killed_run):
+    out, done, status = killed_run
+    ids = [c.cell_id for c in plan_cells(spec)]
+    assert 1 <= len(done) < len(ids)
+    by = dict(zip(status.cell_id, status.status))
+    assert sorted(by) == sorted(ids)
+    assert {by[i] for i in done} == {"skipped"}  # finished cells were not recomputed …
+    assert {by[i] for i in ids if i not in done} == {"trained"}
+    for cell_id, mtime in done.items():  # … nor rewritten
+        assert cell_result_path(out, cell_id).stat().st_mtime_ns == mtime
+    assert all(cell_result_path(out, i).is_file() for i in ids)
+    again = run_matrix(spec, out)
+    assert set(again.status) == {"skipped"}
+
+
+def test_resumed_results_equal_an_uninterrupted_run(spec, killed_run, tmp_path):
+    out, done, _ = killed_run
+    ids = [c.cell_id for c in plan_cells(spec)]
+    first_done = sorted(done)[0]
+    interrupted = next(i for i in ids if i not in done)  # was in progress (or not started) at the kill
+    fresh = run_matrix(spec, tmp_path, cells=[first_done, interrupted])
+    assert set(fresh.status) == {"trained"}
+    for cell_id in (first_done, interrupted):
+        assert measured(cell_result_path(tmp_path, cell_id)) == measured(cell_result_path(out, cell_id))
+
+
+def test_lost_result_is_re_evaluated_without_training(spec, killed_run):
+    out, _, _ = killed_run
+    cell_id = plan_cells(spec)[3].cell_id
+    path = cell_result_path(out, cell_id)
+    before = measured(path)
+    weights = out / "runs" / cell_id / "model.safetensors"
+    w_mtime = weights.stat().st_mtime_ns
+    path.unlink()
+    status = run_matrix(spec, out, cells=[cell_id])
+    assert list(status.status) == ["evaluated"] and weights.stat().st_mtime_ns == w_mtime
+    assert measured(path) == before
+
+
+def test_merged_tables(spec, killed_run):
+    out, _, _ = killed_run
+    res = merge_results(out)
+    for name in ("results.csv", "hidden.csv", "geometry.csv", "results.json"):
+        assert (out / name).is_file()
+    pipe, hidden = res.pipeline, res.hidden
+    assert len(pipe) == 16 * 2 and len(hidden) == 16 * 7 and len(res.geometry) == 16
+    assert pd.read_csv(out / "results.csv").shape == pipe.shape
+    assert set(pipe.policy) == {"int6_all", "int4_all"} and res.control == "no-reg"
+    stages = ["pre_quant_bpb", "quantized_bpb", "sliding_bpb", "ttt_bpb"]
+    assert np.isfinite(pipe[stages].to_numpy()).all() and pipe[stages].gt(0).all().all()
+    assert pipe.prequant_ttt_bpb.isna().all()
+    assert np.allclose(pipe.quant_tax_mbpb, 1e3 * (pipe.quantized_bpb - pipe.pre_quant_bpb))
+    assert np.allclose(pipe.final_bpb, pipe.ttt_bpb) and (pipe.artifact_bytes > 1000).all()
+    # pre-quant bpb is a property of the cell, shared by its policies; int4 costs more than int6
+    assert pipe.groupby("cell_id").pre_quant_bpb.nunique().eq(1).all()
+    tax = pipe.groupby("policy").quant_tax_mbpb.mean()
+    assert tax["int4_all"] > tax["int6_all"]
+    bytes_ = pipe.pivot_table(index="cell_id", columns="policy", values="artifact_bytes")
+    assert (bytes_.int4_all < bytes_.int6_all).all()
+    # hidden-state schemes: int8 per-row always distorts less than int4 per-row
+    wide = hidden.pivot_table(index="cell_id", columns="scheme", values="l2_distortion")
+    assert (wide["int8 sym per-row"] < wide["int4 sym per-row"]).all()
+    # qlab rows concatenate with the paper's published matrix
+    both = pd.concat([reg_quant_matrix(), hidden], ignore_index=True)
+    assert set(both.source) == {"paper:pr2011", "qlab"} and both.l2_distortion.notna().all()
+
+
+def test_cli_list_report_paper(spec, killed_run, tmp_path, capsys, tiny_dataset):
+    out, _, _ = killed_run
+    assert main(["matrix", "list", str(SMOKE), "--shard", "1/3"]) == 0
+    listed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [c.cell_id for c in plan_cells(spec)][1::3]
+    assert main(["matrix", "merge", str(out)]) == 0
+    assert main(["matrix", "report", str(out), "--policy", "int4_all", "--figures", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "paired across seeds" in text and "cross-base sign table" in text and "λ budget" in text
+    pngs = {p.name for p in tmp_path.glob("*.png")}
+    assert {"matrix_hidden_heatmaps.png", "matrix_paired_deltas.png", "matrix_cross_base_signs.png"} <= pngs
+    assert main(["matrix", "paper", str(out)]) == 0
+    assert "paper:pr2011" in capsys.readouterr().out
+    assert main(["matrix", "report", str(out), "--policy", "nope"]) == 2
+    assert (
+        main(
+            [
+                "matrix",
+                "run",
+                str(SMOKE),
+                "--out",
+                str(out),
+                "--cell",
+                "nope",
+                "--data",
+                str(tiny_dataset.root),
+            ]
+        )
+        == 2
+    )
+
+
+def test_corrupt_cell_file_is_named(killed_run, tmp_path):
+    out, _, _ = killed_run
+    from qlab.errors import DataError
+
+    bad = tmp_path / "cells"
+    bad.mkdir()
+    (bad / "x.json").write_text('{"cell_id": "x"')
+    with pytest.raises(DataError, match="x.json"):
+        collect_results(tmp_path)
+    with pytest.raises(DataError, match="no cell results"):
+        collect_results(tmp_path / "empty")
