@@ -122,7 +122,7 @@ def recover(run_dir: str | os.PathLike) -> None:
         shutil.rmtree(run_dir / STAGING_NAME, ignore_errors=True)
 
 
-def _file(run_dir: Path, name: str) -> Path:
+def committed_file(run_dir: Path, name: str) -> Path:
     """Where the committed ``name`` is: a complete staging folder wins (it is newer)."""
     if _staging_complete(run_dir) and (run_dir / STAGING_NAME / name).exists():
         return run_dir / STAGING_NAME / name
@@ -146,7 +146,7 @@ def has_checkpoint(run_dir: str | os.PathLike) -> bool:
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The run's config.json as a dict (CheckpointError when missing or malformed)."""
     run_dir = _as_run_dir(run_dir)
-    path = _file(run_dir, CONFIG_NAME)
+    path = committed_file(run_dir, CONFIG_NAME)
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {CONFIG_NAME} (not a qlab run directory, or no checkpoint yet)")
     try:
@@ -166,7 +166,7 @@ def load_checkpoint(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     """(state dict of model.safetensors, config.json dict) of a run directory."""
     run_dir = _as_run_dir(run_dir)
     cfg = read_config(run_dir)
-    path = _file(run_dir, WEIGHTS_NAME)
+    path = committed_file(run_dir, WEIGHTS_NAME)
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: {WEIGHTS_NAME} is missing")
     try:

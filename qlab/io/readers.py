@@ -99,9 +99,9 @@ def _head(p: Path, n: int) -> bytes:
 
 def _run_file(run_dir: Path, name: str) -> Path:
     """Where a run directory's committed ``name`` is (a complete staging folder is newer)."""
-    from qlab.io.checkpoint import _file  # one definition of the run-directory commit protocol
+    from qlab.io.checkpoint import committed_file  # one definition of the commit protocol
 
-    return _file(run_dir, name)
+    return committed_file(run_dir, name)
 
 
 def _detect_dir(p: Path) -> str:
