@@ -194,3 +194,18 @@ def test_runlog_skips_torn_last_line_and_truncates(tmp_path):
     log.path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(CheckpointError, match=":2"):
         read_records(log.path)
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_load_model_restores_depth_recurrence_mode(tmp_path, looping):
+    mc = MC.replace(num_layers=3, loop_layers=(1,), loop_repeats=2)
+    torch.manual_seed(0)
+    model = GPT(mc)
+    model.set_looping(looping)
+    opts = build_optimizers(model, TC)
+    state = {"step": 1, "tokens_seen": 32, "looping": looping}
+    ckpt.save_checkpoint(tmp_path / "run", model, None, opts, state, mc, TC)
+    loaded, _ = ckpt.load_model(tmp_path / "run")
+    assert loaded.looping is looping
+    x = torch.randint(0, 64, (1, 16))
+    assert torch.equal(loaded(x), model(x))

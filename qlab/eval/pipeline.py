@@ -83,10 +83,9 @@ def resolve_model(model_or_ckpt: nn.Module | str | os.PathLike) -> tuple[nn.Modu
 
     fmt = detect_format(path)
     if fmt == "qlab-run":
-        from qlab.io.checkpoint import load_model, read_config
+        from qlab.io.checkpoint import load_model
 
         model, _ = load_model(path)
-        _restore_looping(model, read_config(path))
         return model, str(path)
     if fmt == "qlab-artifact":
         from qlab.quant.model_quant import load_quantized
@@ -96,19 +95,6 @@ def resolve_model(model_or_ckpt: nn.Module | str | os.PathLike) -> tuple[nn.Modu
         f"{path}: a {fmt} checkpoint holds no model configuration; evaluate a qlab run "
         "directory or a .qlab artifact (or pass the model object)"
     )
-
-
-def _restore_looping(model: nn.Module, cfg: dict) -> None:
-    """Training switches depth recurrence on from ``loop_start_frac`` of the run; a model
-    saved after that point is evaluated with it on, as the trainer does."""
-    mc = getattr(model, "config", None)
-    if mc is None or getattr(mc, "loop_layers", None) is None or getattr(model, "looping", False):
-        return
-    train = cfg.get("train") or {}
-    iters = train.get("iterations")
-    frac = mc.loop_start_frac
-    if isinstance(iters, int) and iters > 0 and frac >= 0 and cfg["step"] >= frac * iters:
-        model.set_looping(True)
 
 
 def resolve_dataset(dataset: Any, vocab_size: int) -> Any:

@@ -92,6 +92,8 @@ def save_checkpoint(
         "step": step,
         "tokens_seen": int(trainer_state.get("tokens_seen", 0)),
         "weights": weights_kind,
+        # depth recurrence switches on mid-run; evaluation must use the mode training ended in
+        "looping": bool(trainer_state.get("looping", False)),
         "qlab_version": _version(),
     }
     atomic_write_json(staging / CONFIG_NAME, config)
@@ -194,6 +196,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise CheckpointError(f"{path}: config.json 'model' does not describe a valid model ({exc})") from exc
     model = GPT(model_config)
     load_weights(model, state, str(path))
+    if cfg.get("looping") and model_config.loop_layers is not None:
+        model.set_looping(True)
     return model.to(device), model_config
 
 
