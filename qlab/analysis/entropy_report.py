@@ -1,0 +1,442 @@
+"""``qlab entropy``: how many bytes a checkpoint costs under a quantization policy.
+
+:func:`entropy_report` streams a checkpoint tensor by tensor (any format
+:func:`qlab.io.readers.iter_tensors` reads), stores each tensor as the policy says, and
+reports per tensor: the entropies of the stored symbols (order-0, mean per-row,
+order-1), the scale overhead and the **predicted brotli-11 size** of the records'
+serialisation (:mod:`qlab.compress.predict`), against the 16,000,000-byte cap.
+
+Memory stays bounded: one float tensor and its codes are alive at a time. The only
+exceptions are tensors under ``SMALL_REGION_BYTES`` (brotli pools them into one
+histogram, so their stored bytes — a few KB each — are kept until the end) and
+``measure=True``, which must hold every tensor's *codes* (≈ 1 byte per parameter) to
+compress the whole stream for real.
+
+Quantization is RTN with each tensor's clip rule from the policy: GPTQ needs Hessians
+(calibration data), so without ``hessians`` the predicted sizes are those of RTN codes
+(GPTQ codes of the same (b, k) have almost the same histogram, but not exactly). With
+``hessians`` GPTQ tensors are quantized by GPTQ; a qlab ``.qlab`` artifact is reported
+as stored (its real codes, e.g. GPTQ's).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import zstandard
+from tqdm.auto import tqdm
+
+from qlab.compress import predict as P
+from qlab.compress.codecs import get_codec
+from qlab.compress.entropy import order0_entropy, order1_entropy, row_entropy
+from qlab.compress.shuffle import shuffle
+from qlab.errors import CheckpointError, ConfigError, QlabError, QuantError
+from qlab.io.atomic import atomic_write_text
+from qlab.quant.gptq import gptq_quantize
+from qlab.quant.policy import Passthrough, Policy, TensorSpec, get_policy, make_passthrough, policy_from_dict
+from qlab.quant.rtn import quantize_rtn
+from qlab.quant.tensor import QuantizedTensor, dequantize
+
+__all__ = ["CAP_BYTES", "DEFAULT_CODECS", "EntropyReport", "entropy_report", "store_tensor", "resolve_policy"]
+
+CAP_BYTES = 16_000_000
+DEFAULT_CODECS = ("brotli-11+shuffle", "lzma", "zstd-19", "ans")
+RTN_NOTE = (
+    "predicted sizes assume RTN codes with each tensor's clip rule (no Hessians were given; "
+    "GPTQ codes of the same bits/k compress slightly differently)"
+)
+# A leaf is "LZ-structured" when zstd-1 output is below this fraction of the Huffman estimate.
+LZ_GUARD = 0.97
+Stored = QuantizedTensor | Passthrough | torch.Tensor
+
+
+@dataclass
+class EntropyReport:
+    """Per-tensor ``table`` (one row per tensor), ``totals`` against the cap, and ``notes``."""
+
+    table: pd.DataFrame
+    totals: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """JSON text ``{"totals", "notes", "tensors": [...]}``; written atomically if ``path``."""
+        rows = json.loads(self.table.to_json(orient="records"))
+        text = json.dumps({"totals": self.totals, "notes": self.notes, "tensors": rows}, indent=2)
+        if path is not None:
+            atomic_write_text(path, text + "\n")
+        return text
+
+    def to_csv(self, path: str | os.PathLike | None = None) -> str:
+        """The per-tensor table as CSV text; written atomically if ``path``."""
+        text = self.table.to_csv(index=False)
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+
+# --------------------------------------------------------------------------- storing one tensor
+
+
+def resolve_policy(policy: str | Policy | Mapping) -> Policy:
+    """A Policy from a preset name, a Policy, or a dict for :func:`policy_from_dict`."""
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str):
+        return get_policy(policy)
+    if isinstance(policy, Mapping):
+        return policy_from_dict(policy)
+    raise ConfigError(f"policy must be a preset name, a Policy or a dict, got {type(policy).__name__}")
+
+
+def store_tensor(
+    name: str, t: torch.Tensor, spec: TensorSpec, hessian: torch.Tensor | None = None
+) -> tuple[Stored, str]:
+    """Store ``t`` as ``spec`` says; returns (stored object, method actually used).
+
+    GPTQ runs only when a Hessian is given, otherwise RTN with the same bits and clip.
+    """
+    if spec.method == "passthrough":
+        p = make_passthrough(t, spec.passthrough_dtype, name)
+        return p, p.kind
+    if spec.method == "gptq" and hessian is not None:
+        q = gptq_quantize(
+            t.to(torch.float32), hessian, bits=spec.bits, clip_rule=spec.clip,
+            clip_params=dict(spec.clip_params), name=name,
+        )  # fmt: skip
+        return q, "gptq"
+    q = quantize_rtn(
+        t, spec.bits, symmetric=spec.symmetric, granularity=spec.granularity, group_size=spec.group_size,
+        clip=spec.clip, clip_params=dict(spec.clip_params), name=name,
+    )  # fmt: skip
+    return q, "rtn"
+
+
+def _symbols(stored: Stored) -> torch.Tensor:
+    """The integer symbols the coder sees: codes, or a float's bit patterns."""
+    t = stored.codes if isinstance(stored, QuantizedTensor) else getattr(stored, "data", stored)
+    if t.dtype == torch.bool:
+        return t.to(torch.uint8)
+    if t.is_floating_point():
+        return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t
+
+
+def _values(stored: Stored) -> torch.Tensor:
+    if isinstance(stored, QuantizedTensor):
+        return dequantize(stored)
+    if isinstance(stored, Passthrough):
+        return stored.dequantize(torch.float32)
+    return stored.to(torch.float32) if stored.is_floating_point() else stored.to(torch.float64)
+
+
+def _overhead_bytes(stored: Stored) -> int:
+    """Raw bytes of everything stored besides the symbols (scales, zero points, codebook)."""
+    parts = []
+    if isinstance(stored, QuantizedTensor):
+        parts = [stored.scale, stored.zero, stored.codebook]
+    elif isinstance(stored, Passthrough):
+        parts = [stored.scale]
+    return sum(p.numel() * p.element_size() for p in parts if p is not None)
+
+
+def _entropies(sym: torch.Tensor) -> tuple[float, float, float]:
+    if sym.numel() == 0:
+        return 0.0, 0.0, float("nan")
+    h1 = float("nan")
+    rows = sym.reshape(sym.shape[0], -1) if sym.dim() > 1 else sym.reshape(1, -1)
+    if rows.shape[1] >= 2:
+        h1 = float(order1_entropy(rows))
+    return float(order0_entropy(sym)), float(row_entropy(rows)), h1
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def _leaf_tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    if isinstance(tree, torch.Tensor):
+        return [(prefix, tree)]
+    if isinstance(tree, dict):
+        return [x for k, v in tree.items() for x in _leaf_tensors(v, f"{prefix}.{k}" if prefix else k)]
+    if isinstance(tree, list):
+        return [x for i, v in enumerate(tree) for x in _leaf_tensors(v, f"{prefix}.{i}")]
+    return []
+
+
+def _emptied(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return torch.empty(0, dtype=tree.dtype)
+    if isinstance(tree, dict):
+        return {k: _emptied(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_emptied(v) for v in tree]
+    return tree
+
+
+def _source(
+    src: str | os.PathLike | Mapping[str, torch.Tensor], progress: bool
+) -> tuple[Iterator[tuple[str, Any]], str, bool]:
+    """(name, tensor-or-stored) stream, a label for errors, and whether entries are pre-stored."""
+    if isinstance(src, Mapping):
+        items = tqdm(src.items(), total=len(src), desc="entropy", unit="tensor", disable=not progress)
+        return iter(items), "state dict", False
+    if not isinstance(src, (str, os.PathLike)):
+        raise ConfigError(f"entropy_report needs a path or a state dict, got {type(src).__name__}")
+    from qlab.io.readers import detect_format, iter_tensors
+
+    path = Path(src)
+    if detect_format(path) == "qlab-artifact":
+        from qlab.compress.container import read_artifact
+
+        try:
+            entries, _ = read_artifact(path)
+        except CheckpointError:
+            raise
+        except QlabError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+        items = tqdm(entries.items(), desc=path.name, unit="tensor", disable=not progress)
+        return iter(items), str(path), True
+    return iter_tensors(path, progress=progress), str(path), False
+
+
+def _check_tensor(name: str, t: Any, where: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointError(f"{where}: entry {name!r} is a {type(t).__name__}, not a tensor")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise CheckpointError(f"{where}: tensor {name!r} contains {n_nan} NaN and {n_inf} Inf values")
+
+
+@dataclass
+class _Accumulator:
+    """What survives a tensor: its row, its skeleton, small leaves to pool, optional codes."""
+
+    rows: list[dict] = field(default_factory=list)
+    skeleton: dict = field(default_factory=dict)
+    small: dict[str, torch.Tensor] = field(default_factory=dict)
+    small_owner: list[int] = field(default_factory=list)
+    kept: dict[str, Stored] = field(default_factory=dict)
+
+
+def _tensor_row(
+    name: str, t: torch.Tensor | None, stored: Stored, method: str, spec: TensorSpec | None
+) -> dict:
+    sym = _symbols(stored)
+    h0, hrow, h1 = _entropies(sym)
+    values = t if t is not None else _values(stored)
+    numel = int(values.numel())
+    std = float(values.to(torch.float64).std(correction=0)) if numel > 1 else 0.0
+    quantized = isinstance(stored, QuantizedTensor)
+    k = spec.clip_params.get("k") if spec is not None and quantized else None
+    return dict(
+        name=name,
+        shape="x".join(str(d) for d in values.shape) or "scalar",
+        numel=numel,
+        std=std,
+        method=method,
+        bits=int(stored.bits) if quantized else 8 * sym.element_size(),
+        clip=(spec.clip if spec is not None else str(stored.meta.get("clip", ""))) if quantized else "",
+        k=float(k) if k is not None else float("nan"),
+        h0=h0,
+        h_row=hrow,
+        h1=h1,
+        entropy_bytes=numel * h0 / 8,
+        scale_bytes=_overhead_bytes(stored),
+        raw_bytes=sum(leaf.numel() * leaf.element_size() for _, leaf in _leaf_tensors(P.record_tree(stored))),
+    )
+
+
+def _leaf_bytes(leaf: torch.Tensor) -> bytes:
+    return leaf.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _has_lz_structure(leaf: torch.Tensor, huffman_bytes: float) -> bool:
+    """True when a fast LZ coder (zstd-1, ~1 GB/s) beats the order-0 Huffman estimate.
+
+    Order-0 Huffman is what brotli-11 pays when it finds no LZ matches — true of
+    trained weight codes in general, but not of e.g. a tied embedding whose rare-token
+    rows have collapsed onto near-duplicates (brotli then codes them as copies, 20–35 %
+    below the estimate). zstd-1 stays ≥ the estimate on match-free codes.
+    """
+    packed = shuffle(_leaf_bytes(leaf), 2)
+    return len(zstandard.ZstdCompressor(level=1).compress(packed)) < LZ_GUARD * huffman_bytes
+
+
+def _add_prediction(acc: _Accumulator, row: dict, name: str, stored: Stored, lz_guard: bool) -> None:
+    """Predicted data bytes of this tensor's leaves; small leaves are kept for pooling.
+
+    With ``lz_guard`` a leaf whose bytes hold LZ structure is compressed for real
+    (method ``measured``) instead of being predicted.
+    """
+    tree = P.record_tree({name: stored})
+    acc.skeleton[name] = _emptied(tree[name])
+    data = 0.0
+    methods = set()
+    for leaf_name, leaf in _leaf_tensors(tree):
+        table = P.predict_table({leaf_name: leaf})
+        method, nbytes = str(table["method"].iloc[0]), float(table["predicted_bytes"].iloc[0])
+        if method == "pooled":
+            acc.small[f"{len(acc.small)}:{leaf_name}"] = leaf.clone()
+            acc.small_owner.append(len(acc.rows))
+        elif method == "huffman" and lz_guard and _has_lz_structure(leaf, nbytes):
+            method, nbytes = "measured", float(P.measure_compressed_bytes(_leaf_bytes(leaf)))
+        methods.add(method)
+        data += 0.0 if method == "pooled" else nbytes
+    row["predict_method"] = "+".join(sorted(methods))
+    row["predicted_data_bytes"] = data
+
+
+def _finish_pooled(acc: _Accumulator) -> None:
+    if not acc.small:
+        return
+    shares = P.predict_table(acc.small)["predicted_bytes"].to_numpy()
+    for owner, b in zip(acc.small_owner, shares):
+        acc.rows[owner]["predicted_data_bytes"] += float(b)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _measure_rows(acc: _Accumulator, codecs: Iterable[str]) -> dict[str, int]:
+    """Real compressed sizes: per tensor (its leaves' bytes alone) and of the whole stream."""
+    totals = {}
+    for spec in codecs:
+        codec = get_codec(spec)
+        for row in acc.rows:
+            leaves = _leaf_tensors(P.record_tree(acc.kept[row["name"]]))
+            raw = b"".join(
+                leaf.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for _, leaf in leaves
+            )
+            row[f"real_bytes[{codec.spec}]"] = len(codec.compress(raw)) if raw else 0
+        totals[codec.spec] = P.measure_compressed_bytes(acc.kept, codec)
+    return totals
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def entropy_report(
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+    policy: str | Policy | Mapping = "record",
+    *,
+    measure: bool = False,
+    codecs: Iterable[str] = DEFAULT_CODECS,
+    hessians: Mapping[str, torch.Tensor] | None = None,
+    code_bytes: int | None = None,
+    progress: bool = False,
+    lz_guard: bool = True,
+    on_tensor: Callable[[str], None] | None = None,
+) -> EntropyReport:
+    """Entropy and predicted compressed size of every tensor under ``policy``.
+
+    ``path_or_state_dict`` is any checkpoint path (or a name → tensor mapping); a qlab
+    artifact is reported as stored. ``hessians`` (name → H) makes GPTQ tensors use GPTQ.
+    ``code_bytes`` (the submission's code) is added to the total checked against the cap.
+    ``measure`` also compresses for real with each of ``codecs`` (slow: brotli-11 runs at
+    ~1 MB/s) and reports the prediction error. ``lz_guard`` compresses for real the few
+    tensors a fast LZ check shows brotli would code below the entropy-based estimate.
+    ``on_tensor(name)`` is called after each tensor is processed (before the next is read).
+    """
+    pol = resolve_policy(policy)
+    codecs = tuple(codecs)
+    stream, where, prestored = _source(path_or_state_dict, progress)
+    acc = _Accumulator()
+    t0 = time.perf_counter()
+    hessians = hessians or {}
+    for name, t in stream:
+        if prestored:
+            stored, method, spec, dense = t, "stored", None, None
+        else:
+            _check_tensor(name, t, where)
+            spec = pol.spec_for(name, t)
+            try:
+                stored, method = store_tensor(name, t, spec, hessians.get(name))
+            except QuantError as exc:
+                raise QuantError(f"{where}: {exc}") from exc
+            dense = t
+        row = _tensor_row(name, dense, stored, method, spec)
+        _add_prediction(acc, row, name, stored, lz_guard)
+        acc.rows.append(row)
+        if measure:
+            acc.kept[name] = stored
+        del t, stored, dense
+        if on_tensor is not None:
+            on_tensor(name)
+    if not acc.rows:
+        raise CheckpointError(f"{where}: holds no tensors")
+    _finish_pooled(acc)
+    predict_s = time.perf_counter() - t0
+    return _build(
+        acc, pol, where, code_bytes, codecs if measure else (), predict_s, bool(hessians), prestored
+    )
+
+
+def _build(
+    acc: _Accumulator,
+    pol: Policy,
+    where: str,
+    code_bytes: int | None,
+    codecs: tuple[str, ...],
+    predict_s: float,
+    used_hessians: bool,
+    prestored: bool,
+) -> EntropyReport:
+    for row in acc.rows:
+        row["predicted_bytes"] = row.pop("predicted_data_bytes") * (1 + P.BROTLI_OVERHEAD)
+        row["bits_per_param"] = 8 * row["predicted_bytes"] / row["numel"] if row["numel"] else 0.0
+    skeleton = P.skeleton_bytes(acc.skeleton)
+    totals = _totals(acc.rows, skeleton, code_bytes, where, pol.name if not prestored else "stored")
+    totals["predict_seconds"] = predict_s
+    if codecs:
+        t = time.perf_counter()
+        real = _measure_rows(acc, codecs)
+        totals["measure_seconds"] = time.perf_counter() - t
+        _add_errors(acc.rows, totals, real)
+    notes = [] if (used_hessians or prestored) else [RTN_NOTE]
+    if prestored:
+        notes.append("qlab artifact: the stored codes are reported as they are")
+    return EntropyReport(pd.DataFrame(acc.rows), totals, notes)
+
+
+def _totals(rows: list[dict], skeleton: int, code_bytes: int | None, where: str, policy: str) -> dict:
+    numel = sum(r["numel"] for r in rows)
+    data = sum(r["predicted_bytes"] for r in rows)
+    predicted = int(round(skeleton + data))
+    total = predicted + int(code_bytes or 0)
+    return dict(
+        source=where,
+        policy=policy,
+        tensors=len(rows),
+        numel=numel,
+        raw_bytes=int(sum(r["raw_bytes"] for r in rows)),
+        entropy_bytes=float(sum(r["entropy_bytes"] + r["scale_bytes"] for r in rows)),
+        skeleton_bytes=int(skeleton),
+        predicted_bytes=predicted,
+        code_bytes=int(code_bytes or 0),
+        predicted_total_bytes=total,
+        cap_bytes=CAP_BYTES,
+        headroom_bytes=CAP_BYTES - total,
+        fits=total <= CAP_BYTES,
+        bits_per_param=8 * predicted / numel if numel else 0.0,
+    )
+
+
+def _add_errors(rows: list[dict], totals: dict, real: dict[str, int]) -> None:
+    totals["real_bytes"] = real
+    ref = P.RECORD_CODEC if P.RECORD_CODEC in real else None
+    if ref is None:
+        return
+    col = f"real_bytes[{ref}]"
+    for row in rows:
+        r = row[col]
+        row["prediction_error"] = (row["predicted_bytes"] - r) / r if r else math.nan
+    totals["prediction_error"] = (totals["predicted_bytes"] - real[ref]) / real[ref]
+    totals["real_total_bytes"] = real[ref] + totals["code_bytes"]
