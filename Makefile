@@ -3,7 +3,9 @@ PY        ?= python3
 VENV      := .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
-export OMP_NUM_THREADS ?= 2
+# One OpenMP thread per process: tests spawn extra ranks, and spin-waiting threads on a
+# busy 2-core machine made small ops up to 10x slower.
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: demo test bench lint figures clean-venv
 

@@ -1,8 +1,16 @@
-"""Shared fixtures: a tiny tokenized dataset built from a slice of the embedded corpus."""
+"""Shared fixtures: a tiny tokenized dataset built from a slice of the embedded corpus.
+
+Torch is pinned to one intra-op thread for the whole suite: the tests use small
+tensors, where a second OpenMP thread only adds synchronisation, and on a shared
+2-core machine spin-waiting threads made small ops up to 10x slower.
+"""
 
 from __future__ import annotations
 
 import pytest
+import torch
+
+torch.set_num_threads(1)
 
 from qlab.data.corpus import build_dataset
 from qlab.data.dataset import DatasetInfo
