@@ -9,6 +9,7 @@ everything.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,10 @@ from qlab.data import default_dataset, load_tokenizer, load_validation_tokens
 from qlab.data.dataset import DatasetInfo
 from qlab.data.shards import read_shard
 from qlab.data.tokenizer import build_byte_tables
+from qlab.errors import ConfigError
 from qlab.io.atomic import atomic_write_json
+
+RESOURCES = Path(__file__).resolve().parent / "resources"
 
 
 @dataclass
@@ -65,6 +69,8 @@ def step_train(state: DemoState) -> None:
     )
     state.run_dir = run_dir
     state.written["checkpoint"] = run_dir
+    if state.fresh and run_dir.exists():
+        shutil.rmtree(run_dir)  # the demo's own run inside its output folder, retrained on request
     if not state.fresh and has_checkpoint(run_dir):
         saved = read_config(run_dir)
         if saved.get("step") == train_cfg.iterations:
@@ -105,10 +111,87 @@ def step_evaluate(state: DemoState) -> None:
     )
 
 
+# The record policy sends only tensors > 65,536 elements to GPTQ; ``record_small`` is the
+# same policy with the threshold scaled down to the tiny model's matrices.
+DEMO_POLICY = "record_small"
+
+
+def step_quantize(state: DemoState) -> None:
+    """GPTQ with the record policy, the artifact on disk, and pre → post → sliding bpb."""
+    from qlab.compress.budget import budget_table
+    from qlab.eval.pipeline import run_pipeline
+    from qlab.io.atomic import atomic_write_bytes, atomic_write_text
+
+    result = run_pipeline(state.run_dir, DEMO_POLICY, state.dataset, calib_batches=16, stride=64)
+    artifact = atomic_write_bytes(state.out_dir / "model.qlab", result.artifact)
+    row = result.row.iloc[0]
+    pipeline_csv = atomic_write_text(state.out_dir / "pipeline.csv", result.row.to_csv(index=False))
+    budget = budget_table(result.quantized.quantized_state, predicted=False, policy=result.policy)
+    budget_csv = atomic_write_text(state.out_dir / "budget.csv", budget.to_csv(index=False))
+    state.numbers.update(
+        pre_quant_bpb=float(row["pre_quant_bpb"]),
+        quantized_bpb=float(row["quantized_bpb"]),
+        sliding_bpb=float(row["sliding_bpb"]),
+        quant_tax_mbpb=float(row["quant_tax_mbpb"]),
+        artifact_bytes=int(row["artifact_bytes"]),
+    )
+    state.written.update(artifact=artifact, pipeline=pipeline_csv, budget=budget_csv)
+
+
+def step_entropy(state: DemoState) -> None:
+    """Per-tensor entropy and predicted bytes, checked against real compression."""
+    from qlab.analysis.entropy_report import entropy_report
+
+    report = entropy_report(state.run_dir, DEMO_POLICY, measure=True, codecs=("brotli-11+shuffle",))
+    path = state.out_dir / "entropy.csv"
+    report.to_csv(path)
+    state.numbers["entropy_totals"] = {k: v for k, v in report.totals.items() if isinstance(v, (int, float))}
+    state.written["entropy"] = path
+
+
+def step_sweep(state: DemoState) -> None:
+    """Rate–distortion sweep of the block matrices: bits × k × clip rule."""
+    from qlab.analysis.rd import sweep
+    from qlab.io.atomic import atomic_write_text
+
+    df = sweep(state.run_dir, bits=(4, 5, 6, 8), ks=(4.0, 8.0, 12.85, 20.0), min_numel=4096)
+    state.written["sweep"] = atomic_write_text(state.out_dir / "sweep.csv", df.to_csv(index=False))
+    state.numbers["sweep_rows"] = len(df)
+
+
+def step_fingerprint(state: DemoState) -> None:
+    """SVD spectra, CKA, depth trajectory and hidden-state geometry, fp vs quantized."""
+    from qlab.analysis.fingerprint import fingerprint, write_fingerprint
+
+    tables = fingerprint(state.run_dir, data=state.dataset, policy=DEMO_POLICY, n_tokens=1024)
+    folder = state.out_dir / "fingerprint"
+    write_fingerprint(tables, folder)
+    state.written["fingerprint"] = folder
+
+
+def step_matrix(state: DemoState) -> None:
+    """The smoke reg × quant matrix: two bases × regularizers × every scheme, two seeds."""
+    from qlab.analysis.matrix import load_spec, merge_results, run_matrix, with_overrides
+
+    spec = load_spec(RESOURCES / "matrix" / "smoke.toml")
+    vocab = {b.model.get("vocab_size", state.dataset.vocab_size) for b in spec.bases}
+    data = default_dataset(cache_dir=state.out_dir / "data", vocab_size=vocab.pop())
+    folder = state.out_dir / "matrix"
+    run_matrix(with_overrides(spec, data=str(data.root)), folder)
+    merged = merge_results(folder)
+    state.numbers["matrix_cells"] = int(merged.pipeline["cell_id"].nunique())
+    state.written["matrix"] = folder
+
+
 STEPS: list[tuple[str, Callable[[DemoState], None]]] = [
     ("dataset", step_dataset),
     ("train", step_train),
     ("evaluate", step_evaluate),
+    ("quantize", step_quantize),
+    ("entropy", step_entropy),
+    ("sweep", step_sweep),
+    ("fingerprint", step_fingerprint),
+    ("matrix", step_matrix),
 ]
 
 
@@ -119,11 +202,17 @@ def run_demo(
     fresh: bool = False,
     progress: bool = True,
     on_step: Callable[[str, DemoState], None] | None = None,
+    skip: tuple[str, ...] = (),
 ) -> DemoState:
-    """Run every demo step in order and write ``report.json`` into ``out_dir``."""
+    """Run the demo steps in order (all but ``skip``) and write ``report.json`` into ``out_dir``."""
+    unknown = set(skip) - {name for name, _ in STEPS}
+    if unknown:
+        raise ConfigError(f"unknown demo step(s) {sorted(unknown)}; steps: {[name for name, _ in STEPS]}")
     state = DemoState(out_dir=Path(out_dir), iterations=iterations, fresh=fresh, progress=progress)
     state.out_dir.mkdir(parents=True, exist_ok=True)
     for name, step in STEPS:
+        if name in skip:
+            continue
         t0 = time.perf_counter()
         step(state)
         state.timings[name] = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """The smoke grid end to end: train, measure, kill -9 mid-run and resume, merge, report, CLI.
 
 One module-scoped run does the expensive part once: ``qlab matrix run`` on
-examples/matrix_smoke.toml (2 bases × 4 variants × 2 seeds = 16 cells) in a subprocess,
+qlab/resources/matrix/smoke.toml (2 bases × 4 variants × 2 seeds = 16 cells) in a subprocess,
 SIGKILLed as soon as the first cell's result appears, then resumed in-process to the end.
 """
 
@@ -34,7 +34,7 @@ from qlab.cli import main
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "examples" / "matrix_smoke.toml"
+SMOKE = ROOT / "qlab" / "resources" / "matrix" / "smoke.toml"
 MEASURED = ["pipeline", "hidden", "geometry", "variant", "regs", "lambdas", "seed", "base", "eval_key"]
 
 

@@ -178,8 +178,8 @@ def test_parse_shard():
 def test_example_specs_parse():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent / "examples"
-    smoke = load_spec(root / "matrix_smoke.toml")
+    root = Path(__file__).resolve().parent.parent / "qlab" / "resources" / "matrix"
+    smoke = load_spec(root / "smoke.toml")
     assert len(smoke.bases) == 2 and len(smoke.variants) == 4 and len(plan_cells(smoke)) == 16
-    full = load_spec(root / "matrix_full_8xh100.toml")
+    full = load_spec(root / "full_8xh100.toml")
     assert len(plan_cells(full)) == 2 * 12 * 3 and full.eval.ttt["chunk_tokens"] == 32768

@@ -10,6 +10,12 @@ LABELS = {
     "dataset": "embedded corpus tokenized",
     "train": "tiny model trained",
     "evaluate": "validation bpb measured",
+    "quantize": "quantized with the record policy (GPTQ), artifact written, pipeline evaluated",
+    "entropy": "entropy report (predicted vs real brotli-11 bytes)",
+    "sweep": "rate-distortion sweep",
+    "fingerprint": "fingerprints (spectra, CKA, depth, geometry)",
+    "matrix": "smoke reg x quant matrix",
+    "figures": "figures regenerated",
 }
 
 
@@ -45,15 +51,22 @@ def main(args: argparse.Namespace) -> int:
         f"  val_bpb {n['val_bpb']:.4f}  vs unigram {n['unigram_bpb']:.4f}  vs uniform {n['uniform_bpb']:.4f}"
         f"  ({n['val_tokens_scored']:,} tokens, {n['val_bytes']:,} bytes)"
     )
-    for key, extra in _extra_lines(n):
-        print(f"  {key}: {extra}")
+    if "quantized_bpb" in n:
+        print(
+            f"  record policy: pre-quant {n['pre_quant_bpb']:.4f} -> quantized {n['quantized_bpb']:.4f}"
+            f" -> sliding {n['sliding_bpb']:.4f} bpb (quant tax {n['quant_tax_mbpb']:+.2f} mBPB),"
+            f" artifact {n['artifact_bytes']:,} bytes"
+        )
+    totals = n.get("entropy_totals", {})
+    if "prediction_error" in totals:
+        print(
+            f"  entropy report: predicted {totals['predicted_bytes']:,.0f} bytes,"
+            f" {100 * totals['prediction_error']:+.2f} % vs real brotli-11"
+        )
+    if "matrix_cells" in n:
+        print(f"  reg x quant matrix: {n['matrix_cells']} cells")
     print()
     print("written:")
     for key, path in state.written.items():
         print(f"  {key:<12} {path}")
     return 0
-
-
-def _extra_lines(n: dict) -> list[tuple[str, str]]:
-    """Lines for the steps that later issues add (quantization, entropy, …), when present."""
-    return [(k, str(v)) for k, v in n.get("extra_lines", {}).items()]

@@ -9,7 +9,7 @@
 SLURM array (one GPU per task, disjoint cells, same output folder)::
 
     #SBATCH --array=0-7 --gpus=1
-    qlab matrix run examples/matrix_full_8xh100.toml --out runs/matrix \\
+    qlab matrix run qlab/resources/matrix/full_8xh100.toml --out runs/matrix \\
         --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
     # afterwards: qlab matrix merge runs/matrix && qlab matrix report runs/matrix --figures figs
 """

@@ -10,7 +10,7 @@ is trained once and measured under every weight policy and hidden-state scheme.
 * :mod:`.results` — merged tidy tables in the papers' schema;
 * :mod:`.stats` — mean ± std over seeds, paired tests vs the control, sign and λ tables.
 
-Full-scale use is documented in ``examples/matrix_full_8xh100.toml``.
+Full-scale use is documented in ``qlab/resources/matrix/full_8xh100.toml``.
 """
 
 from qlab.analysis.matrix.results import MatrixResults, collect_results, merge_results, read_cell

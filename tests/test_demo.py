@@ -1,0 +1,53 @@
+"""The demo end to end at a few training steps (the matrix step has its own tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from qlab.demo import run_demo
+from qlab.errors import ConfigError
+
+
+@pytest.mark.slow
+def test_demo_runs_every_step_and_reports(tmp_path):
+    state = run_demo(tmp_path / "demo", iterations=3, progress=False, skip=("matrix",))
+    n = state.numbers
+    assert n["vocab_size"] == 1024 and n["train_tokens"] > 500_000
+    assert n["train_steps"] == 3
+    # untrained-ish model: bpb is finite and the baselines are ordered as they must be
+    assert n["unigram_bpb"] < n["uniform_bpb"]
+    assert 0 < n["val_bpb"] < 2 * n["uniform_bpb"]
+    assert n["artifact_bytes"] == (tmp_path / "demo" / "model.qlab").stat().st_size
+    for key in ("artifact", "pipeline", "budget", "entropy", "sweep", "fingerprint", "report"):
+        assert state.written[key].exists(), key
+    row = pd.read_csv(state.written["pipeline"]).iloc[0]
+    assert row["quant_tax_mbpb"] == pytest.approx(
+        1000 * (row["quantized_bpb"] - row["pre_quant_bpb"]), abs=1e-6
+    )
+    report = json.loads(state.written["report"].read_text())
+    assert set(report["timings_s"]) == {
+        "dataset",
+        "train",
+        "evaluate",
+        "quantize",
+        "entropy",
+        "sweep",
+        "fingerprint",
+    }
+
+    again = run_demo(
+        tmp_path / "demo",
+        iterations=3,
+        progress=False,
+        skip=("matrix", "quantize", "entropy", "sweep", "fingerprint"),
+    )
+    assert again.numbers["train_reused"] is True
+    assert again.numbers["val_bpb"] == pytest.approx(n["val_bpb"], rel=1e-12)
+
+
+def test_unknown_step_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown demo step"):
+        run_demo(tmp_path, skip=("nope",))
