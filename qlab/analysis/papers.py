@@ -296,13 +296,14 @@ def stage_attribution(long: pd.DataFrame) -> pd.DataFrame:
     for _, g in long.groupby("variant", sort=False):
         by = dict(zip(g["stage"], g["bpb"].astype(float)))
         row = {k: g[k].iloc[0] for k in keys}
-        row |= _attribute(by)
+        row |= attribute_stages(by)
         rows.append(row)
-    computed = set(_attribute({}))
+    computed = set(attribute_stages({}))
     return pd.DataFrame(rows).reindex(columns=[c for c in _WIDE_COLUMNS if c in keys or c in computed])
 
 
-def _attribute(by: Mapping[str, float]) -> dict:
+def attribute_stages(by: Mapping[str, float]) -> dict:
+    """Stage bpbs keyed by record stage names → the attribution columns (deltas in mBPB)."""
     nan = math.nan
     pre, pqt = by.get(STAGES[0], nan), by.get("post-prequant-ttt", nan)
     quant, slide = by.get("quantized", nan), by.get("quantized_sliding_window", nan)

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from qlab.analysis.papers import STAGES, attribute_stages
 from qlab.compress.budget import CAP, predict_artifact_bytes
 from qlab.compress.container import encode_artifact
 from qlab.errors import CheckpointError, ConfigError
@@ -192,21 +193,13 @@ def _row(label: str, policy: str, stages: dict, qm: QuantizedModel, sizes: dict,
         return float(r.val_bpb) if r is not None else math.nan
 
     pre, quant, slide, ttt = (bpb(stages[k]) for k in ("pre", "quant", "slide", "ttt"))
-    ttt_ref = slide if not math.isnan(slide) else quant
-    final = next((v for v in (ttt, slide) if not math.isnan(v)), quant)
+    by = {STAGES[0]: pre, "quantized": quant, "quantized_sliding_window": slide, "legal_ttt": ttt}
     row = {
         "source": "qlab",
         "variant": f"{Path(label).name}:{policy}",
         "checkpoint": label,
         "policy": policy,
-        "pre_quant_bpb": pre,
-        "quantized_bpb": quant,
-        "sliding_bpb": slide,
-        "ttt_bpb": ttt,
-        "quant_tax_mbpb": 1e3 * (quant - pre),
-        "sliding_gain_mbpb": 1e3 * (slide - quant),
-        "ttt_gain_mbpb": 1e3 * (ttt - ttt_ref),
-        "final_bpb": final,
+        **attribute_stages({k: v for k, v in by.items() if not math.isnan(v)}),
         "pre_quant_loss": float(stages["pre"].val_loss),
         "quantized_loss": float(stages["quant"].val_loss),
         "eval_tokens": int(stages["quant"].tokens),
