@@ -5,15 +5,17 @@ Two checkpoints:
 * **trained**: the run directory in ``QLAB_BENCH_CKPT`` if set, else a tiny model
   (2 × d128, vocab 512) trained here for 150 steps on the embedded corpus (~40 s on one
   core). Reported under the record policy (mostly fp16 passthroughs at this size) and
-  under the record policy with the large-matrix threshold scaled to the tiny model
-  (int6/int8 codes), so both code paths are measured on trained weights.
+  under ``record_small`` (the record policy with the large-matrix threshold scaled to
+  CPU-size models: int6/int8 codes), so both code paths are measured on trained weights.
 * **record-shaped**: the record's 11 × 512 matrix shapes and 8192 × 512 embedding filled
   with *synthetic* heavy-tailed weights (Student-t, ν = 5, per-row scales spread ±30 %),
   the size at which the ≥ 100× target matters. Not trained weights; said so in the notes.
 
 Speed-up = brotli-11 seconds on the serialised quantized state ÷ seconds of the whole
 ``entropy_report`` (read, quantize, entropies, prediction) — conservative, since the
-report does more than predict. The predictor-only speed-up is reported as well.
+report does more than predict and brotli's time excludes quantization. The
+predictor-only speed-up (``predict_compressed_bytes`` on the quantized state, LZ guard
+included) is reported as well. Report and predictor times are the best of two runs.
 """
 
 from __future__ import annotations
@@ -29,16 +31,9 @@ from safetensors.torch import save_file
 from benchmarks.record import Record
 from qlab.analysis.entropy_report import entropy_report, resolve_policy
 from qlab.compress.predict import measure_compressed_bytes, predict_compressed_bytes
-from qlab.quant.policy import Policy, Rule, get_policy, quantize_state_dict
+from qlab.quant.policy import quantize_state_dict
 
 D = 512
-
-
-def small_record_policy() -> Policy:
-    rules = get_policy("record").rules
-    return Policy(
-        "record_small", [Rule(r.pattern, r.spec, r.ndim, 4097 if r.min_numel else None) for r in rules]
-    )
 
 
 def train_tiny(root: Path) -> Path:
@@ -83,16 +78,22 @@ def record_shaped(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def _best_of_two(fn):
+    """(fastest wall time of two calls, the result): one thread on a shared machine is noisy."""
+    times, out = [], None
+    for _ in range(2):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), out
+
+
 def measure(label: str, path: Path, policy, notes: str) -> list[Record]:
-    t = time.perf_counter()
-    report = entropy_report(path, policy)
-    t_report = time.perf_counter() - t
+    t_report, report = _best_of_two(lambda: entropy_report(path, policy))
     from qlab.io.readers import load_state_dict
 
     qsd = quantize_state_dict(load_state_dict(path), resolve_policy(policy))
-    t = time.perf_counter()
-    predicted = predict_compressed_bytes(qsd)
-    t_pred = time.perf_counter() - t
+    t_pred, predicted = _best_of_two(lambda: predict_compressed_bytes(qsd))
     t = time.perf_counter()
     real = measure_compressed_bytes(qsd)
     t_real = time.perf_counter() - t
@@ -143,7 +144,7 @@ def run() -> list[Record]:
         ckpt = Path(given) if given else train_tiny(tmp)
         note = f"checkpoint {given}" if given else "tiny model trained 150 steps here"
         records += measure("trained", ckpt, "record", note)
-        records += measure("trained-int", ckpt, small_record_policy(), note + ", int threshold 4097")
+        records += measure("trained-int", ckpt, "record_small", note + ", int6/int8 above 4,096 elements")
         path = record_shaped(tmp / "record_shaped.safetensors")
         records += measure("record-shaped", path, "record", "synthetic Student-t weights, record shapes")
     return records

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
 
+import brotli
 import numpy as np
 import pytest
 import torch
 
-from qlab.compress.container import read_artifact, write_artifact
+from qlab.compress.container import encode_artifact, read_artifact, write_artifact
 from qlab.errors import ArtifactError, ConfigError
 from qlab.quant.tensor import QuantizedTensor
 
@@ -117,10 +119,57 @@ def test_truncations(tmp_path: Path) -> None:
     _expect(tmp_path, data[:-3], "payload is")
 
 
+# The file layouts, written out independently of qlab.compress.container:
+# v2: b"QLAB" | u16 version | u16 flags | u64 header length | 32-byte SHA-256 of the stored
+#     header | header (brotli JSON if flags & 1) | payload; arrays carry no offsets.
+# v1: b"QLAB" | u16 version | u64 header length | JSON header (offsets included) | payload.
+V2 = struct.Struct("<4sHHQ32s")
+
+
+def _unpack_v2(data: bytes) -> tuple[bytes, bytes]:
+    """(header JSON bytes, payload) of a v2 artifact."""
+    magic, version, flags, n, digest = V2.unpack_from(data)
+    assert (magic, version, flags) == (b"QLAB", 2, 1)
+    head = data[V2.size : V2.size + n]
+    assert hashlib.sha256(head).digest() == digest
+    return brotli.decompress(head), data[V2.size + n :]
+
+
+def _pack_v2(head_json: bytes, payload: bytes, compress: bool = True) -> bytes:
+    head = brotli.compress(head_json) if compress else head_json
+    return V2.pack(b"QLAB", 2, int(compress), len(head), hashlib.sha256(head).digest()) + head + payload
+
+
+def _to_v1(data: bytes) -> bytes:
+    """The same artifact in the version-1 layout (explicit offsets, plain JSON header)."""
+    head, payload = _unpack_v2(data)
+    header = json.loads(head)
+    offset = 0
+    for e in header["tensors"]:
+        for spec in e["arrays"].values():
+            offset += (-offset) % 8
+            spec["offset"] = offset
+            offset += spec["length"]
+    header["version"] = 1
+    raw = json.dumps(header, sort_keys=True).encode()
+    return struct.pack("<4sHQ", b"QLAB", 1, len(raw)) + raw + payload
+
+
+def _rewrite_v1_header(data: bytes, edit) -> bytes:
+    (n,) = struct.unpack_from("<Q", data, 6)
+    header = json.loads(data[14 : 14 + n])
+    edit(header)
+    head = json.dumps(header).encode()
+    return data[:6] + struct.pack("<Q", len(head)) + head + data[14 + n :]
+
+
 def test_bad_json(tmp_path: Path) -> None:
     _, data = _artifact(tmp_path)
-    (n,) = struct.unpack_from("<Q", data, 6)
-    broken = data[:14] + b"#" + data[15 : 14 + n] + data[14 + n :]
+    head, payload = _unpack_v2(data)
+    _expect(tmp_path, _pack_v2(b"#" + head[1:], payload), "JSON")
+    old = _to_v1(data)
+    (n,) = struct.unpack_from("<Q", old, 6)
+    broken = old[:14] + b"#" + old[15 : 14 + n] + old[14 + n :]
     _expect(tmp_path, broken, "JSON")
 
 
@@ -132,11 +181,11 @@ def test_tampered_payload_byte(tmp_path: Path) -> None:
 
 
 def _rewrite_header(data: bytes, edit) -> bytes:
-    (n,) = struct.unpack_from("<Q", data, 6)
-    header = json.loads(data[14 : 14 + n])
+    """Edit the header of a v2 artifact and re-pack it consistently (a mis-described file)."""
+    head, payload = _unpack_v2(data)
+    header = json.loads(head)
     edit(header)
-    head = json.dumps(header).encode()
-    return data[:6] + struct.pack("<Q", len(head)) + head + data[14 + n :]
+    return _pack_v2(json.dumps(header).encode(), payload)
 
 
 def test_wrong_lengths_in_header(tmp_path: Path) -> None:
@@ -148,8 +197,16 @@ def test_wrong_lengths_in_header(tmp_path: Path) -> None:
     def bad_range(h):
         h["tensors"][0]["arrays"]["data"]["offset"] = 10**9
 
+    def bad_length(h):
+        h["tensors"][0]["arrays"]["data"]["length"] = 10**9
+
+    def dropped_entry(h):
+        h["tensors"].pop()  # every remaining array checks out, but payload bytes go undescribed
+
     _expect(tmp_path, _rewrite_header(data, bad_shape), "needs")
-    _expect(tmp_path, _rewrite_header(data, bad_range), "outside")
+    _expect(tmp_path, _rewrite_v1_header(_to_v1(data), bad_range), "outside")  # v1 stores offsets
+    _expect(tmp_path, _rewrite_header(data, bad_length), "outside")  # v2 derives them from lengths
+    _expect(tmp_path, _rewrite_header(data, dropped_entry), "end at byte")
 
 
 def test_unknown_kind_never_imports(tmp_path: Path) -> None:
@@ -159,6 +216,55 @@ def test_unknown_kind_never_imports(tmp_path: Path) -> None:
         h["tensors"][-1]["kind"] = "os.system"
 
     _expect(tmp_path, _rewrite_header(data, evil), "unknown entry kind")
+
+
+def test_header_bytes_are_covered_by_the_prefix_hash(tmp_path: Path) -> None:
+    _, data = _artifact(tmp_path)
+    (n,) = struct.unpack_from("<Q", data, 8)
+    for pos in (V2.size, V2.size + n // 2, V2.size + n - 1, 20):  # header start/middle/end, the hash itself
+        flipped = bytearray(data)
+        flipped[pos] ^= 0x04
+        _expect(tmp_path, bytes(flipped), "header SHA-256")
+    _expect(tmp_path, data[:6] + struct.pack("<H", 6) + data[8:], "flags")
+    _expect(tmp_path, data[:4] + struct.pack("<H", 3) + data[6:], "version")
+    head, payload = _unpack_v2(data)
+    garbage = V2.pack(b"QLAB", 2, 1, 9, hashlib.sha256(b"not-brotl").digest()) + b"not-brotl" + payload
+    _expect(tmp_path, garbage, "decompress")
+
+
+def test_old_version_and_plain_header_still_read(tmp_path: Path) -> None:
+    tensors = sample_tensors()
+    data = encode_artifact(tensors, policy={"p": 1}, codec="zstd")
+    head, payload = _unpack_v2(data)
+    for variant in (_to_v1(data), _pack_v2(head, payload, compress=False)):
+        (tmp_path / "v.qlab").write_bytes(variant)
+        out, header = read_artifact(tmp_path / "v.qlab")
+        assert list(out) == list(tensors) and header["policy"] == {"p": 1}
+        for name in tensors:
+            assert_same(tensors[name], out[name])
+    plain = encode_artifact(tensors, policy={"p": 1}, codec="zstd", compress_header=False)
+    assert struct.unpack_from("<H", plain, 6)[0] == 0 and plain[V2.size :].startswith(b"{")
+
+
+def test_header_is_compressed_and_slim(tmp_path: Path) -> None:
+    from qlab.config import get_preset
+    from qlab.model.gpt import GPT
+    from qlab.quant.policy import get_policy, quantize_state_dict
+
+    torch.manual_seed(0)
+    pol = get_policy("record_small")
+    qsd = quantize_state_dict(GPT(get_preset("tiny")).state_dict(), pol)
+    data = encode_artifact(qsd, policy=pol.to_dict(), codec="raw", shuffle=False)
+    (n,) = struct.unpack_from("<Q", data, 8)
+    v1_head = struct.unpack_from("<Q", _to_v1(data), 6)[0]
+    head, _ = _unpack_v2(data)
+    entries = json.dumps(json.loads(head)["tensors"])
+    assert '"offset"' not in entries and "null" not in entries  # derivable / default fields are left out
+    assert V2.size + n < 0.1 * (14 + v1_head), (n, v1_head)  # brotli: > 10x smaller than v1
+    assert (V2.size + n) / len(qsd) < 40  # bytes per tensor entry, policy included (v1: ~400)
+    out, _ = read_artifact(write_artifact(tmp_path / "m.qlab", qsd, policy=pol.to_dict(), codec="zstd"))
+    for name, q in qsd.items():
+        assert_same(q, out[name]) if hasattr(q, "codes") else assert_same(q.data, out[name].data)
 
 
 def test_missing_file_and_unserialisable_inputs(tmp_path: Path) -> None:

@@ -28,10 +28,13 @@ SEQ = 64
 
 def small_record_policy() -> Policy:
     """The record policy with the 'large matrix' threshold scaled down to a tiny model."""
+    return get_policy("record_small")
+
+
+def test_record_small_preset_is_the_record_policy_rescaled():
     rules = get_policy("record").rules
-    return Policy(
-        "record_small", [Rule(r.pattern, r.spec, r.ndim, 4097 if r.min_numel else None) for r in rules]
-    )
+    hand = [Rule(r.pattern, r.spec, r.ndim, 4097 if r.min_numel else None) for r in rules]
+    assert small_record_policy().rules == hand
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +133,12 @@ def test_prediction_within_one_percent_on_trained_checkpoint(trained_run, policy
     assert t["real_bytes"]["brotli-11+shuffle"] == t["real_total_bytes"]
     big = report.table[report.table["numel"] > 4096]
     assert (big["prediction_error"].abs() < 0.02).all(), big[["name", "prediction_error"]]
+    # The predictor itself (what the budget solver and the matrix builder call) is as good.
+    qsd = quantize_state_dict(readers.load_state_dict(trained_run), pol)
+    real = t["real_bytes"]["brotli-11+shuffle"]
+    predicted = predict_compressed_bytes(qsd)
+    assert abs(predicted / real - 1) <= 0.01
+    assert predicted == pytest.approx(t["predicted_bytes"], rel=2e-3)
 
 
 def test_lz_guard_catches_collapsed_embedding_rows():
@@ -145,6 +154,12 @@ def test_lz_guard_catches_collapsed_embedding_rows():
     assert naive.totals["predicted_bytes"] > 1.1 * real
     assert abs(guarded.totals["prediction_error"]) < 0.01
     assert "measured" in guarded.table["predict_method"].iloc[0]
+    # One implementation: the report's guard is the predictor's.
+    qsd = quantize_state_dict(sd, get_policy("record"))
+    assert guarded.totals["predicted_bytes"] == pytest.approx(predict_compressed_bytes(qsd), abs=2)
+    assert naive.totals["predicted_bytes"] == pytest.approx(
+        predict_compressed_bytes(qsd, lz_guard=False), abs=2
+    )
 
 
 # --------------------------------------------------------------------------- formats and streaming
@@ -271,6 +286,29 @@ def test_unknown_and_unsafe_formats(tmp_path):
         resolve_policy(3.5)
     with pytest.raises(QlabError, match="no tensors"):
         entropy_report({})
+
+
+def test_wide_symbol_entropies_and_order1_cutoff(monkeypatch):
+    import qlab.analysis.entropy_report as er
+
+    g = torch.Generator().manual_seed(8)
+    big = torch.tensor([-(2**62), 2**62, 7], dtype=torch.int64)  # range beyond any dense table
+    sd = {
+        "ids": big[torch.randint(0, 3, (6, 50), generator=g)],
+        "blocks.0.attn.c_q.weight": 0.02 * torch.randn(40, 30, generator=g),  # fp16 passthrough
+    }
+    report = entropy_report(sd, "record").table.set_index("name")
+    for name, sym in (("ids", sd["ids"].numpy()), ("blocks.0.attn.c_q.weight", None)):
+        if sym is None:
+            sym = sd[name].half().view(torch.int16).numpy()
+        h0, hrow, h1 = slow_entropies(sym)
+        assert report.loc[name, ["h0", "h_row", "h1"]].tolist() == pytest.approx([h0, hrow, h1], abs=1e-9)
+    monkeypatch.setattr(er, "WIDE_ORDER1_MAX", 1000)
+    cut = entropy_report(sd, "record")
+    row = cut.table.set_index("name").loc["blocks.0.attn.c_q.weight"]
+    assert math.isnan(row["h1"]) and row["h0"] == report.loc["blocks.0.attn.c_q.weight", "h0"]
+    assert not math.isnan(cut.table.set_index("name").loc["ids", "h1"])  # 300 elements: under the cutoff
+    assert any("h1" in n and "1 tensor" in n for n in cut.notes)
 
 
 def test_int_tensor_and_passthrough_specs():

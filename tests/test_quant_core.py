@@ -213,6 +213,32 @@ def test_record_policy_matching():
         get_policy("nope")
 
 
+def test_record_small_policy_on_tiny_model():
+    from qlab.config import get_preset
+    from qlab.model.gpt import GPT
+
+    torch.manual_seed(0)
+    sd = GPT(get_preset("tiny")).state_dict()
+    pol, record = get_policy("record_small"), get_policy("record")
+    assert pol.name == "record_small"
+    blocks = [n for n, t in sd.items() if n.startswith("blocks.") and n.endswith(".weight") and t.dim() == 2]
+    assert len(blocks) == 6 * get_preset("tiny").num_layers  # c_q, c_k, c_v, proj, fc, mlp.proj per layer
+    for n in blocks:
+        s = pol.spec_for(n, sd[n])
+        assert (s.method, s.bits, s.clip, dict(s.clip_params)) == ("gptq", 6, "sdclip", {"k": 12.85}), n
+        assert record.spec_for(n, sd[n]).method == "passthrough", n  # the reason record_small exists
+    emb = pol.spec_for("tok_emb.weight", sd["tok_emb.weight"])
+    assert (emb.method, emb.bits, dict(emb.clip_params)) == ("gptq", 8, {"k": 20.0})
+    for n, t in sd.items():  # everything else: the record's fp16 passthrough, threshold 4,096
+        if n not in blocks and n != "tok_emb.weight":
+            assert pol.spec_for(n, t).method == "passthrough", n
+    g = torch.Generator().manual_seed(1)
+    edge = {"a": torch.randn(64, 64, generator=g), "b": torch.randn(64, 65, generator=g)}
+    assert [pol.spec_for(n, t).method for n, t in edge.items()] == ["passthrough", "gptq"]
+    qsd = quantize_state_dict(sd, pol)  # no Hessians: RTN fallback with the same bits
+    assert all(qsd[n].bits == 6 for n in blocks) and qsd["tok_emb.weight"].bits == 8
+
+
 def test_quantize_state_dict_round_trip():
     sd = _record_like_state_dict()
     X = torch.randn(300, 160)

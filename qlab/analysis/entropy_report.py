@@ -6,11 +6,17 @@ reports per tensor: the entropies of the stored symbols (order-0, mean per-row,
 order-1), the scale overhead and the **predicted brotli-11 size** of the records'
 serialisation (:mod:`qlab.compress.predict`), against the 16,000,000-byte cap.
 
-Memory stays bounded: one float tensor and its codes are alive at a time. The only
-exceptions are tensors under ``SMALL_REGION_BYTES`` (brotli pools them into one
-histogram, so their stored bytes — a few KB each — are kept until the end) and
-``measure=True``, which must hold every tensor's *codes* (≈ 1 byte per parameter) to
-compress the whole stream for real.
+Memory stays bounded: one float tensor and its codes are alive at a time (tensors under
+``SMALL_REGION_BYTES``, which brotli pools, leave only their byte histograms behind).
+The exception is ``measure=True``, which must hold every tensor's *codes* (≈ 1 byte per
+parameter) to compress the whole stream for real.
+
+Entropies of 1-byte codes come from two histograms per tensor (per row, and of
+consecutive pairs), counted on the codes' bytes: entropy does not depend on how the
+symbols are labelled, so the bytes serve as well as the signed codes. Wider symbols
+(fp16 bit patterns of passthroughs) are counted by sorting; their order-1 entropy needs
+the pair table of a 2^32-symbol alphabet and is reported as NaN above
+``WIDE_ORDER1_MAX`` elements (a note says so).
 
 Quantization is RTN with each tensor's clip rule from the policy: GPTQ needs Hessians
 (calibration data), so without ``hessians`` the predicted sizes are those of RTN codes
@@ -21,6 +27,9 @@ as stored (its real codes, e.g. GPTQ's).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import math
 import os
@@ -30,15 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
-import zstandard
 from tqdm.auto import tqdm
 
 from qlab.compress import predict as P
 from qlab.compress.codecs import get_codec
-from qlab.compress.entropy import order0_entropy, order1_entropy, row_entropy
-from qlab.compress.shuffle import shuffle
+from qlab.compress.entropy import entropy_from_counts
 from qlab.errors import CheckpointError, ConfigError, QlabError, QuantError
 from qlab.io.atomic import atomic_write_text
 from qlab.quant.gptq import gptq_quantize
@@ -54,8 +62,12 @@ RTN_NOTE = (
     "predicted sizes assume RTN codes with each tensor's clip rule (no Hessians were given; "
     "GPTQ codes of the same bits/k compress slightly differently)"
 )
-# A leaf is "LZ-structured" when zstd-1 output is below this fraction of the Huffman estimate.
-LZ_GUARD = 0.97
+# Order-1 entropy of wider-than-byte symbols is skipped (NaN) above this many elements.
+WIDE_ORDER1_MAX = 1 << 20
+WIDE_ORDER1_NOTE = (
+    "h1 (order-1 entropy) is NaN for {n} tensor(s) stored with symbols wider than a byte and more "
+    f"than {WIDE_ORDER1_MAX:,} elements (fp16 passthroughs): the pair alphabet has 2^32 symbols"
+)
 Stored = QuantizedTensor | Passthrough | torch.Tensor
 
 
@@ -148,14 +160,65 @@ def _overhead_bytes(stored: Stored) -> int:
     return sum(p.numel() * p.element_size() for p in parts if p is not None)
 
 
+def _h_counts(counts: np.ndarray | torch.Tensor) -> float:
+    """Entropy in bits/symbol of one histogram."""
+    return float(entropy_from_counts(np.asarray(counts).reshape(-1)))
+
+
+def _row_entropy_from_counts(c: np.ndarray, rows: int, cols: int) -> float:
+    """Mean over rows of each row's entropy, from the nonzero (row, symbol) counts ``c``.
+
+    Every row holds ``cols`` symbols, so mean_r H(row r) = log2(cols) − Σ c·log2(c) / (rows·cols).
+    """
+    c = c[c > 0].astype(np.float64)
+    return math.log2(cols) - float((c * np.log2(c)).sum()) / (rows * cols)
+
+
+def _byte_entropies(u: torch.Tensor) -> tuple[float, float, float]:
+    """(order-0, mean per-row, order-1) of a (rows, cols) uint8 tensor, from two bincounts."""
+    rows, cols = u.shape
+    idx = torch.int32 if rows * 256 < 2**31 else torch.int64
+    key = torch.arange(rows, dtype=idx).mul_(256).reshape(-1, 1) + u
+    per_row = torch.bincount(key.reshape(-1), minlength=rows * 256).reshape(rows, 256).numpy()
+    h_row = _row_entropy_from_counts(per_row.reshape(-1), rows, cols)
+    h0 = _h_counts(per_row.sum(axis=0))
+    if cols < 2:
+        return h0, h_row, float("nan")
+    pair = u[:, :-1].to(torch.int32).mul_(256).add_(u[:, 1:])
+    joint = torch.bincount(pair.reshape(-1), minlength=65536).numpy().reshape(256, 256)
+    return h0, h_row, _h_counts(joint) - _h_counts(joint.sum(axis=1))
+
+
+def _sorted_counts(keys: np.ndarray) -> np.ndarray:
+    return np.unique(keys, return_counts=True)[1]
+
+
+def _wide_entropies(rows2: torch.Tensor) -> tuple[float, float, float]:
+    """The same three entropies for wider integer symbols, counted by sorting.
+
+    The symbols are first relabelled 0..m−1 (m distinct values), so (row, symbol) and
+    (previous, current) keys fit an int64 whatever the symbols' range.
+    """
+    rows, cols = rows2.shape
+    _, inv, counts = np.unique(rows2.numpy().reshape(-1), return_inverse=True, return_counts=True)
+    lab, m = inv.reshape(rows, cols).astype(np.int64, copy=False), len(counts)
+    h0 = _h_counts(counts)
+    h_row = _row_entropy_from_counts(_sorted_counts(np.arange(rows)[:, None] * m + lab), rows, cols)
+    if cols < 2 or lab.size > WIDE_ORDER1_MAX:
+        return h0, h_row, float("nan")
+    prev = lab[:, :-1].reshape(-1)
+    joint = _sorted_counts(prev * m + lab[:, 1:].reshape(-1))
+    return h0, h_row, _h_counts(joint) - _h_counts(np.bincount(prev, minlength=m))
+
+
 def _entropies(sym: torch.Tensor) -> tuple[float, float, float]:
+    """(order-0, mean per-row, order-1) entropies in bits/symbol of a tensor's symbols."""
     if sym.numel() == 0:
         return 0.0, 0.0, float("nan")
-    h1 = float("nan")
     rows = sym.reshape(sym.shape[0], -1) if sym.dim() > 1 else sym.reshape(1, -1)
-    if rows.shape[1] >= 2:
-        h1 = float(order1_entropy(rows))
-    return float(order0_entropy(sym)), float(row_entropy(rows)), h1
+    if sym.element_size() == 1:
+        return _byte_entropies(rows.contiguous().view(torch.uint8))
+    return _wide_entropies(rows.contiguous())
 
 
 # --------------------------------------------------------------------------- streaming
@@ -207,22 +270,71 @@ def _source(
     return iter_tensors(path, progress=progress), str(path), False
 
 
-def _check_tensor(name: str, t: Any, where: str) -> None:
+def _check_tensor(name: str, t: Any, where: str, finite: bool) -> None:
+    """An entry must be a tensor; with ``finite`` also free of NaN/Inf (``iter_tensors``
+    already checks what it reads from files, so only state dicts need it)."""
     if not isinstance(t, torch.Tensor):
         raise CheckpointError(f"{where}: entry {name!r} is a {type(t).__name__}, not a tensor")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not finite or not t.is_floating_point() or t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)  # propagates NaN and shows ±Inf in one pass, without a mask
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         raise CheckpointError(f"{where}: tensor {name!r} contains {n_nan} NaN and {n_inf} Inf values")
 
 
+# Heap growth (RSS) tolerated before freed heap pages are handed back to the OS.
+TRIM_SLACK_BYTES = 256 << 20
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _HeapTrimmer:
+    """Hands freed heap pages back to the OS once RSS has grown ``TRIM_SLACK_BYTES`` (glibc).
+
+    After the first large frees glibc raises its mmap threshold (up to 32 MB), so later
+    multi-MB buffers come from the heap, whose holes it keeps: streaming a 1 GB
+    checkpoint, RSS grew ~30 MB per tensor (1.2 GB after 36 tensors) until
+    ``malloc_trim`` was called. Trimming after *every* tensor costs ~15 % of the report's
+    time (the pages fault in again), so it happens only when the growth is worth it.
+    """
+
+    def __init__(self) -> None:
+        self.trim = _malloc_trim()
+        self.mark = _rss_bytes() if self.trim is not None else None
+
+    def __call__(self) -> None:
+        if self.trim is None or self.mark is None:
+            return
+        rss = _rss_bytes()
+        if rss is not None and rss > self.mark + TRIM_SLACK_BYTES:
+            self.trim(0)
+            self.mark = _rss_bytes() or rss
+
+
 @dataclass
 class _Accumulator:
-    """What survives a tensor: its row, its skeleton, small leaves to pool, optional codes."""
+    """What survives a tensor: its row, its skeleton, the pooled histograms of its small
+    leaves (with each small leaf's owner row and raw bytes), optional codes."""
 
     rows: list[dict] = field(default_factory=list)
     skeleton: dict = field(default_factory=dict)
-    small: dict[str, torch.Tensor] = field(default_factory=dict)
-    small_owner: list[int] = field(default_factory=list)
+    pool: list[np.ndarray] = field(default_factory=lambda: [np.zeros(256, np.int64), np.zeros(256, np.int64)])
+    small_owner: list[tuple[int, int]] = field(default_factory=list)
     kept: dict[str, Stored] = field(default_factory=dict)
 
 
@@ -233,7 +345,7 @@ def _tensor_row(
     h0, hrow, h1 = _entropies(sym)
     values = t if t is not None else _values(stored)
     numel = int(values.numel())
-    std = float(values.to(torch.float64).std(correction=0)) if numel > 1 else 0.0
+    std = float(values.to(torch.float32).std(correction=0)) if numel > 1 else 0.0
     quantized = isinstance(stored, QuantizedTensor)
     k = spec.clip_params.get("k") if spec is not None and quantized else None
     return dict(
@@ -254,52 +366,33 @@ def _tensor_row(
     )
 
 
-def _leaf_bytes(leaf: torch.Tensor) -> bytes:
-    return leaf.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def _has_lz_structure(leaf: torch.Tensor, huffman_bytes: float) -> bool:
-    """True when a fast LZ coder (zstd-1, ~1 GB/s) beats the order-0 Huffman estimate.
-
-    Order-0 Huffman is what brotli-11 pays when it finds no LZ matches — true of
-    trained weight codes in general, but not of e.g. a tied embedding whose rare-token
-    rows have collapsed onto near-duplicates (brotli then codes them as copies, 20–35 %
-    below the estimate). zstd-1 stays ≥ the estimate on match-free codes.
-    """
-    packed = shuffle(_leaf_bytes(leaf), 2)
-    return len(zstandard.ZstdCompressor(level=1).compress(packed)) < LZ_GUARD * huffman_bytes
-
-
 def _add_prediction(acc: _Accumulator, row: dict, name: str, stored: Stored, lz_guard: bool) -> None:
-    """Predicted data bytes of this tensor's leaves; small leaves are kept for pooling.
-
-    With ``lz_guard`` a leaf whose bytes hold LZ structure is compressed for real
-    (method ``measured``) instead of being predicted.
-    """
+    """Predicted data bytes of this tensor's leaves (:func:`qlab.compress.predict.predict_leaf`);
+    small leaves only add their histograms to the pool, shared out at the end."""
     tree = P.record_tree({name: stored})
     acc.skeleton[name] = _emptied(tree[name])
     data = 0.0
     methods = set()
     for leaf_name, leaf in _leaf_tensors(tree):
-        table = P.predict_table({leaf_name: leaf})
-        method, nbytes = str(table["method"].iloc[0]), float(table["predicted_bytes"].iloc[0])
-        if method == "pooled":
-            acc.small[f"{len(acc.small)}:{leaf_name}"] = leaf.clone()
-            acc.small_owner.append(len(acc.rows))
-        elif method == "huffman" and lz_guard and _has_lz_structure(leaf, nbytes):
-            method, nbytes = "measured", float(P.measure_compressed_bytes(_leaf_bytes(leaf)))
-        methods.add(method)
-        data += 0.0 if method == "pooled" else nbytes
+        leaf_row, p0, p1 = P.predict_leaf(leaf_name, leaf, lz_guard)
+        if leaf_row["method"] == "pooled":
+            acc.pool[0] += p0
+            acc.pool[1] += p1
+            acc.small_owner.append((len(acc.rows), leaf_row["raw_bytes"]))
+        methods.add(leaf_row["method"])
+        data += leaf_row["predicted_bytes"]
     row["predict_method"] = "+".join(sorted(methods))
     row["predicted_data_bytes"] = data
 
 
 def _finish_pooled(acc: _Accumulator) -> None:
-    if not acc.small:
+    """Share the pooled leaves' Huffman bytes out in proportion to their raw bytes."""
+    total_raw = sum(raw for _, raw in acc.small_owner)
+    if not total_raw:
         return
-    shares = P.predict_table(acc.small)["predicted_bytes"].to_numpy()
-    for owner, b in zip(acc.small_owner, shares):
-        acc.rows[owner]["predicted_data_bytes"] += float(b)
+    pooled = P.pooled_bytes(*acc.pool)
+    for owner, raw in acc.small_owner:
+        acc.rows[owner]["predicted_data_bytes"] += pooled * raw / total_raw
 
 
 # --------------------------------------------------------------------------- measuring
@@ -312,9 +405,7 @@ def _measure_rows(acc: _Accumulator, codecs: Iterable[str]) -> dict[str, int]:
         codec = get_codec(spec)
         for row in acc.rows:
             leaves = _leaf_tensors(P.record_tree(acc.kept[row["name"]]))
-            raw = b"".join(
-                leaf.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for _, leaf in leaves
-            )
+            raw = b"".join(P.leaf_bytes(leaf) for _, leaf in leaves)
             row[f"real_bytes[{codec.spec}]"] = len(codec.compress(raw)) if raw else 0
         totals[codec.spec] = P.measure_compressed_bytes(acc.kept, codec)
     return totals
@@ -348,14 +439,16 @@ def entropy_report(
     pol = resolve_policy(policy)
     codecs = tuple(codecs)
     stream, where, prestored = _source(path_or_state_dict, progress)
+    from_mapping = isinstance(path_or_state_dict, Mapping)
     acc = _Accumulator()
+    release_freed_memory = _HeapTrimmer()
     t0 = time.perf_counter()
     hessians = hessians or {}
     for name, t in stream:
         if prestored:
             stored, method, spec, dense = t, "stored", None, None
         else:
-            _check_tensor(name, t, where)
+            _check_tensor(name, t, where, finite=from_mapping)
             spec = pol.spec_for(name, t)
             try:
                 stored, method = store_tensor(name, t, spec, hessians.get(name))
@@ -368,6 +461,7 @@ def entropy_report(
         if measure:
             acc.kept[name] = stored
         del t, stored, dense
+        release_freed_memory()
         if on_tensor is not None:
             on_tensor(name)
     if not acc.rows:
@@ -403,6 +497,9 @@ def _build(
     notes = [] if (used_hessians or prestored) else [RTN_NOTE]
     if prestored:
         notes.append("qlab artifact: the stored codes are reported as they are")
+    wide = sum(1 for r in acc.rows if r["bits"] > 8 and r["numel"] > WIDE_ORDER1_MAX and math.isnan(r["h1"]))
+    if wide:
+        notes.append(WIDE_ORDER1_NOTE.format(n=wide))
     return EntropyReport(pd.DataFrame(acc.rows), totals, notes)
 
 

@@ -4,8 +4,11 @@ A :class:`Policy` is an ordered list of :class:`Rule`s; the first rule whose nam
 (fnmatch, or a regex when prefixed ``re:``) and optional conditions (float only, ndim,
 element-count bounds) match a tensor decides its :class:`TensorSpec`. Non-float tensors
 are always stored unchanged. Presets follow PAPERS.md §3 (``record``, ``record_pathA``,
-``per_category``, ``rtn_int6``, ``rtn_int8``); :func:`policy_from_dict` reads the same
-structure from JSON/YAML.
+``per_category``, ``rtn_int6``, ``rtn_int8``), plus ``record_small``: the record policy
+scaled to CPU-size models (the "large matrix" threshold lowered from 65,536 to 4,096
+elements, so a d=128 model's block matrices get int6 GPTQ as the record's d=512 ones
+do, instead of all falling to fp16 passthrough). :func:`policy_from_dict` reads the
+same structure from JSON/YAML.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from qlab.quant.tensor import QuantizedTensor, dequantize
 METHODS = ("gptq", "rtn", "passthrough")
 PASSTHROUGH_KINDS = ("fp16", "int8_tensor", "int8_row", "raw")
 SMALL = 65536  # float tensors with at most this many elements are "small" (passthrough)
+SMALL_CPU = 4096  # the same threshold for CPU-size models (record_small)
 
 
 @dataclass(frozen=True)
@@ -182,12 +186,13 @@ _PASS = TensorSpec(method="passthrough", passthrough_dtype="fp16")
 _CONTROL = ("*attn_scale", "*mlp_scale", "*resid_mix", "*q_gain", "skip_weights", "skip_gates")
 
 
-def _record() -> Policy:
+def _record(name: str = "record", small: int = SMALL) -> Policy:
+    """The record's policy; ``small`` is the largest matrix kept as fp16 passthrough."""
     return Policy(
-        "record",
+        name,
         [
             Rule(_EMB, _gptq(8, 20.0)),
-            Rule("*", _gptq(6, 12.85), ndim=2, min_numel=SMALL + 1),
+            Rule("*", _gptq(6, 12.85), ndim=2, min_numel=small + 1),
             Rule("*", _PASS),
         ],
     )
@@ -228,6 +233,7 @@ def _rtn(bits: int) -> Policy:
 
 POLICIES = {
     "record": _record,
+    "record_small": lambda: _record("record_small", SMALL_CPU),
     "record_pathA": _record_path_a,
     "per_category": _per_category,
     "rtn_int6": lambda: _rtn(6),

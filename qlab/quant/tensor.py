@@ -15,6 +15,7 @@ Other schemes register their own dequantizer with :func:`register_dequantizer`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -89,7 +90,8 @@ def check_bits(bits: int, name: str | None = None, lo: int = 2, hi: int = 8) -> 
 
 def check_finite(t: torch.Tensor, name: str | None = None, what: str = "weights") -> None:
     """Raise QuantError naming the tensor if it holds NaN or Inf."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # min/max propagate NaN and Inf and are several times cheaper than isfinite().all()
+    if t.is_floating_point() and t.numel() and not all(map(math.isfinite, map(float, torch.aminmax(t)))):
         n_nan = int(torch.isnan(t).sum())
         n_inf = int(torch.isinf(t).sum())
         raise QuantError(f"{_label(name)}: {what} contain {n_nan} NaN and {n_inf} Inf values")
