@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 def _policy(spec: str):
     if spec.lower() == "none":
         return None
-    from qlab.cli.quantize import load_policy
+    from qlab.quant.policy import load_policy
 
     return load_policy(spec)
 

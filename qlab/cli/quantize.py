@@ -9,7 +9,6 @@ breakdown and the pre-quant → quantized → sliding-window row.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pandas as pd
 from qlab.compress.budget import CAP, budget_table, code_bytes
 from qlab.errors import ConfigError
 from qlab.io.atomic import atomic_write_bytes
-from qlab.quant.policy import Policy, get_policy, policy_from_dict
+from qlab.quant.policy import load_policy
 
 
 def register(subparsers) -> None:
@@ -47,30 +46,6 @@ def register(subparsers) -> None:
     p.add_argument("--top", type=int, default=12, help="tensors listed in the breakdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-
-
-def load_policy(spec: str) -> Policy:
-    """A preset by name, or a policy file (.json, .yaml/.yml) read by ``policy_from_dict``."""
-    path = Path(spec)
-    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
-        return get_policy(spec)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"policy file {path}: cannot read ({exc.strerror})") from exc
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"policy file {path}: invalid JSON ({exc})") from exc
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"policy file {path}: invalid YAML ({exc})") from exc
-    return policy_from_dict(data)
 
 
 def _check_args(args: argparse.Namespace) -> None:

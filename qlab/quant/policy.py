@@ -13,10 +13,13 @@ same structure from JSON/YAML.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -330,3 +333,27 @@ def dequantize_state_dict(
         else:
             raise QuantError(f"tensor {name!r}: cannot dequantize a {type(q).__name__}")
     return out
+
+
+def load_policy(spec: str | os.PathLike) -> Policy:
+    """A preset by name, or a policy file (.json, .yaml/.yml) read by ``policy_from_dict``."""
+    path = Path(spec)
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        return get_policy(str(spec))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"policy file {path}: cannot read ({exc.strerror})") from exc
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"policy file {path}: invalid JSON ({exc})") from exc
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"policy file {path}: invalid YAML ({exc})") from exc
+    return policy_from_dict(data)
