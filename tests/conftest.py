@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 from qlab.data.corpus import build_dataset
 from qlab.data.dataset import DatasetInfo
 from qlab.data.embedded import embedded_documents
 from qlab.data.tokenizer import load_tokenizer
+
+torch.set_num_threads(1)
 
 TINY_TRAIN_BYTES = 300_000
 TINY_VAL_BYTES = 30_000
