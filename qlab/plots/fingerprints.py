@@ -467,7 +467,8 @@ def _tidy_depth_axes(fig: Figure, kurtosis: pd.Series) -> Figure:
     return fig
 
 
-def _figure_makers() -> dict[str, tuple[str, object]]:
+def figure_makers() -> dict[str, tuple[str, object]]:
+    """Fingerprint table name → (PNG file name, plot function) pairs, as the PR names them."""
     from qlab.plots.pr2011 import plot_canonical_metrics, plot_cka_heatmap, plot_depth_trajectory
 
     def canonical(df: pd.DataFrame) -> Figure:
@@ -510,7 +511,7 @@ def render_fingerprint_figures(results: Mapping[str, pd.DataFrame], out_dir: str
     returns the written paths. Tables without a figure (``meta``) are skipped."""
     out = Path(out_dir)
     paths = []
-    for table, figures in _figure_makers().items():
+    for table, figures in figure_makers().items():
         if table not in results:
             continue
         for name, make in figures:

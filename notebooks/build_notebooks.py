@@ -1,0 +1,257 @@
+"""Build the notebooks in this folder from the cell lists below (outputs stripped).
+
+    python notebooks/build_notebooks.py
+
+Every notebook starts with a parameter cell (tag ``parameters``: checkpoint, data, scale,
+work_dir) and a setup cell that opens a :class:`qlab.figures.Workspace`; the rest calls
+library functions only — the measured tables of :mod:`qlab.figures.tables`, the plot
+functions of :mod:`qlab.plots`, and the figures registered in :data:`qlab.figures.FIGURES`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+PARAMETERS = """\
+checkpoint = None  # a qlab run directory; None = train the tiny preset on the embedded corpus
+data = None  # a dataset directory or "embedded"; None = the checkpoint's own dataset
+scale = "default"  # "smoke" (seconds), "default" (minutes on a CPU) or "full"
+work_dir = None  # cache of measured tables; None = data/cache/figures"""
+
+SETUP = """\
+%matplotlib inline
+import torch
+from IPython.display import display
+
+from qlab.figures import FIGURES, Workspace
+from qlab.figures import tables as T
+
+torch.set_num_threads(1)  # small models: one thread is fastest on a shared CPU
+ws = Workspace(checkpoint, scale, data=data, work_dir=work_dir)
+ws"""
+
+
+def fig(figure_id: str) -> str:
+    return f'FIGURES["{figure_id}"].build(ws)'
+
+
+def _cells(title: str, intro: str, body: list[tuple[str, str]]) -> list:
+    cells = [
+        new_markdown_cell(f"# {title}\n\n{intro}"),
+        new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}),
+        new_code_cell(SETUP),
+    ]
+    for kind, text in body:
+        cells.append(new_markdown_cell(text) if kind == "md" else new_code_cell(text))
+    return cells
+
+
+NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
+    "00_quickstart": (
+        "qlab quickstart",
+        "Load a checkpoint, read its entropy report, run one rate–distortion sweep and one fingerprint. "
+        "With `checkpoint = None` the `tiny` preset is trained on the embedded corpus first (cached).",
+        [
+            ("md", "## The checkpoint\nThe model, its configuration and its training curve."),
+            ("code", "model = ws.model\nprint(ws.run_dir)\nprint(model.config)"),
+            ("code", "display(T.train_curve(ws).tail())\n" + fig("pr1394_train_curve_qlab")),
+            (
+                "md",
+                "## Entropy report\nPredicted compressed bytes of every tensor under the figures' policy "
+                "(the record's int6 GPTQ / int8 embedding recipe applied to every matrix).",
+            ),
+            (
+                "code",
+                "from qlab.analysis.entropy_report import entropy_report\n\n"
+                "report = entropy_report(ws.state_dict, ws.policy, hessians=ws.hessians)\n"
+                "display(report.table.head(12))\nreport.totals",
+            ),
+            (
+                "md",
+                "## One rate–distortion sweep\nSDClip over k and quantile search for each bit width; "
+                "every setting quantizes the whole model and is evaluated.",
+            ),
+            (
+                "code",
+                "from qlab.analysis.rd import summarize_sweep\n\n"
+                "display(summarize_sweep(T.rd_sweep(ws)).head(10))\n" + fig("pr1394_entropy_vs_k"),
+            ),
+            ("md", "## One fingerprint\nSingular-value spectra of the weights next to their GPTQ copy."),
+            ("code", 'display(T.fingerprint(ws, "family_summary"))\n' + fig("pr2011_svd_spectrum")),
+        ],
+    ),
+    "01_pr1394_sdclip": (
+        "PR #1394: SDClip and the int-b vs k trade-off",
+        "The record clips each row at k·σ (SDClip) instead of searching clips. Theory: "
+        "H(q) ≈ b − log₂k + ½log₂(πe/2), so (b, k) and (b+1, 2k) cost about the same; the std "
+        "of a matrix predicts its compressed size at a fixed clip (R² = 0.995 in the PR).",
+        [
+            (
+                "md",
+                "## The quantization example\nA real matrix, then its int5 (±2k σ), int4 (±k σ) and "
+                "NF4 code histograms (the PR's `quantization_example.png`).",
+            ),
+            ("code", fig("pr1394_quantization_example")),
+            ("md", "## H(q) vs b and k, measured against theory"),
+            (
+                "code",
+                "from qlab.analysis.rd import summarize_sweep\n\n"
+                "sweep = T.rd_sweep(ws)\ndisplay(summarize_sweep(sweep).head())\n"
+                + fig("pr1394_entropy_vs_k"),
+            ),
+            ("md", "## Std vs compression ratio"),
+            ("code", "display(T.std_ratio(ws).head())\n" + fig("pr1394_std_vs_ratio")),
+            ("md", "## SDClip vs quantile search (GPTQ-lite's clip search)"),
+            (
+                "code",
+                "from qlab.analysis.rd import compare_from_sweep\n\n"
+                "display(compare_from_sweep(sweep))\n" + fig("pr1394_sdclip_vs_quantile"),
+            ),
+            ("md", "## Rate–distortion against the Gaussian bound, and where the next byte goes"),
+            ("code", fig("pr1394_rd_curves")),
+            ("code", "display(T.byte_allocation(ws))\n" + fig("pr1394_byte_allocation")),
+            ("md", "## The PR's own numbers\nPer-seed stages and training curves from its logs."),
+            ("code", fig("paper_pr1394_seed_stages")),
+            ("code", fig("paper_pr1394_train_curves")),
+        ],
+    ),
+    "02_pr639_gptq_ttt": (
+        "PR #639: full GPTQ and score-first TTT",
+        "PR #639: full GPTQ halves the quantization gap of clip search (0.008 → 0.004 bpb); "
+        "AdamW TTT destroys GPTQ-calibrated weights (+0.076 bpb) while SGD TTT preserves them. "
+        "The PR published tables only: its numbers are drawn beside ours.",
+        [
+            ("md", "## Quantization gap: RTN vs clip search vs full GPTQ (every matrix int6)"),
+            ("code", "display(T.quant_gap(ws))\n" + fig("pr639_quant_gap")),
+            ("md", "## SGD vs AdamW score-first TTT on the GPTQ model"),
+            (
+                "code",
+                'runs = T.ttt_optimizers(ws)\ndisplay(runs.groupby("optimizer")["final_bpb"].first())\n'
+                + fig("pr639_ttt_optimizers"),
+            ),
+        ],
+    ),
+    "03_pr1818_damage_gap": (
+        "PR #1818: post-quantization damage and its mechanisms",
+        'PR #1818 measured a +2.36 bpb "damage gap" after quantization that TTT only partly '
+        "recovered, with freeze-dry, 2:4 packing and an entropy-bucket curriculum in the stack.",
+        [
+            (
+                "md",
+                "## Damage gap by stage\nThis checkpoint (pre-quant → quantized → score-first TTT), then the "
+                "PR's three seeds.",
+            ),
+            ("code", "display(T.damage_gap(ws))\n" + fig("pr1818_damage_gap")),
+            ("code", fig("paper_pr1818_damage_gap")),
+            ("code", fig("paper_pr1818_per_seed_bars")),
+            ("md", "## TTT recovery curve"),
+            ("code", fig("pr1818_ttt_recovery")),
+            ("md", "## Freeze-dry residuals, 2:4 bit budget, curriculum schedule"),
+            ("code", "display(T.freezedry(ws).iloc[:1])\n" + fig("pr1818_freezedry_histogram")),
+            ("code", "display(T.sparsity(ws))\n" + fig("pr1818_sparsity_24")),
+            ("code", fig("pr1818_curriculum_schedule")),
+        ],
+    ),
+    "04_pr1718_eval_levers": (
+        "PR #1718: eval-time levers",
+        "Evaluation length and stride, Path A passthrough quantization, and TTT epochs. "
+        "PR #1718 published a lever table; its numbers are drawn beside ours.",
+        [
+            ("md", "## Evaluation length and stride"),
+            ("code", "display(T.eval_levers(ws))\n" + fig("pr1718_eval_length")),
+            ("md", "## Passthrough (Path A): small tensors int8 instead of fp16"),
+            ("code", "display(T.passthrough(ws))\n" + fig("pr1718_passthrough")),
+            ("md", "## TTT epochs"),
+            ("code", "display(T.ttt_epochs(ws))\n" + fig("pr1718_ttt_epochs")),
+        ],
+    ),
+    "05_pr2011_cross_base_regularizers": (
+        "PR #2011: regularizers across bases",
+        "PR #2011: regularizer effects do not transfer between bases; the analyses of hidden states "
+        "and weights behind that claim. First the paper's figures from its published data, then the "
+        "same analyses on this checkpoint (against its GPTQ copy) and on a small reg × quant matrix.",
+        [
+            ("md", "## The paper's numbers"),
+            *[
+                ("code", fig(f"paper_pr2011_{n}"))
+                for n in (
+                    "cross_base_signs",
+                    "pipeline_waterfall",
+                    "pre_post_quant",
+                    "pqt_compounding",
+                    "lambda_budget",
+                    "reg_quant_matrix",
+                    "canonical_metrics",
+                    "depth_trajectory",
+                    "cka_heatmap",
+                )
+            ],
+            ("md", "## This checkpoint: weights"),
+            *[("code", fig(f"pr2011_{n}")) for n in ("svd_spectrum", "svd_flatness", "svd_differential")],
+            ("md", "## This checkpoint: hidden states"),
+            ("code", 'display(T.fingerprint(ws, "hidden_metrics").head())'),
+            *[
+                ("code", fig(f"pr2011_{n}"))
+                for n in (
+                    "3d_pca",
+                    "coord_distribution",
+                    "l2norm_distribution",
+                    "canonical_metrics",
+                    "depth_trajectory",
+                    "logit_lens",
+                    "cka_heatmap",
+                    "cka_layers",
+                    "hidden_quant",
+                )
+            ],
+            (
+                "md",
+                "## A small reg × quant matrix\nTwo CPU-sized bases, a no-regularizer control, a single "
+                "regularizer and a pair; every PR #2011 hidden-state scheme.",
+            ),
+            ("code", "res = T.matrix(ws)\ndisplay(res.pipeline.head())"),
+            *[
+                ("code", fig(f"pr2011_matrix_{n}"))
+                for n in (
+                    "hidden_heatmaps",
+                    "cross_base_signs",
+                    "pre_post_quant",
+                    "lambda_budget_A",
+                    "paired_deltas",
+                )
+            ],
+        ],
+    ),
+}
+
+
+def build(name: str) -> nbformat.NotebookNode:
+    title, intro, body = NOTEBOOKS[name]
+    nb = new_notebook(cells=_cells(title, intro, body))
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+def main(out: Path = HERE) -> list[Path]:
+    paths = []
+    for name in NOTEBOOKS:
+        nb = build(name)
+        for i, cell in enumerate(nb.cells):  # stable ids keep rebuilds diff-free
+            cell["id"] = f"{name[:2]}-{i:02d}"
+        nbformat.validate(nb)
+        path = out / f"{name}.ipynb"
+        path.write_text(nbformat.writes(nb) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for p in main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE):
+        print(p)

@@ -1,0 +1,51 @@
+"""``qlab figures``: regenerate every figure (the papers' and qlab's own) as PNGs."""
+
+from __future__ import annotations
+
+import argparse
+
+from qlab.figures.scale import SCALES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "figures",
+        help="regenerate every paper figure and qlab's own measurements of them",
+        description="Without --checkpoint the tiny preset is trained on the embedded corpus at the "
+        "chosen scale (cached under data/cache/figures), then every figure is measured and drawn.",
+    )
+    p.add_argument("--checkpoint", default=None, help="a qlab run directory (default: train the tiny preset)")
+    p.add_argument("--data", default=None, help="dataset directory or 'embedded' (default: the checkpoint's)")
+    p.add_argument("--out", default="figures", help="output directory for the PNGs (default: figures)")
+    p.add_argument(
+        "--scale", choices=list(SCALES), default="default", help="experiment size (default: default)"
+    )
+    p.add_argument("--only", nargs="+", metavar="ID", default=None, help="only these figure ids")
+    p.add_argument("--work-dir", default=None, help="cache directory (default: data/cache/figures)")
+    p.add_argument("--list", action="store_true", help="list the figure ids and what they show, then exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from qlab.figures import figure_table, generate_figures
+
+    if args.list:
+        table = figure_table()
+        for row in table.itertuples():
+            print(f"{row.id:<36} {row.paper:<9} {row.paper_figure}")
+        print(f"\n{len(table)} figures")
+        return 0
+    df = generate_figures(
+        args.out,
+        checkpoint=args.checkpoint,
+        scale=args.scale,
+        only=args.only,
+        progress=not args.quiet,
+        data=args.data,
+        work_dir=args.work_dir,
+    )
+    for row in df.itertuples():
+        print(f"{row.path}  {row.bytes / 1e3:6.1f} kB  {row.seconds:6.1f} s")
+    print(f"{len(df)} figures written to {args.out} ({df['seconds'].sum():.0f} s)")
+    return 0

@@ -1,0 +1,549 @@
+"""The measured tables behind the figures, one function per table, each ``(ws) -> DataFrame``.
+
+Every function only orchestrates library calls (sweeps, pipeline rows, TTT, fingerprints)
+on a :class:`~qlab.figures.workspace.Workspace` and caches the result there; the analysis
+itself lives in :mod:`qlab.analysis`, :mod:`qlab.eval`, :mod:`qlab.quant` and
+:mod:`qlab.compress`. Rows measured here carry ``source="qlab"``; where a figure shows a
+paper's numbers beside ours, the paper's rows come from :mod:`qlab.analysis.papers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+
+from qlab.figures.workspace import Workspace
+from qlab.quant.policy import Policy, policy_from_dict
+
+__all__ = [
+    "QUANT_EXAMPLE",
+    "quant_example",
+    "rd_sweep",
+    "std_ratio",
+    "rd_curves",
+    "byte_allocation",
+    "stages",
+    "damage_gap",
+    "quant_gap",
+    "ttt_config",
+    "ttt_optimizers",
+    "ttt_epochs",
+    "curriculum",
+    "freezedry",
+    "sparsity",
+    "eval_levers",
+    "passthrough",
+    "train_curve",
+    "fingerprint",
+    "matrix",
+]
+
+#: PR #1394's quantization example, in units of the matrix σ: int4 clipped at ±4σ, int5
+#: at twice that (the (b, k) ~ (b+1, 2k) pair), NF4 with its absmax scale at ±4σ.
+QUANT_EXAMPLE = (("int5", 5, 8.0), ("int4", 4, 4.0), ("nf4", 4, 4.0))
+_MIN_NUMEL = 1024  # CPU-sized models: sweep every matrix with at least this many weights
+
+
+# ---------------------------------------------------------------- PR #1394
+def quant_example(ws: Workspace) -> pd.DataFrame:
+    """Weight histogram of the largest matrix and the code fractions of int5 / int4 / NF4."""
+
+    def build() -> pd.DataFrame:
+        import torch
+
+        from qlab.analysis.rd_compare import quantize_setting_fixed
+        from qlab.quant.codebook import NF4_LEVELS, quantize_codebook
+
+        name, w = ws.largest_matrix()
+        sigma = float(w.std(correction=0))
+        counts, edges = np.histogram((w / sigma).numpy().ravel(), bins=73, range=(-6, 6), density=True)
+        rows = [
+            dict(panel="weights", clip_sigma=math.nan, value=(lo + hi) / 2, fraction=c, width=hi - lo)
+            for lo, hi, c in zip(edges[:-1], edges[1:], counts)
+        ]
+        for label, bits, k in QUANT_EXAMPLE:
+            if label == "nf4":
+                q = quantize_codebook(w, NF4_LEVELS, torch.tensor(k * sigma), bits=4, name=name)
+                values = NF4_LEVELS.numpy() * 7  # NF4 levels drawn on the int4 grid (±7)
+                codes = q.codes.reshape(-1).long()
+            else:
+                q = quantize_setting_fixed(w, bits, k * sigma)
+                qmax = 2 ** (bits - 1) - 1
+                values = np.arange(-qmax, qmax + 1)
+                codes = q.codes.reshape(-1).long() + qmax
+            frac = np.bincount(codes.numpy(), minlength=len(values)) / codes.numel()
+            widths = np.diff(values, prepend=values[0] - 1).clip(max=1.0) * 0.9
+            rows += [
+                dict(panel=label, clip_sigma=k, value=float(v), fraction=float(f), width=float(wd))
+                for v, f, wd in zip(values, frac, widths)
+            ]
+        return pd.DataFrame(rows).assign(tensor=name, sigma=sigma)
+
+    return ws.table("quant_example", build)
+
+
+def rd_sweep(ws: Workspace) -> pd.DataFrame:
+    """SDClip over k and quantile search, per bit width, each setting evaluated (Δval_bpb)."""
+
+    def build() -> pd.DataFrame:
+        from qlab.analysis.rd import sweep
+
+        return sweep(
+            ws.state_dict,
+            ws.scale.sweep_bits,
+            ws.scale.sweep_ks,
+            ("sdclip", "quantile_search"),
+            model=ws.model,
+            eval_fn=ws.eval_fn(),
+            min_numel=_MIN_NUMEL,
+            progress=ws.progress,
+        )
+
+    return ws.table("rd_sweep", build)
+
+
+def std_ratio(ws: Workspace) -> pd.DataFrame:
+    """Matrix σ vs compression ratio at one fixed clip (PR #1394's R² claim)."""
+
+    def build() -> pd.DataFrame:
+        from qlab.analysis.rd_compare import std_vs_ratio
+
+        return std_vs_ratio(ws.state_dict, bits=6, min_numel=_MIN_NUMEL).table
+
+    return ws.table("std_ratio", build)
+
+
+def rd_curves(ws: Workspace) -> pd.DataFrame:
+    """Rate–distortion points of int-b SDClip, NF4 and Lloyd-Max against the Gaussian bound."""
+
+    def build() -> pd.DataFrame:
+        from qlab.analysis.rd_compare import rd_curve
+
+        return rd_curve(
+            ws.state_dict, min_numel=_MIN_NUMEL, max_rows=ws.scale.rd_max_rows, progress=ws.progress
+        )
+
+    return ws.table("rd_curves", build)
+
+
+def byte_allocation(ws: Workspace) -> pd.DataFrame:
+    """Δval_bpb per extra kB when each tensor family gets one more bit."""
+
+    def build() -> pd.DataFrame:
+        from qlab.analysis.rd_compare import byte_allocation as alloc
+
+        return alloc(ws.model, ws.eval_fn(), ws.policy, move="bits", progress=ws.progress)
+
+    return ws.table("byte_allocation", build)
+
+
+# ---------------------------------------------------------------- pipeline stages (PR #1818, #639)
+def ttt_config(ws: Workspace, **changes) -> object:
+    """The record's score-first TTT (SGD 0.005, 3 epochs) sized to the scale."""
+    from qlab.eval.ttt import TTTConfig
+
+    base = TTTConfig(
+        seq_len=ws.seq_len,
+        chunk_tokens=ws.scale.ttt_chunk_tokens,
+        stride=max(1, ws.seq_len // 4),
+        batch_seqs=ws.scale.ttt_batch_seqs,
+        score_batch_seqs=ws.scale.ttt_batch_seqs,
+        max_tokens=ws.eval_tokens,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def stages(ws: Workspace) -> pd.DataFrame:
+    """One pipeline row of the figure policy: pre-quant → quantized → sliding → score-first TTT."""
+
+    def build() -> pd.DataFrame:
+        from qlab.eval.pipeline import run_pipeline
+
+        res = run_pipeline(
+            ws.model,
+            ws.policy,
+            ws.dataset,
+            calib_batches=ws.scale.calib_batches,
+            hessians=ws.hessians,
+            stride=max(1, ws.seq_len // 4),
+            max_eval_tokens=ws.eval_tokens,
+            ttt=ttt_config(ws),
+            progress=ws.progress,
+        )
+        return res.row.assign(variant=f"{ws.config.num_layers}L d{ws.config.model_dim}:{ws.policy.name}")
+
+    return ws.table("stages", build)
+
+
+def damage_gap(ws: Workspace) -> pd.DataFrame:
+    """PR #1818's per-seed stage rows next to qlab's (seed = the run's seed)."""
+    from qlab.analysis.papers import pr1818_seeds
+    from qlab.io.checkpoint import read_config
+
+    row = stages(ws).iloc[0]
+    seed = int(read_config(ws.run_dir).get("train", {}).get("seed", 0))
+    ours = pd.DataFrame(
+        [
+            {"source": "qlab", "seed": seed, "stage": st, "bpb": float(row[col])}
+            for st, col in (
+                ("pre-quantization post-ema", "pre_quant_bpb"),
+                ("quantized", "quantized_bpb"),
+                ("legal_ttt", "ttt_bpb"),
+            )
+        ]
+    )
+    return pd.concat([pr1818_seeds()[["source", "seed", "stage", "bpb"]], ours], ignore_index=True)
+
+
+def _int6_everywhere(method: str, clip: str, params: dict | None = None) -> Policy:
+    spec = {"method": method, "bits": 6, "clip": clip, "clip_params": params or {}}
+    return policy_from_dict(
+        {
+            "name": f"{method}_{clip}_int6",
+            "rules": [{"pattern": "*", "ndim": 2, "spec": spec}],
+            "default": {"method": "passthrough", "passthrough_dtype": "fp16"},
+        }
+    )
+
+
+#: PR #639's comparison, every 2-D tensor at int6: plain RTN, the clip search it replaced
+#: (GPTQ-lite: per-row quantile search), and full GPTQ with that clip search or with the
+#: record's SDClip (PR #639 does not say which clip its GPTQ used).
+GAP_METHODS = (
+    ("RTN (absmax clip)", "rtn", "absmax", None),
+    ("clip search (GPTQ-lite)", "rtn", "quantile_search", None),
+    ("full GPTQ (quantile clip)", "gptq", "quantile_search", None),
+    ("full GPTQ (SDClip k=12.85)", "gptq", "sdclip", {"k": 12.85}),
+)
+
+
+def quant_gap(ws: Workspace) -> pd.DataFrame:
+    """Quantization gap (quantized − pre-quant, mBPB) per method, qlab's and PR #639's."""
+    from qlab.analysis.papers import pr639_results
+
+    def build() -> pd.DataFrame:
+        from qlab.eval.pipeline import pipeline_row
+
+        rows = []
+        for label, method, clip, params in GAP_METHODS:
+            row = pipeline_row(
+                ws.model,
+                _int6_everywhere(method, clip, params),
+                ws.dataset,
+                calib_batches=ws.scale.calib_batches,
+                stride=None,
+                max_eval_tokens=ws.eval_tokens,
+            ).iloc[0]
+            rows.append(
+                {
+                    "source": "qlab",
+                    "method": label,
+                    "gap_mbpb": row["quant_tax_mbpb"],
+                    "quantized_bpb": row["quantized_bpb"],
+                    "artifact_bytes": row["artifact_bytes"],
+                }
+            )
+        return pd.DataFrame(rows)
+
+    paper = pr639_results()
+    paper = paper[paper["metric"] == "quant_gap"]
+    names = {"clip-search": "clip search (GPTQ-lite)", "full GPTQ": "full GPTQ"}
+    paper_rows = pd.DataFrame(
+        {
+            "source": paper["source"],
+            "method": [next(v for k, v in names.items() if s.startswith(k)) for s in paper["setting"]],
+            "gap_mbpb": 1e3 * paper["value"],
+        }
+    )
+    return pd.concat([ws.table("quant_gap", build), paper_rows], ignore_index=True)
+
+
+def ttt_optimizers(ws: Workspace) -> pd.DataFrame:
+    """Score-first TTT on the GPTQ model with SGD (the record's) and AdamW (PR #639's
+    lr 1e-4), plus the no-adaptation reference (lr 0): running bpb per chunk."""
+
+    def build() -> pd.DataFrame:
+        from qlab.eval.ttt import score_first_ttt
+
+        runs = {
+            "no TTT (lr 0)": ttt_config(ws, lr=0.0, epochs=1),
+            "SGD lr 0.005 (record)": ttt_config(ws),
+            "AdamW lr 1e-4 (PR #639)": ttt_config(ws, optimizer="adamw", lr=1e-4),
+        }
+        frames = []
+        model = ws.quantized.dequantized_model
+        for label, cfg in runs.items():
+            res = score_first_ttt(model, ws.val_tokens, ws.byte_tables, cfg, progress=ws.progress)
+            frames.append(res.per_chunk.assign(optimizer=label, final_bpb=res.val_bpb, source="qlab"))
+        return pd.concat(frames, ignore_index=True)
+
+    return ws.table("ttt_optimizers", build)
+
+
+def ttt_epochs(ws: Workspace) -> pd.DataFrame:
+    """Final score-first TTT bpb vs TTT epochs (PR #1718 tried 4 instead of 3)."""
+
+    def build() -> pd.DataFrame:
+        from qlab.eval.ttt import score_first_ttt
+
+        rows = []
+        for epochs in ws.scale.ttt_epochs:
+            res = score_first_ttt(
+                ws.quantized.dequantized_model, ws.val_tokens, ws.byte_tables, ttt_config(ws, epochs=epochs)
+            )
+            rows.append({"source": "qlab", "epochs": epochs, "ttt_bpb": res.val_bpb})
+        return pd.DataFrame(rows)
+
+    return ws.table("ttt_epochs", build)
+
+
+# ---------------------------------------------------------------- PR #1818 mechanisms
+def curriculum(ws: Workspace | None = None, n_buckets: int = 8, floor: float = 0.02) -> pd.DataFrame:
+    """The entropy-bucket crossfade and sampling probabilities over training (no model)."""
+    from qlab.train.curriculum import schedule_table
+
+    return schedule_table(np.linspace(0.0, 1.0, 51), n_buckets=n_buckets, floor=floor)
+
+
+def freezedry(ws: Workspace) -> pd.DataFrame:
+    """Freeze-dry residual histogram of the largest matrix (|residual| bins, threshold 0.005)."""
+
+    def build() -> pd.DataFrame:
+        from qlab.quant.freezedry import freeze_dry
+
+        name, w = ws.largest_matrix()
+        res = freeze_dry(w, name=name)
+        r = res.residuals.abs().flatten().numpy()
+        hi = max(float(np.quantile(r, 0.995)), 5 * res.threshold)
+        counts, edges = np.histogram(r, bins=60, range=(0.0, hi))
+        return pd.DataFrame({"bin_left": edges[:-1], "bin_right": edges[1:], "count": counts}).assign(
+            tensor=name,
+            threshold=res.threshold,
+            n_interior=r.size,
+            candidate_fraction=res.candidate_fraction,
+            drop_fraction=res.drop_fraction,
+            skipped=res.skipped,
+            weight_std=float(w.std()),
+        )
+
+    return ws.table("freezedry", build)
+
+
+def sparsity(ws: Workspace) -> pd.DataFrame:
+    """Bits per 4-element block and relative MSE: int6 SDClip vs 2:4 (PR #1818's packing),
+    nominal and after brotli-11, summed over every matrix whose width is a multiple of 4."""
+
+    def build() -> pd.DataFrame:
+        from qlab.analysis.rd import quantize_setting
+        from qlab.compress.predict import measure_compressed_bytes
+        from qlab.quant.sparsity import BITS_PER_BLOCK, pack_24, unpack_24
+        from qlab.quant.tensor import dequantize
+
+        tot = {"int6": [0.0, 0.0, 0.0], "2:4": [0.0, 0.0, 0.0]}  # bytes, squared error, blocks
+        var_sum = 0.0
+        for name, w in ws.state_dict.items():
+            if w.dim() != 2 or w.shape[1] % 4 or w.numel() < _MIN_NUMEL:
+                continue
+            q = quantize_setting(w, 6, "sdclip", 12.85)
+            p = pack_24(w, name=name)
+            var_sum += float(((w - w.mean()) ** 2).sum())
+            for key, nbytes, w_hat in (
+                ("int6", measure_compressed_bytes(q.codes.numpy().tobytes()) + 2 * w.shape[0], dequantize(q)),
+                ("2:4", measure_compressed_bytes(p.payload) + 2 * w.shape[0], unpack_24(p)),
+            ):
+                tot[key][0] += nbytes
+                tot[key][1] += float(((w - w_hat) ** 2).sum())
+                tot[key][2] += w.numel() / 4
+        return pd.DataFrame(
+            [
+                {
+                    "scheme": key,
+                    "nominal_bits_per_block": nominal,
+                    "brotli_bits_per_block": 8 * b / blocks,
+                    "rel_mse": err / var_sum,
+                }
+                for (key, (b, err, blocks)), nominal in zip(tot.items(), (24, BITS_PER_BLOCK))
+            ]
+        )
+
+    return ws.table("sparsity", build)
+
+
+# ---------------------------------------------------------------- PR #1718
+def eval_levers(ws: Workspace) -> pd.DataFrame:
+    """val_bpb of the float model at eval length ½L, L, 2L (L = the training length), with
+    standard windows and sliding windows of stride L/2 and L/4 (NTK-scaled RoPE beyond L)."""
+
+    def build() -> pd.DataFrame:
+        from qlab.eval.bpb import evaluate_bpb
+
+        train_len = int(ws.config.train_seq_len)
+        rows = []
+        for seq in (train_len // 2, train_len, 2 * train_len):
+            for stride in (None, train_len // 2, train_len // 4):
+                if stride is not None and stride >= seq:
+                    continue
+                res = evaluate_bpb(
+                    ws.model,
+                    ws.val_tokens,
+                    ws.byte_tables,
+                    seq_len=seq,
+                    stride=stride,
+                    max_tokens=ws.eval_tokens,
+                )
+                rows.append(
+                    {
+                        "source": "qlab",
+                        "eval_seq_len": seq,
+                        "stride": stride or 0,
+                        "windows": "standard" if stride is None else f"sliding, stride {stride}",
+                        "val_bpb": res.val_bpb,
+                        "train_seq_len": train_len,
+                    }
+                )
+        return pd.DataFrame(rows)
+
+    return ws.table("eval_levers", build)
+
+
+def passthrough(ws: Workspace) -> pd.DataFrame:
+    """Artifact bytes and quantized bpb of ``record`` (small tensors fp16) vs ``record_pathA``
+    (control tensors int8 per tensor, small matrices int8 per row), real brotli-11 bytes."""
+
+    def build() -> pd.DataFrame:
+        from qlab.eval.pipeline import pipeline_row
+
+        rows = []
+        for name in ("record", "record_pathA"):
+            row = pipeline_row(
+                ws.model,
+                name,
+                ws.dataset,
+                calib_batches=ws.scale.calib_batches,
+                stride=None,
+                max_eval_tokens=ws.eval_tokens,
+            ).iloc[0]
+            rows.append(
+                {
+                    "source": "qlab",
+                    "policy": name,
+                    "artifact_bytes": row["artifact_bytes"],
+                    "quantized_bpb": row["quantized_bpb"],
+                    "pre_quant_bpb": row["pre_quant_bpb"],
+                }
+            )
+        return pd.DataFrame(rows)
+
+    return ws.table("passthrough", build)
+
+
+# ---------------------------------------------------------------- training, fingerprints, matrix
+def train_curve(ws: Workspace) -> pd.DataFrame:
+    """The run's logged train loss and validation bpb per step (plot_train_curves' schema)."""
+    from qlab.io.checkpoint import read_config
+    from qlab.io.runlog import read_runlog
+
+    log = read_runlog(ws.run_dir)
+    seed = int(read_config(ws.run_dir).get("train", {}).get("seed", 0))
+    log = log[log["kind"].isin(["train", "val", "final"])]
+    cols = {c: log.get(c, np.nan) for c in ("train_loss", "val_bpb")}
+    out = pd.DataFrame({"source": "qlab", "seed": seed, "step": log["step"], **cols})
+    return out.groupby(["source", "seed", "step"], as_index=False).first()
+
+
+def fingerprint(ws: Workspace, table: str) -> pd.DataFrame:
+    """One table of :func:`qlab.analysis.fingerprint.fingerprint` of the checkpoint against
+    its GPTQ-quantized copy (activation tables on the scale's validation tokens)."""
+    from qlab.analysis.fingerprint import fingerprint as run
+
+    key = f"fingerprint.{table}"
+    if key not in ws._tables and not (ws.work / "tables" / f"{key}.json").is_file():
+        tables = run(
+            ws.run_dir,
+            data=ws.dataset,
+            policy=ws.policy,
+            n_tokens=ws.scale.fingerprint_tokens,
+            calib_batches=ws.scale.calib_batches,
+            progress=ws.progress,
+        )
+        for name, df in tables.items():
+            if name != "meta":
+                ws.table(f"fingerprint.{name}", lambda df=df: df)
+    return ws.table(key, lambda: _missing(key))
+
+
+def _missing(key: str) -> pd.DataFrame:
+    from qlab.errors import DataError
+
+    raise DataError(f"figure table {key!r}: the fingerprint did not produce it")
+
+
+def matrix_spec(ws: Workspace) -> object:
+    """A small reg × quant matrix on the embedded corpus: two bases (PR #2011's A and B
+    shapes at CPU size), the scale's variants and seeds, every hidden-state scheme."""
+    from qlab.analysis.matrix import spec_from_dict
+
+    s = ws.scale
+    small = {
+        "vocab_size": 512,
+        "num_layers": 2,
+        "num_heads": 2,
+        "rope_dims": 8,
+        "mlp_mult": 2.0,
+        "loop_layers": [1],
+        "loop_repeats": 2,
+    }
+    int6 = {
+        "rules": [{"pattern": "*", "ndim": 2, "spec": {"method": "rtn", "bits": 6, "clip": "absmax"}}],
+        "default": {"method": "passthrough", "passthrough_dtype": "fp16"},
+    }
+    return spec_from_dict(
+        {
+            "name": f"figures-{s.name}",
+            "seeds": list(s.matrix_seeds),
+            "variants": list(s.matrix_variants),
+            "bases": {
+                "A": {
+                    "preset": "tiny",
+                    "data": "embedded",
+                    "train": s.matrix_train,
+                    "model": {**small, "model_dim": 32, "num_kv_heads": 1},
+                },
+                "B": {
+                    "preset": "tiny",
+                    "data": "embedded",
+                    "train": {**s.matrix_train, "matrix_lr": 0.03},
+                    "model": {
+                        **small,
+                        "model_dim": 48,
+                        "num_kv_heads": 2,
+                        "activation": "relu2",
+                        "xsa": False,
+                        "skip_gates": False,
+                    },
+                },
+            },
+            "quant": {
+                "hidden_schemes": "all",
+                "hidden_tokens": 128,
+                "weight_policies": ["int6_all"],
+                "policies": {"int6_all": int6},
+            },
+            "eval": {"val_max_tokens": 2049, "batch_seqs": 16, "sliding_stride": 32},
+        },
+        where="figures matrix spec",
+    )
+
+
+def matrix(ws: Workspace) -> object:
+    """Run (or resume) the small matrix under the work directory and collect its results."""
+    from qlab.analysis.matrix import collect_results, run_matrix
+
+    if getattr(ws, "_matrix", None) is None:
+        out = ws.work / "matrix"
+        run_matrix(matrix_spec(ws), out, progress=ws.progress)
+        ws._matrix = collect_results(out)
+    return ws._matrix
