@@ -183,6 +183,23 @@ def step_matrix(state: DemoState) -> None:
     state.written["matrix"] = folder
 
 
+def step_figures(state: DemoState) -> None:
+    """Every figure, measured on the demo's own checkpoint (the ``demo`` scale)."""
+    from qlab.figures import generate_figures
+
+    folder = state.out_dir / "figures"
+    written = generate_figures(
+        folder,
+        checkpoint=state.run_dir,
+        scale="demo",
+        data=state.dataset.root,
+        work_dir=state.out_dir / "figures_cache",
+        progress=state.progress,
+    )
+    state.numbers["figures"] = len(written)
+    state.written["figures"] = folder
+
+
 STEPS: list[tuple[str, Callable[[DemoState], None]]] = [
     ("dataset", step_dataset),
     ("train", step_train),
@@ -192,6 +209,7 @@ STEPS: list[tuple[str, Callable[[DemoState], None]]] = [
     ("sweep", step_sweep),
     ("fingerprint", step_fingerprint),
     ("matrix", step_matrix),
+    ("figures", step_figures),
 ]
 
 

@@ -13,7 +13,7 @@ from qlab.errors import ConfigError
 
 @pytest.mark.slow
 def test_demo_runs_every_step_and_reports(tmp_path):
-    state = run_demo(tmp_path / "demo", iterations=3, progress=False, skip=("matrix",))
+    state = run_demo(tmp_path / "demo", iterations=3, progress=False, skip=("matrix", "figures"))
     n = state.numbers
     assert n["vocab_size"] == 1024 and n["train_tokens"] > 500_000
     assert n["train_steps"] == 3
@@ -42,7 +42,7 @@ def test_demo_runs_every_step_and_reports(tmp_path):
         tmp_path / "demo",
         iterations=3,
         progress=False,
-        skip=("matrix", "quantize", "entropy", "sweep", "fingerprint"),
+        skip=("matrix", "quantize", "entropy", "sweep", "fingerprint", "figures"),
     )
     assert again.numbers["train_reused"] is True
     assert again.numbers["val_bpb"] == pytest.approx(n["val_bpb"], rel=1e-12)

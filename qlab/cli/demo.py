@@ -65,6 +65,8 @@ def main(args: argparse.Namespace) -> int:
         )
     if "matrix_cells" in n:
         print(f"  reg x quant matrix: {n['matrix_cells']} cells")
+    if "figures" in n:
+        print(f"  figures: {n['figures']} PNGs")
     print()
     print("written:")
     for key, path in state.written.items():
