@@ -37,6 +37,13 @@ _TRAIN_FLAGS = {
     "val_max_tokens": "val_max_tokens",
     "log_every": "log_every",
     "checkpoint_every": "checkpoint_every",
+    "qat_bits": "qat_bits",
+    "qat_k": "qat_k",
+    "qat_start": "qat_start_frac",
+    "swa_every": "swa_every",
+    "swa_blend": "swa_blend",
+    "curriculum_buckets": "curriculum_buckets",
+    "curriculum_floor": "curriculum_floor",
 }
 _MODEL_FLAGS = {"vocab_size": "vocab_size", "model_dim": "model_dim", "num_layers": "num_layers"}
 
@@ -64,6 +71,13 @@ def register(subparsers) -> None:
     p.add_argument("--val-max-tokens", type=int)
     p.add_argument("--log-every", type=int)
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--qat-bits", type=int, help="fake-quant QAT bit width for block matrices (0 = off)")
+    p.add_argument("--qat-k", type=float, help="SDClip k of the QAT scale (default 12.85)")
+    p.add_argument("--qat-start", type=float, help="training fraction at which QAT switches on")
+    p.add_argument("--swa-every", type=int, help="SWA snapshot every N warm-down steps (0 = off)")
+    p.add_argument("--swa-blend", type=float, help="shipped = a·EMA + (1 − a)·SWA (default 0.5)")
+    p.add_argument("--curriculum-buckets", type=int, help="entropy-bucket curriculum buckets (0 = off)")
+    p.add_argument("--curriculum-floor", type=float, help="minimum probability of every bucket")
     p.add_argument("--vocab-size", type=int, help="model vocabulary (default: the dataset's)")
     p.add_argument("--model-dim", type=int)
     p.add_argument("--num-layers", type=int)
@@ -135,7 +149,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"tokens:       {result.tokens_seen:,} in {result.train_seconds:.1f} s "
               f"({result.tokens_per_second:,.0f} tokens/s, world size {result.world_size})")  # fmt: skip
         print(f"train loss:   {result.train_loss:.4f}")
-        weights = "EMA" if train_cfg.ema_decay else "raw"
+        weights = ckpt.read_config(result.run_dir).get("weights", "?")
         print(f"val bpb:      {val} (loss {result.val_loss:.4f}, {weights} weights)")
         print(f"checkpoint:   {result.run_dir}")
     return 0

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,15 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     model_config: Any,
     train_config: Any,
+    shipped: tuple[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a checkpoint into ``run_dir`` (two-phase, crash-safe); return ``run_dir``.
 
     ``ema`` is an :class:`~qlab.train.ema.EMA` or None; ``optimizers`` anything with
     ``state_dict()``; ``trainer_state`` plain data with at least ``step`` and
-    ``tokens_seen`` (loader state, RNG tensors, elapsed time, …).
+    ``tokens_seen`` (loader state, RNG tensors, elapsed time, …). model.safetensors holds
+    the EMA weights (raw without EMA) unless ``shipped = (kind, weights)`` names other
+    weights to ship, e.g. ``("ema+swa", blend)``.
     """
     run_dir = Path(run_dir)
     staging = run_dir / STAGING_NAME
@@ -71,8 +75,12 @@ def save_checkpoint(
         shutil.rmtree(staging)
     step = int(trainer_state["step"])
     raw = _plain_tensors(model.state_dict())
-    shipped = _plain_tensors(ema.weights_like(model)) if ema is not None else raw
-    weights_kind = "ema" if ema is not None else "raw"
+    if shipped is not None:
+        weights_kind, weights = shipped[0], _plain_tensors(dict(shipped[1]))
+    elif ema is not None:
+        weights_kind, weights = "ema", _plain_tensors(ema.weights_like(model))
+    else:
+        weights_kind, weights = "raw", raw
     state = {
         "format": FORMAT_VERSION,
         "step": step,
@@ -85,7 +93,7 @@ def save_checkpoint(
     torch.save(state, buf)
     atomic_write_bytes(staging / STATE_NAME, buf.getvalue())
     meta = {"step": str(step), "weights": weights_kind, "format": "qlab"}
-    atomic_write_bytes(staging / WEIGHTS_NAME, st_save(shipped, metadata=meta))
+    atomic_write_bytes(staging / WEIGHTS_NAME, st_save(weights, metadata=meta))
     config = {
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),

@@ -57,6 +57,13 @@ LN_SCALE                       model.ln_scale                      bool
 ENABLE_LOOPING_AT              model.loop_start_frac               float
 EVAL_SEQ_LEN                   model.eval_seq_len                  int
 BIGRAM_BUCKETS / BIGRAM_DIM    model.bigram_buckets / bigram_dim   int
+QAT_BITS *                     train.qat_bits (0 = off)            int
+QAT_K *                        train.qat_k                         float
+QAT_START_FRAC *               train.qat_start_frac                float
+SWA_EVERY *                    train.swa_every (0 = off)           int
+SWA_BLEND *                    train.swa_blend                     float
+CURRICULUM_BUCKETS *           train.curriculum_buckets (0 = off)  int
+CURRICULUM_FLOOR *             train.curriculum_floor              float
 =============================  ==================================  ==========
 
 Parameter Golf names qlab does not use (EMBED_LR and HEAD_LR for untied embeddings,
@@ -120,8 +127,25 @@ class TrainConfig:
     tokenizer_path: str | None = None
     out_dir: str = "runs/default"
     regs: dict[str, float] = field(default_factory=dict)  # regularizer name -> weight
+    # Quantization-aware training (qlab.train.qat): int-b fake quant with an STE on the
+    # nn.Linear weights matching qat_patterns, from qat_start_frac of training on.
+    qat_bits: int = 0  # 0 = off
+    qat_k: float = 12.85  # SDClip k of the fake-quant scale
+    qat_start_frac: float = 0.0
+    qat_patterns: list[str] = field(default_factory=lambda: ["blocks.*.weight"])
+    # SWA (qlab.train.swa): a snapshot every swa_every steps of warm-down; the shipped
+    # weights are swa_blend·EMA + (1 − swa_blend)·SWA (the SWA mean alone without EMA).
+    swa_every: int = 0  # 0 = off
+    swa_blend: float = 0.5
+    # Entropy-bucket curriculum (qlab.train.curriculum): easy → hard crossfade with a floor.
+    curriculum_buckets: int = 0  # 0 = off (plain shuffled loader)
+    curriculum_floor: float = 0.05
 
     def __post_init__(self) -> None:
+        if isinstance(self.qat_patterns, (tuple, str)):  # JSON round-trips need a list
+            self.qat_patterns = (
+                [self.qat_patterns] if isinstance(self.qat_patterns, str) else list(self.qat_patterns)
+            )
         _validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,6 +217,29 @@ def _validate(c: TrainConfig) -> None:
     for k, v in c.regs.items():
         need(isinstance(k, str) and _finite(v), f"regularizer weight for {k!r} must be a finite number")
     need(_is_int(c.seed), f"seed must be an integer, got {c.seed!r}")
+    _validate_extras(c, need)
+
+
+def _validate_extras(c: TrainConfig, need: Callable[[bool, str], None]) -> None:
+    """QAT, SWA and curriculum fields."""
+    need(
+        _is_int(c.qat_bits) and (c.qat_bits == 0 or 2 <= c.qat_bits <= 8), "qat_bits must be 0 (off) or 2..8"
+    )
+    need(_finite(c.qat_k) and c.qat_k > 0, f"qat_k must be a positive number, got {c.qat_k!r}")
+    need(_finite(c.qat_start_frac) and 0 <= c.qat_start_frac <= 1, "qat_start_frac must lie in [0, 1]")
+    need(
+        isinstance(c.qat_patterns, list) and bool(c.qat_patterns)
+        and all(isinstance(p, str) and p for p in c.qat_patterns),
+        f"qat_patterns must be a non-empty list of glob strings, got {c.qat_patterns!r}",
+    )  # fmt: skip
+    need(_is_int(c.swa_every) and c.swa_every >= 0, f"swa_every must be >= 0, got {c.swa_every!r}")
+    need(_finite(c.swa_blend) and 0 <= c.swa_blend <= 1, f"swa_blend must lie in [0, 1], got {c.swa_blend!r}")
+    need(_is_int(c.curriculum_buckets) and c.curriculum_buckets >= 0, "curriculum_buckets must be >= 0")
+    n = max(c.curriculum_buckets, 1)
+    need(
+        _finite(c.curriculum_floor) and 0 <= c.curriculum_floor <= 1 / n,
+        f"curriculum_floor must lie in [0, 1/curriculum_buckets], got {c.curriculum_floor!r}",
+    )
 
 
 def _is_int(v: Any) -> bool:
@@ -299,6 +346,13 @@ TRAIN_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "COMPILE": ("compile", parse_bool),
     "DATA_PATH": ("data", _parse_str),
     "TOKENIZER_PATH": ("tokenizer_path", _parse_str),
+    "QAT_BITS": ("qat_bits", _parse_int),
+    "QAT_K": ("qat_k", _parse_float),
+    "QAT_START_FRAC": ("qat_start_frac", _parse_float),
+    "SWA_EVERY": ("swa_every", _parse_int),
+    "SWA_BLEND": ("swa_blend", _parse_float),
+    "CURRICULUM_BUCKETS": ("curriculum_buckets", _parse_int),
+    "CURRICULUM_FLOOR": ("curriculum_floor", _parse_float),
 }
 
 MODEL_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {

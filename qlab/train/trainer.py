@@ -12,6 +12,12 @@ loader and RNG restored) so torch.compile's warm-up does not count. Depth recurr
 switched on at ``model_config.loop_start_frac`` of training. Training time excludes
 validation and checkpointing, as in Parameter Golf.
 
+Optional extras (all off by default): int-b fake-quant QAT from ``qat_start_frac`` on
+(``qlab.train.qat``; the optimizer keeps updating the fp weights), SWA snapshots every
+``swa_every`` warm-down steps blended with the EMA into the shipped weights
+(``qlab.train.swa``), and the entropy-bucket curriculum drawing batches instead of the
+shuffled loader (``qlab.train.curriculum``). Their state is part of the resume state.
+
 Launch under ``torchrun`` for DDP (NCCL on GPU, gloo on CPU). Every rank runs the
 same optimizer update on the averaged gradient, so all ranks hold identical weights.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +45,14 @@ from qlab.train import distributed as D
 from qlab.train.config import TrainConfig, build_regularizers
 from qlab.train.ema import EMA
 from qlab.train.optim import Optimizers, build_optimizers
+from qlab.train.qat import disable_qat, enable_qat, qat_modules
 from qlab.train.schedule import (
     looping_enabled,
     lr_multiplier,
     progress_fraction,
     training_budget_seconds,
 )
+from qlab.train.swa import SWA, blend
 
 # Fields that may differ between a run and its resumption without changing its trajectory.
 RESUMABLE_CHANGES = {
@@ -189,6 +198,9 @@ class _Trainer:
         self.loader = ShuffledSequenceLoader(
             info.train_files, config.train_seq_len, self.rank, self.world, config.seed
         )
+        self.sampler = self._build_sampler() if config.curriculum_buckets > 0 else None
+        self.swa = SWA(config.swa_every) if config.swa_every > 0 else None
+        self.frac = 0.0  # progress fraction of the step about to run
         sp = load_tokenizer(config.tokenizer_path or info.tokenizer_path)
         self.byte_tables = build_byte_tables(sp, model_config.vocab_size)
         self.val_tokens = load_validation_tokens(info.val_files, config.train_seq_len)
@@ -232,8 +244,31 @@ class _Trainer:
             torch.cuda.set_rng_state(t["rng_cuda"], self.device)
         if self.has_loop:
             self.model.set_looping(bool(t["looping"]))
+        self._load_extras_state(t)
         if D.is_main():
             self.log.truncate_after(self.step)
+
+    def _load_extras_state(self, t: dict[str, Any]) -> None:
+        """QAT switch, SWA mean and curriculum position from the trainer state."""
+        for name, obj in (("swa", self.swa), ("curriculum", self.sampler)):
+            if obj is not None:
+                if t.get(name) is None:
+                    raise ConfigError(f"--resume: the checkpoint holds no {name} state but {name} is on")
+                obj.load_state_dict(t[name])
+        if t.get("qat_on", False):
+            self.enable_qat()
+
+    def _build_sampler(self):
+        """The curriculum sampler over the loader's shards (every rank builds the same manifest)."""
+        from qlab.train.curriculum import CurriculumSampler, build_manifest
+
+        c = self.config
+        manifest = build_manifest(self.loader, c.train_seq_len, c.curriculum_buckets)
+        return CurriculumSampler(manifest, c.curriculum_floor, c.seed, self.rank, self.world)
+
+    def enable_qat(self) -> None:
+        c = self.config
+        enable_qat(self.model, c.qat_bits, c.qat_k, c.qat_patterns)
 
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -245,11 +280,39 @@ class _Trainer:
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "looping": bool(self.has_loop and self.model.looping),
             "world_size": self.world,
+            "qat_on": bool(qat_modules(self.model)),
+            "swa": self.swa.state_dict() if self.swa is not None else None,
+            "curriculum": self.sampler.state_dict() if self.sampler is not None else None,
         }
 
+    # -- the shipped weights ----------------------------------------------------------------------
+    @property
+    def weights_kind(self) -> str:
+        """Which weights model.safetensors holds: raw, ema, swa or ema+swa."""
+        base = "ema" if self.ema is not None else "raw"
+        if self.swa is None or self.swa.count == 0:
+            return base
+        return "ema+swa" if self.ema is not None else "swa"
+
+    def shipped_weights(self) -> dict[str, Tensor]:
+        """blend(EMA, SWA, swa_blend), else the SWA mean, the EMA or the raw weights (model dtypes)."""
+        ref = self.model.state_dict()
+        if self.swa is None or self.swa.count == 0:
+            return self.ema.weights_like(self.model) if self.ema is not None else dict(ref)
+        state = self.swa.average()
+        if self.ema is not None:
+            state = blend(self.ema.state_dict(), state, self.config.swa_blend)
+        return {k: state[k].to(ref[k].dtype) for k in ref}
+
     # -- one optimizer step ---------------------------------------------------------------------
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """This rank's sequences for one optimizer step: curriculum sampler, else the loader."""
+        if self.sampler is not None:
+            return self.sampler.next_batch(self.seqs_per_rank, self.frac)
+        return self.loader.next_batch(self.seqs_per_rank)
+
     def train_step(self) -> dict[str, Tensor]:
-        x_all, y_all = self.loader.next_batch(self.seqs_per_rank)
+        x_all, y_all = self.next_batch()
         self.opts.zero_grad()
         sums: dict[str, Tensor] = {}
         for i, (x, y) in enumerate(zip(x_all.chunk(self.accum), y_all.chunk(self.accum))):
@@ -278,6 +341,7 @@ class _Trainer:
         opt_state = copy.deepcopy(self.opts.state_dict())
         ema_state = copy.deepcopy(self.ema.state_dict()) if self.ema is not None else None
         loader_state, rng = self.loader.state_dict(), torch.get_rng_state()
+        sampler_state = self.sampler.state_dict() if self.sampler is not None else None
         for i in range(n):
             if self.has_loop:
                 self.model.set_looping(i >= n // 2)
@@ -290,10 +354,21 @@ class _Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(ema_state)
         self.loader.load_state_dict(loader_state)
+        if self.sampler is not None:
+            self.sampler.load_state_dict(sampler_state)
         torch.set_rng_state(rng)
 
     # -- evaluation, logging, checkpoints ---------------------------------------------------------
     def evaluate(self):
+        """Validation of the fp model (QAT's fake quant off, as the checkpoint is loaded)."""
+        qat_on = bool(disable_qat(self.model))
+        try:
+            return self._evaluate_bpb()
+        finally:
+            if qat_on:
+                self.enable_qat()
+
+    def _evaluate_bpb(self):
         from qlab.eval.bpb import evaluate_bpb
 
         c = self.config
@@ -314,6 +389,7 @@ class _Trainer:
             return
         self.saved_step = self.step
         if D.is_main():
+            kind = self.weights_kind
             ckpt.save_checkpoint(
                 self.run_dir,
                 self.model,
@@ -322,6 +398,7 @@ class _Trainer:
                 self.trainer_state(),
                 self.model_config,
                 self.config,
+                shipped=(kind, self.shipped_weights()) if kind not in ("ema", "raw") else None,
             )
         D.barrier()
 
@@ -339,6 +416,8 @@ class _Trainer:
         while (stopped_by := self.stop_reason()) is None:
             lr_mult = self.apply_schedules()
             logs = self.timed_step()
+            if self.swa is not None:
+                self.swa.maybe_update(self.model, self.step, lr_mult < 1.0)
             bar.update(1)
             if self.due(c.log_every) or self.step == c.iterations:
                 self.log_train(logs, lr_mult)
@@ -366,6 +445,9 @@ class _Trainer:
         """Loop switch, LR multiplier and Muon momentum for the step about to run."""
         c = self.config
         frac = progress_fraction(self.step, c.iterations, self.elapsed, self.budget)
+        self.frac = frac
+        if c.qat_bits > 0 and frac >= c.qat_start_frac and not qat_modules(self.model):
+            self.enable_qat()
         if self.has_loop:
             self.model.set_looping(looping_enabled(frac, self.model_config.loop_start_frac))
         lr_mult = lr_multiplier(frac, c.warmdown_frac)
@@ -398,16 +480,15 @@ class _Trainer:
                     "looping": looping, **means})  # fmt: skip
 
     def finish(self, stopped_by: str) -> TrainResult:
-        """Final validation on the shipped weights (EMA if on), final checkpoint, summary record."""
-        ctx = self.ema.swapped_into(self.model) if self.ema is not None else contextlib.nullcontext()
-        with ctx:
+        """Final validation on the shipped weights (EMA and/or SWA blend), final checkpoint, summary."""
+        with _swapped(self.model, self.shipped_weights()):
             r = self.evaluate()
         identical = D.ranks_identical(self.model)
         self.save()
         tps = self.tokens_seen / self.elapsed if self.elapsed > 0 else 0.0
         self.write({"kind": "final", "step": self.step, "val_loss": r.val_loss, "val_bpb": r.val_bpb,
                     "tokens_seen": self.tokens_seen, "elapsed": self.elapsed, "tokens_per_s": tps,
-                    "weights": "ema" if self.ema is not None else "raw", "stopped_by": stopped_by,
+                    "weights": self.weights_kind, "stopped_by": stopped_by,
                     "world_size": self.world, "ranks_identical": identical})  # fmt: skip
         if not identical:  # a non-deterministic update somewhere made the ranks drift apart
             raise NumericalError(f"DDP ranks ended training with different weights (world size {self.world})")
@@ -423,6 +504,17 @@ class _Trainer:
             stopped_by=stopped_by,
             world_size=self.world,
         )
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, weights: dict[str, Tensor]) -> Iterator[nn.Module]:
+    """Temporarily load ``weights`` into ``model`` (for the final validation), then restore."""
+    backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)
+    try:
+        yield model
+    finally:
+        model.load_state_dict(backup)
 
 
 def train(
