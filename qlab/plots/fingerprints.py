@@ -459,34 +459,22 @@ def _last_block_metrics(df: pd.DataFrame) -> pd.DataFrame:
     return blocks.loc[blocks.groupby("variant", sort=False)["position"].idxmax()]
 
 
-def _tidy_depth_axes(fig: Figure, kurtosis: pd.Series) -> Figure:
-    for ax in fig.axes:
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    if float(kurtosis.abs().max()) < 1.0:  # symlog's log part is empty: plain linear reads better
-        fig.axes[1].set_yscale("linear")
-    return fig
-
-
 def figure_makers() -> dict[str, tuple[str, object]]:
     """Fingerprint table name → (PNG file name, plot function) pairs, as the PR names them."""
     from qlab.plots.pr2011 import plot_canonical_metrics, plot_cka_heatmap, plot_depth_trajectory
 
     def canonical(df: pd.DataFrame) -> Figure:
         last = _last_block_metrics(_with_variant(df))
-        fig = plot_canonical_metrics(last)
         n, dim = int(last["n_tokens"].iloc[0]), int(last["dim"].iloc[0])
-        fig.suptitle(f"Final hidden-state geometry per variant: last block output ({n} tokens × {dim} dims)")
-        return fig
+        title = f"Final hidden-state geometry per variant: last block output ({n} tokens × {dim} dims)"
+        return plot_canonical_metrics(last, title=title)
 
     def depth(df: pd.DataFrame) -> Figure:
         # pr2011 draws against "block"; executed positions keep looped blocks apart.
-        fig = plot_depth_trajectory(_with_variant(df).assign(block=df["position"]))
-        return _tidy_depth_axes(fig, df["kurtosis"])
+        return plot_depth_trajectory(_with_variant(df).assign(block=df["position"]))
 
     def cka_variants(df: pd.DataFrame) -> Figure:
-        fig = plot_cka_heatmap(df)
-        fig.axes[0].set_title("Linear CKA of final hidden states (last block output)")
-        return fig
+        return plot_cka_heatmap(df, title="Linear CKA of final hidden states\n(last block output)")
 
     return {  # table: [(file name, function)]
         "family_spectra": [("fig_svd_spectrum.png", plot_svd_spectrum)],

@@ -312,7 +312,11 @@ def plot_depth_trajectory(df: pd.DataFrame) -> Figure:
                     linestyle=styles[s],
                     label=v + (f" [{s}]" if len(styles) > 1 else ""),
                 )
-        axes[0, 1].set_yscale("symlog", linthresh=1.0)
+        heavy = float(d["kurtosis"].abs().max()) >= 1.0  # below 1 symlog's log part is empty
+        if heavy:
+            axes[0, 1].set_yscale("symlog", linthresh=1.0)
+        for ax in axes[0]:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         axes[0, 1].axhline(0, color="0.5", linewidth=0.8)
         axes[0, 1].legend(fontsize=7)
         xl = "block index (0 = first block after the embedding)"
@@ -321,7 +325,7 @@ def plot_depth_trajectory(df: pd.DataFrame) -> Figure:
             axes[0, 1],
             xl,
             "per-token excess kurtosis (dimensionless)",
-            "Heavy tails through depth (symlog axis)",
+            "Heavy tails through depth" + (" (symlog axis)" if heavy else ""),
         )
         fig.suptitle("Where in depth the hidden states grow outliers")
     return fig
@@ -339,9 +343,14 @@ _CANONICAL = {
 }
 
 
-def plot_canonical_metrics(df: pd.DataFrame, metrics: tuple[str, ...] = tuple(_CANONICAL)) -> Figure:
+def plot_canonical_metrics(
+    df: pd.DataFrame,
+    metrics: tuple[str, ...] = tuple(_CANONICAL),
+    title: str = "Final hidden-state geometry per variant (128 tokens × 512 dims)",
+) -> Figure:
     """Bars (from zero) of four hidden-state metrics per variant (PR #2011
-    fig_real_canonical_metrics); several sources become grouped bars."""
+    fig_real_canonical_metrics); several sources become grouped bars. The default title
+    describes the paper's measurement; pass ``title`` for other data."""
     require_columns(df, ["variant", *metrics], "plot_canonical_metrics")
     d = df.assign(src=_src(df))
     variants, srcs = list(dict.fromkeys(d["variant"])), sources(d)
@@ -371,11 +380,11 @@ def plot_canonical_metrics(df: pd.DataFrame, metrics: tuple[str, ...] = tuple(_C
             ax.margins(y=0.12)
             if len(srcs) > 1:
                 ax.legend(fontsize=7)
-            ylabel, title = _CANONICAL.get(m, (f"{m} (as measured)", m))
-            label_axes(ax, "variant", ylabel, title, unitless="x")
+            ylabel, panel_title = _CANONICAL.get(m, (f"{m} (as measured)", m))
+            label_axes(ax, "variant", ylabel, panel_title, unitless="x")
         for ax in list(axes.flat)[n:]:
             ax.set_visible(False)
-        fig.suptitle("Final hidden-state geometry per variant (128 tokens × 512 dims)")
+        fig.suptitle(title)
     return fig
 
 
@@ -452,9 +461,10 @@ def _square_cka(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     raise DataError("plot_cka_heatmap: expected long rows (variant_a, variant_b, cka) or a square table")
 
 
-def plot_cka_heatmap(df: pd.DataFrame) -> Figure:
+def plot_cka_heatmap(df: pd.DataFrame, title: str = "Linear CKA of final hidden states") -> Figure:
     """Linear CKA between variants' final hidden states (PR #2011 fig_cka_heatmap); one
-    panel per source. Accepts long rows or a square table (``qlab.analysis.cka.cka_matrix``)."""
+    panel per source (its name in brackets when there are several). Accepts long rows or
+    a square table (``qlab.analysis.cka.cka_matrix``)."""
     mats = _square_cka(df)
     with style_context():
         fig, axes = new_figure(1, len(mats), size=(5.8 * len(mats), 5.0))
@@ -477,6 +487,6 @@ def plot_cka_heatmap(df: pd.DataFrame) -> Figure:
                 "linear CKA (dimensionless; 1 = same representation)"
             )
             label_axes(
-                ax, "variant", "variant", f"Linear CKA of final hidden states [{s}]", unitless=("x", "y")
+                ax, "variant", "variant", title + (f" [{s}]" if len(mats) > 1 else ""), unitless=("x", "y")
             )
     return fig
