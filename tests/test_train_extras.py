@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from trainkit import SEQ, model_config, train_config
 
-from qlab.config import get_preset
 from qlab.data.shards import read_shard
 from qlab.errors import ConfigError
 from qlab.io import checkpoint as ckpt
@@ -24,33 +24,6 @@ from qlab.train import trainer as T
 from qlab.train.config import TrainConfig, resolve_configs
 from qlab.train.qat import disable_qat, fake_quant, qat_modules
 from qlab.train.trainer import train
-
-SEQ = 32
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def model_config(vocab: int, loop: bool = False):
-    return get_preset("tiny").replace(
-        vocab_size=vocab, model_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, rope_dims=8,
-        loop_layers=(1,) if loop else None, loop_repeats=2, train_seq_len=SEQ, eval_seq_len=SEQ,
-    )  # fmt: skip
-
-
-def train_config(data, out, **kw) -> TrainConfig:
-    base = dict(
-        iterations=6, train_batch_tokens=SEQ * 4, train_seq_len=SEQ, grad_accum=2, max_wallclock_seconds=0.0,
-        gptq_reserve_seconds=0.0, warmup_steps=0, muon_momentum_warmup_steps=4, val_every=0,
-        val_max_tokens=SEQ * 8 + 1, val_batch_seqs=8, log_every=1, checkpoint_every=0, device="cpu",
-        data=str(data.root), out_dir=str(out), ema_decay=0.9,
-    )  # fmt: skip
-    return TrainConfig(**{**base, **kw})
 
 
 def train_log(run_dir):
@@ -70,7 +43,7 @@ def rtn_reference(model: nn.Module, bits: int, k: float, patterns) -> nn.Module:
 
 
 def test_qat_switches_on_at_its_fraction_and_fake_quantizes(tiny_dataset, tmp_path, monkeypatch):
-    mc = model_config(tiny_dataset.vocab_size)
+    mc = model_config(tiny_dataset.vocab_size, loop=False)
     seen, checks = [], {}
     original = T._Trainer.timed_step
     x = torch.randint(0, tiny_dataset.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
@@ -122,7 +95,7 @@ def test_swa_blend_is_shipped(tiny_dataset, tmp_path, monkeypatch, ema_decay):
     monkeypatch.setattr(T._Trainer, "timed_step", spy)
     cfg = train_config(tiny_dataset, tmp_path / "swa", iterations=8, warmdown_frac=0.5, swa_every=2,
                        swa_blend=0.3, ema_decay=ema_decay)  # fmt: skip
-    train(cfg, model_config(tiny_dataset.vocab_size), progress=False)
+    train(cfg, model_config(tiny_dataset.vocab_size, loop=False), progress=False)
 
     log = train_log(tmp_path / "swa")
     snaps = [s for s, m in zip(log.step, log.lr_mult) if s % 2 == 0 and m < 1.0]
@@ -171,7 +144,7 @@ def test_curriculum_draws_easy_sequences_first(tiny_dataset, tmp_path, monkeypat
     cfg = train_config(
         tiny_dataset, tmp_path / "cur", iterations=2, curriculum_buckets=2, curriculum_floor=0.0
     )
-    train(cfg, model_config(tiny_dataset.vocab_size), progress=False)
+    train(cfg, model_config(tiny_dataset.vocab_size, loop=False), progress=False)
     buckets = _windows_by_bucket(tiny_dataset)
     first = torch.cat(seen[:2])  # two micro-batches of step 1, at training fraction 0
     assert first.shape == (4, SEQ + 1)

@@ -4,42 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from trainkit import SEQ, model_config, train_config
 
-from qlab.config import get_preset
 from qlab.errors import ConfigError
 from qlab.io import checkpoint as ckpt
 from qlab.io.runlog import read_runlog
-from qlab.train.config import REGULARIZERS, TrainConfig, register_regularizer
+from qlab.train.config import REGULARIZERS, register_regularizer
 from qlab.train.schedule import lr_multiplier
 from qlab.train.trainer import train
-
-SEQ = 32
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: a second thread only adds contention (10x slower on a busy 2-core box).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def model_config(vocab: int, loop: bool = True):
-    return get_preset("tiny").replace(
-        vocab_size=vocab, model_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, rope_dims=8,
-        loop_layers=(1,) if loop else None, loop_repeats=2, train_seq_len=SEQ, eval_seq_len=SEQ,
-    )  # fmt: skip
-
-
-def train_config(data, out, **kw) -> TrainConfig:
-    base = dict(
-        iterations=6, train_batch_tokens=SEQ * 4, train_seq_len=SEQ, grad_accum=2, max_wallclock_seconds=0.0,
-        gptq_reserve_seconds=0.0, warmup_steps=0, muon_momentum_warmup_steps=4, val_every=0,
-        val_max_tokens=SEQ * 8 + 1, val_batch_seqs=8, log_every=1, checkpoint_every=0, device="cpu",
-        data=str(data.root), out_dir=str(out), ema_decay=0.9,
-    )  # fmt: skip
-    return TrainConfig(**{**base, **kw})
 
 
 def raw_weights(run_dir) -> dict[str, torch.Tensor]:
