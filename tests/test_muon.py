@@ -128,3 +128,35 @@ def test_state_dict_roundtrip_continues_identically():
         return p.detach()
 
     assert torch.equal(run(False), run(True))
+
+
+def _ns5_bf16_record_grouping(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """NS5 written out step by step in bf16, each product grouped as the record's
+    ``b * A + c * A @ A`` parses in Python: ``(c * A) @ A``."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16)
+    X = X / (X.norm() + 1e-7)
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    for _ in range(steps):
+        A = torch.mm(X, X.T)
+        cA = torch.mul(A, c)
+        B = torch.add(torch.mul(A, b), torch.mm(cA, A))
+        X = torch.add(torch.mul(X, a), torch.mm(B, X))
+    return (X.T if tall else X).float()
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (96, 48)])
+def test_ns5_bf16_uses_the_records_operator_grouping(shape):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    ours = zeropower_ns5(G, dtype=torch.bfloat16)
+    assert torch.equal(ours, _ns5_bf16_record_grouping(G))
+    # The other grouping, c * (A @ A), is a different bf16 computation: it must not match,
+    # or this test could not tell the two apart.
+    X = G.to(torch.bfloat16)
+    X = X / (X.norm() + 1e-7)
+    if X.shape[0] > X.shape[1]:
+        X = X.T
+    A = X @ X.T
+    assert not torch.equal(2.0315 * (A @ A), (2.0315 * A) @ A)

@@ -225,10 +225,15 @@ def test_record_small_policy_on_tiny_model():
     assert len(blocks) == 6 * get_preset("tiny").num_layers  # c_q, c_k, c_v, proj, fc, mlp.proj per layer
     for n in blocks:
         s = pol.spec_for(n, sd[n])
-        assert (s.method, s.bits, s.clip, dict(s.clip_params)) == ("gptq", 6, "sdclip", {"k": 12.85}), n
+        assert (s.method, s.bits, s.clip, dict(s.clip_params)) == (
+            "gptq",
+            6,
+            "sdclip",
+            {"k": 12.85, "correction": 1},
+        ), n
         assert record.spec_for(n, sd[n]).method == "passthrough", n  # the reason record_small exists
     emb = pol.spec_for("tok_emb.weight", sd["tok_emb.weight"])
-    assert (emb.method, emb.bits, dict(emb.clip_params)) == ("gptq", 8, {"k": 20.0})
+    assert (emb.method, emb.bits, dict(emb.clip_params)) == ("gptq", 8, {"k": 20.0, "correction": 1})
     for n, t in sd.items():  # everything else: the record's fp16 passthrough, threshold 4,096
         if n not in blocks and n != "tok_emb.weight":
             assert pol.spec_for(n, t).method == "passthrough", n
@@ -365,3 +370,24 @@ def test_collect_hessians_on_tiny_gpt():
     assert torch.allclose(hs["tok_emb.weight"], (f.T @ f + f2.T @ f2) / 2, rtol=1e-4, atol=1e-5)
     qsd = quantize_state_dict(model.state_dict(), get_policy("record"), hessians=hs)
     assert qsd["tok_emb.weight"].meta["method"] == "gptq"
+
+
+def test_sdclip_bessel_option_matches_the_records_row_std():
+    # The record computes s = k·W.std(dim=1)/R: torch's default Bessel std. By hand:
+    w = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.5, -0.5, 0.5, -0.5]])
+    mean = w.mean(dim=1, keepdim=True)
+    bessel = (((w - mean) ** 2).sum(dim=1) / (w.shape[1] - 1)).sqrt()
+    population = (((w - mean) ** 2).sum(dim=1) / w.shape[1]).sqrt()
+    assert torch.allclose(sdclip(w, 6, k=3.0, correction=1)[:, 0], 3.0 * bessel)
+    assert torch.allclose(sdclip(w, 6, k=3.0)[:, 0], 3.0 * population)
+    for name in ("record", "record_small", "record_pathA", "per_category"):
+        spec = get_policy(name).spec_for("blocks.0.mlp.fc.weight", torch.zeros(2048, 512))
+        assert spec.clip_params["correction"] == 1, name
+
+
+@pytest.mark.parametrize("k", [0.0, -1.0, float("nan"), float("inf"), "12", True, None])
+def test_sdclip_rejects_a_bad_clip_width(k):
+    with pytest.raises(ConfigError, match="clip width k"):
+        sdclip(torch.randn(3, 8), 6, k=k)
+    with pytest.raises(ConfigError, match="clip width k"):
+        hessian_sdclip(torch.randn(3, 8), 6, k=k, hdiag=torch.ones(8))

@@ -78,6 +78,9 @@ def _check_inputs(w: torch.Tensor, h: torch.Tensor, name: str) -> None:
     cols = w.shape[1]
     if tuple(h.shape) != (cols, cols):
         raise QuantError(f"tensor {name!r}: Hessian has shape {tuple(h.shape)}, expected ({cols}, {cols})")
+    # A NaN/Inf in H does not always break the Cholesky (an Inf diagonal entry just
+    # zeroes its column of H⁻¹), so it has to be caught here or it yields bad codes.
+    check_finite(h, name, what="Hessian entries")
 
 
 def _upper_chol_inv(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -180,8 +180,12 @@ def policy_from_dict(d: Mapping) -> Policy:
     return Policy(str(d.get("name", "custom")), rules, default)
 
 
+RECORD_STD_CORRECTION = 1  # the record's W.std(dim=1): Bessel (see qlab.quant.clip)
+
+
 def _gptq(bits: int, k: float) -> TensorSpec:
-    return TensorSpec(method="gptq", bits=bits, clip="sdclip", clip_params={"k": k})
+    clip_params = {"k": k, "correction": RECORD_STD_CORRECTION}
+    return TensorSpec(method="gptq", bits=bits, clip="sdclip", clip_params=clip_params)
 
 
 _EMB = "tok_emb.weight"
