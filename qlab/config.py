@@ -48,6 +48,7 @@ class ModelConfig:
     q_gain_init: float = 4.0
     ln_scale: bool = True  # scale block norms' outputs by 1/sqrt(layer + 1)
     xsa: bool = True
+    xsa_last_n: int | None = None  # XSA on the last n layers only (None = every layer when xsa)
     logit_softcap: float = 30.0
     skip_gates: bool = True
     loop_layers: tuple[int, ...] | None = (4, 5)  # contiguous block repeated once looping is on
@@ -79,6 +80,12 @@ class ModelConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.mlp_mult * self.model_dim)
+
+    def uses_xsa(self, layer_idx: int) -> bool:
+        """Whether block ``layer_idx`` applies XSA (the record's XSA_LAST_N rule)."""
+        if not self.xsa:
+            return False
+        return self.xsa_last_n is None or layer_idx >= self.num_layers - self.xsa_last_n
 
     @property
     def rope_dim(self) -> int:
@@ -144,6 +151,38 @@ def _validate(c: ModelConfig) -> None:
     _validate_shapes(c)
     _validate_loop(c)
     _validate_extras(c)
+    _validate_size(c)
+
+
+# Bounds that stop a hostile or mistyped config (a run's config.json, an artifact's
+# model_config) before anything is allocated: far above any model this workbench studies.
+MAX_PARAMETERS = 4_000_000_000
+MAX_LAYERS = 1024
+MAX_DIM = 65_536
+MAX_VOCAB = 1 << 20
+MAX_SEQ_LEN = 1 << 20
+
+
+def estimated_parameters(c: ModelConfig) -> int:
+    """Parameter count from the config alone (embeddings, blocks, head), without building."""
+    d = c.model_dim
+    per_block = 2 * d * d + 2 * d * c.kv_dim + 2 * d * c.mlp_hidden + 5 * d
+    embed = c.vocab_size * d * (1 if c.tie_embeddings else 2)
+    extras = c.bigram_buckets * c.bigram_dim + len(c.value_embed_layers) * c.vocab_size * c.kv_dim
+    return int(c.num_layers * per_block + embed + extras)
+
+
+def _validate_size(c: ModelConfig) -> None:
+    for name, cap in (
+        ("num_layers", MAX_LAYERS), ("model_dim", MAX_DIM), ("num_heads", MAX_DIM), ("vocab_size", MAX_VOCAB),
+        ("train_seq_len", MAX_SEQ_LEN), ("eval_seq_len", MAX_SEQ_LEN), ("loop_repeats", MAX_LAYERS),
+        ("bigram_buckets", MAX_VOCAB), ("bigram_dim", MAX_DIM),
+    ):  # fmt: skip
+        value = getattr(c, name)
+        _require(value <= cap, f"{name} = {value} exceeds qlab's limit of {cap}")
+    _require(c.mlp_mult <= 64, f"mlp_mult = {c.mlp_mult} exceeds qlab's limit of 64")
+    n = estimated_parameters(c)
+    _require(n <= MAX_PARAMETERS, f"config has {n:,} parameters, over the limit {MAX_PARAMETERS:,}")
 
 
 def _validate_types(c: ModelConfig) -> None:
@@ -213,6 +252,11 @@ def _validate_extras(c: ModelConfig) -> None:
         _require(
             _is_int(c.attn_window) and c.attn_window > 0,
             f"attn_window must be a positive integer or None, got {c.attn_window!r}",
+        )
+    if c.xsa_last_n is not None:
+        _require(
+            _is_int(c.xsa_last_n) and 0 <= c.xsa_last_n <= c.num_layers,
+            f"xsa_last_n must be an integer in [0, num_layers={c.num_layers}] or None, got {c.xsa_last_n!r}",
         )
     layers = c.value_embed_layers
     _require(

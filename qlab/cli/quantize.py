@@ -9,7 +9,9 @@ breakdown and the pre-quant → quantized → sliding-window row.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +19,7 @@ import pandas as pd
 from qlab.compress.budget import CAP, budget_table, code_bytes
 from qlab.errors import ConfigError
 from qlab.io.atomic import atomic_write_bytes
-from qlab.quant.policy import load_policy
+from qlab.quant.policy import RECORD_POLICIES, Policy, RecordQuant, load_policy, record_policy
 
 
 def register(subparsers) -> None:
@@ -29,9 +31,19 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="artifact path to write (e.g. model.qlab)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--data", default="embedded", help="dataset directory, or 'embedded' (default)")
-    p.add_argument("--calib-batches", type=int, default=64, help="calibration batches (0 = no GPTQ)")
-    p.add_argument("--calib-batch-seqs", type=int, default=8, help="sequences per calibration batch")
-    p.add_argument("--codec", default="brotli-11", help="artifact codec (byte shuffle is added)")
+    p.add_argument(
+        "--calib-batches",
+        type=int,
+        help="calibration batches (0 = no GPTQ; default $GPTQ_CALIBRATION_BATCHES or 64)",
+    )
+    p.add_argument(
+        "--calib-batch-seqs",
+        type=int,
+        help="sequences per calibration batch (default 48 for record/record_pathA, as the "
+        "record's 786,432-token step on 8 GPUs; else 8)",
+    )
+    p.add_argument("--codec", help="artifact codec, byte shuffle added (default brotli-11, or lzma-6 "
+                                   "when $COMPRESSOR=lzma as in the record)")  # fmt: skip
     p.add_argument("--code", nargs="+", metavar="PATH", help="code files counted against the cap")
     p.add_argument(
         "--code-wrap", choices=("raw", "lzma"), default="raw", help="count code raw or lzma-wrapped"
@@ -46,6 +58,34 @@ def register(subparsers) -> None:
     p.add_argument("--top", type=int, default=12, help="tensors listed in the breakdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+RECORD_CALIB_SEQS = 48  # 786,432 tokens / (8 ranks × 2048): one rank's batch in the record
+COMPRESSORS = {"brotli": "brotli-11", "lzma": "lzma-6"}  # the record's COMPRESSOR values
+
+
+def _env_defaults(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    """Fill unset options from the record's environment variables, then from qlab's defaults."""
+    if args.calib_batches is None:
+        raw = env.get("GPTQ_CALIBRATION_BATCHES", "64")
+        try:
+            args.calib_batches = int(raw)
+        except ValueError:
+            raise ConfigError(f"environment variable GPTQ_CALIBRATION_BATCHES={raw!r} is malformed") from None
+    if args.calib_batch_seqs is None:
+        args.calib_batch_seqs = RECORD_CALIB_SEQS if args.policy in ("record", "record_pathA") else 8
+    if args.codec is None:
+        name = env.get("COMPRESSOR", "brotli")
+        if name not in COMPRESSORS:
+            raise ConfigError(f"environment variable COMPRESSOR={name!r}: known {sorted(COMPRESSORS)}")
+        args.codec = COMPRESSORS[name]
+
+
+def _policy(spec: str, env: Mapping[str, str]) -> Policy:
+    """A record policy takes the record's MATRIX_/EMBED_ BITS and CLIP_SIGMAS variables."""
+    if spec in RECORD_POLICIES:
+        return record_policy(spec, RecordQuant.from_env(env))
+    return load_policy(spec)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -63,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
     from qlab.eval.pipeline import resolve_dataset, resolve_model, run_pipeline
     from qlab.quant.model_quant import calibration_batches, model_extra, model_hessians
 
+    _env_defaults(args, os.environ)
     _check_args(args)
     progress = not args.no_progress and sys.stderr.isatty()
     model, label = resolve_model(args.checkpoint)
-    policy = load_policy(args.policy)
+    policy = _policy(args.policy, os.environ)
     data = resolve_dataset(args.data, model.config.vocab_size)
     code = code_bytes(args.code, wrap=args.code_wrap) if args.code else 0
     hessians = None

@@ -85,13 +85,13 @@ class CausalSelfAttention(nn.Module):
     model's init (see ``GPT``).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, use_xsa: bool | None = None) -> None:
         super().__init__()
         d, kv_dim = config.model_dim, config.kv_dim
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.use_xsa = config.xsa
+        self.use_xsa = config.xsa if use_xsa is None else use_xsa
         self.c_q = nn.Linear(d, d, bias=False)
         self.c_k = nn.Linear(d, kv_dim, bias=False)
         self.c_v = nn.Linear(d, kv_dim, bias=False)

@@ -50,7 +50,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         d = config.model_dim
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, use_xsa=config.uses_xsa(layer_idx))
         self.mlp = MLP(config)
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))

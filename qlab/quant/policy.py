@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -193,26 +194,68 @@ _PASS = TensorSpec(method="passthrough", passthrough_dtype="fp16")
 _CONTROL = ("*attn_scale", "*mlp_scale", "*resid_mix", "*q_gain", "skip_weights", "skip_gates")
 
 
-def _record(name: str = "record", small: int = SMALL) -> Policy:
+@dataclass(frozen=True)
+class RecordQuant:
+    """The record's quantization knobs (its MATRIX_BITS, MATRIX_CLIP_SIGMAS, EMBED_BITS,
+    EMBED_CLIP_SIGMAS environment variables, with its defaults)."""
+
+    matrix_bits: int = 6
+    matrix_k: float = 12.85
+    embed_bits: int = 8
+    embed_k: float = 20.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RecordQuant:
+        """Read the record's variables from ``env``; malformed values raise ConfigError by name."""
+        fields = {"MATRIX_BITS": ("matrix_bits", int), "MATRIX_CLIP_SIGMAS": ("matrix_k", float),
+                  "EMBED_BITS": ("embed_bits", int), "EMBED_CLIP_SIGMAS": ("embed_k", float)}  # fmt: skip
+        out: dict[str, Any] = {}
+        for var, (name, kind) in fields.items():
+            if var in env:
+                try:
+                    out[name] = kind(env[var])
+                except ValueError:
+                    raise ConfigError(f"environment variable {var}={env[var]!r} is malformed") from None
+        q = cls(**out)
+        for bits in (q.matrix_bits, q.embed_bits):
+            if not 2 <= bits <= 8:
+                raise ConfigError(f"MATRIX_BITS/EMBED_BITS must lie in 2..8, got {bits}")
+        return q
+
+
+RECORD_POLICIES = ("record", "record_small", "record_pathA")
+
+
+def record_policy(name: str = "record", quant: RecordQuant | None = None) -> Policy:
+    """One of the record's policies with its knobs set (the record's defaults when ``quant`` is None)."""
+    if name not in RECORD_POLICIES:
+        raise ConfigError(f"record_policy: {name!r} is not one of {RECORD_POLICIES}")
+    q = quant or RecordQuant()
+    if name == "record_pathA":
+        return _record_path_a(q)
+    return _record(name, SMALL_CPU if name == "record_small" else SMALL, q)
+
+
+def _record(name: str = "record", small: int = SMALL, q: RecordQuant = RecordQuant()) -> Policy:
     """The record's policy; ``small`` is the largest matrix kept as fp16 passthrough."""
     return Policy(
         name,
         [
-            Rule(_EMB, _gptq(8, 20.0)),
-            Rule("*", _gptq(6, 12.85), ndim=2, min_numel=small + 1),
+            Rule(_EMB, _gptq(q.embed_bits, q.embed_k)),
+            Rule("*", _gptq(q.matrix_bits, q.matrix_k), ndim=2, min_numel=small + 1),
             Rule("*", _PASS),
         ],
     )
 
 
-def _record_path_a() -> Policy:
+def _record_path_a(q: RecordQuant = RecordQuant()) -> Policy:
     int8_t = TensorSpec(method="passthrough", passthrough_dtype="int8_tensor")
     int8_r = TensorSpec(method="passthrough", passthrough_dtype="int8_row")
     return Policy(
         "record_pathA",
         [
-            Rule(_EMB, _gptq(8, 20.0)),
-            Rule("*", _gptq(6, 12.85), ndim=2, min_numel=SMALL + 1),
+            Rule(_EMB, _gptq(q.embed_bits, q.embed_k)),
+            Rule("*", _gptq(q.matrix_bits, q.matrix_k), ndim=2, min_numel=SMALL + 1),
             *[Rule(p, int8_t, max_numel=SMALL) for p in _CONTROL],
             Rule("*", int8_r, ndim=2, max_numel=SMALL),
             Rule("*", _PASS),
@@ -240,7 +283,7 @@ def _rtn(bits: int) -> Policy:
 
 POLICIES = {
     "record": _record,
-    "record_small": lambda: _record("record_small", SMALL_CPU),
+    "record_small": lambda: record_policy("record_small"),
     "record_pathA": _record_path_a,
     "per_category": _per_category,
     "rtn_int6": lambda: _rtn(6),
@@ -348,16 +391,25 @@ def load_policy(spec: str | os.PathLike) -> Policy:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"policy file {path}: cannot read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"policy file {path}: not UTF-8 text (byte {exc.start})") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"policy file {path}: invalid JSON ({exc})") from exc
+        except RecursionError:
+            raise ConfigError(f"policy file {path}: JSON nested too deeply") from None
     else:
         import yaml
 
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"policy file {path}: invalid YAML ({exc})") from exc
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(f"policy file {path}: invalid YAML{at} ({problem})") from None
+        except RecursionError:
+            raise ConfigError(f"policy file {path}: YAML nested too deeply") from None
     return policy_from_dict(data)

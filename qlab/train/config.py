@@ -35,7 +35,12 @@ EMA_DECAY                      train.ema_decay (0 = off)           float
 SEED                           train.seed                          int
 VAL_LOSS_EVERY                 train.val_every                     int
 VAL_MAX_TOKENS *               train.val_max_tokens                int
-EVAL_STRIDE                    train.eval_stride                   int
+EVAL_STRIDE                    train.sliding_stride (final score)  int
+SLIDING_WINDOW_ENABLED         train.final_sliding                 bool
+MIN_LR                         train.min_lr (warm-down floor)      float
+EMBED_LR / HEAD_LR             train.untied_embed_lr / head_lr     float
+VAL_BATCH_TOKENS               train.val_batch_seqs (per rank)     int
+DATA_DIR                       train.data (unless DATA_PATH)       str
 TRAIN_LOG_EVERY                train.log_every                     int
 CHECKPOINT_EVERY *             train.checkpoint_every              int
 COMPILE *                      train.compile                       bool
@@ -57,6 +62,10 @@ LN_SCALE                       model.ln_scale                      bool
 ENABLE_LOOPING_AT              model.loop_start_frac               float
 EVAL_SEQ_LEN                   model.eval_seq_len                  int
 BIGRAM_BUCKETS / BIGRAM_DIM    model.bigram_buckets / bigram_dim   int
+SKIP_GATES_ENABLED             model.skip_gates                    bool
+XSA_LAST_N                     model.xsa / xsa_last_n              int
+NUM_LOOPS/LOOP_START/LOOP_END  model.loop_repeats / loop_layers    int
+EMBEDDING_DIM                  must equal MODEL_DIM                int
 QAT_BITS *                     train.qat_bits (0 = off)            int
 QAT_K *                        train.qat_k                         float
 QAT_START_FRAC *               train.qat_start_frac                float
@@ -66,8 +75,11 @@ CURRICULUM_BUCKETS *           train.curriculum_buckets (0 = off)  int
 CURRICULUM_FLOOR *             train.curriculum_floor              float
 =============================  ==================================  ==========
 
-Parameter Golf names qlab does not use (EMBED_LR and HEAD_LR for untied embeddings,
-VAL_BATCH_SIZE) are ignored rather than silently misapplied.
+Every variable PR #1394's ``Hyperparameters`` reads is accepted with its meaning. Its
+quantization variables (MATRIX_BITS, EMBED_BITS, MATRIX_CLIP_SIGMAS, EMBED_CLIP_SIGMAS,
+GPTQ_CALIBRATION_BATCHES, COMPRESSOR) are checked here and applied by ``qlab quantize``;
+ROPE_TRAIN_SEQ_LEN and MUON_BETA2 are read but unused by the record itself, and so by qlab;
+RANK / WORLD_SIZE / LOCAL_RANK come from torchrun.
 """
 
 from __future__ import annotations
@@ -104,13 +116,16 @@ class TrainConfig:
     muon_wd: float = 0.085
     muon_row_normalize: bool = True
     muon_ns_steps: int = 5
-    embed_lr: float = 0.03
+    embed_lr: float = 0.03  # the tied embedding (the record's TIED_EMBED_LR)
+    untied_embed_lr: float = 0.6  # tok_emb when the head is untied (EMBED_LR)
+    head_lr: float = 0.008  # the untied lm_head: Adam without weight decay, as the record (HEAD_LR)
     embed_wd: float = 0.085
     scalar_lr: float = 0.02
     scalar_wd: float = 0.02
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
+    min_lr: float = 0.0  # floor of the LR multiplier during warm-down (the record's MIN_LR)
     grad_clip: float = 0.3  # 0 = off
     ema_decay: float = 0.997  # 0 = off
     seed: int = 1337
@@ -118,9 +133,11 @@ class TrainConfig:
     val_max_tokens: int = 1 << 20  # 0 = the whole validation split
     val_batch_seqs: int = 16
     eval_stride: int | None = None
+    final_sliding: bool = False  # also score the final weights with a sliding window
+    sliding_stride: int = 64  # that window's stride (the record's EVAL_STRIDE)
     log_every: int = 50
     checkpoint_every: int = 0  # 0 = only at the end
-    compile: bool = False
+    compile: bool | None = None  # None = on for CUDA (as the record), off on CPU
     autocast: str = "auto"  # "auto" = bf16 on CUDA, none on CPU
     device: str = "auto"
     data: str = "embedded"  # a dataset directory, or "embedded" for the built-in corpus
@@ -171,6 +188,10 @@ class TrainConfig:
         """Micro-steps per optimizer step: the explicit value, else 8 // world_size (≥ 1)."""
         return self.grad_accum if self.grad_accum is not None else max(8 // world_size, 1)
 
+    def compile_on(self, device_type: str) -> bool:
+        """Whether to torch.compile: as set, else on for CUDA only (CPU compile is slow to build)."""
+        return self.compile if self.compile is not None else device_type == "cuda"
+
     def seqs_per_rank(self, world_size: int) -> int:
         """Sequences one rank processes per optimizer step (all its micro-steps together)."""
         accum = self.grad_accum_for(world_size)
@@ -197,13 +218,17 @@ def _validate(c: TrainConfig) -> None:
     need(_is_int(c.checkpoint_every) and c.checkpoint_every >= 0, "checkpoint_every must be >= 0")
     need(c.grad_accum is None or (_is_int(c.grad_accum) and c.grad_accum > 0), "grad_accum must be >= 1")
     need(c.eval_stride is None or (_is_int(c.eval_stride) and c.eval_stride > 0), "eval_stride must be >= 1")
+    need(_is_int(c.sliding_stride) and c.sliding_stride > 0, "sliding_stride must be >= 1")
     for name in (
         "max_wallclock_seconds", "gptq_reserve_seconds", "matrix_lr", "muon_wd", "embed_lr", "embed_wd",
-        "scalar_lr", "scalar_wd", "grad_clip", "adam_eps",
+        "scalar_lr", "scalar_wd", "grad_clip", "adam_eps", "untied_embed_lr", "head_lr",
     ):  # fmt: skip
         v = getattr(c, name)
         need(_finite(v) and v >= 0, f"{name} must be a finite non-negative number, got {v!r}")
     need(_finite(c.warmdown_frac) and 0 <= c.warmdown_frac <= 1, "warmdown_frac must lie in [0, 1]")
+    need(_finite(c.min_lr) and 0 <= c.min_lr <= 1, f"min_lr must lie in [0, 1], got {c.min_lr!r}")
+    need(c.compile is None or isinstance(c.compile, bool), f"compile must be bool or None: {c.compile!r}")
+    need(isinstance(c.final_sliding, bool), f"final_sliding must be true or false, got {c.final_sliding!r}")
     for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"):
         v = getattr(c, name)
         need(_finite(v) and 0 <= v < 1, f"{name} must lie in [0, 1), got {v!r}")
@@ -253,7 +278,9 @@ def _finite(v: Any) -> bool:
 # ---- presets -----------------------------------------------------------------------------
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "record": {},
+    # The record's Hyperparameters defaults where they differ from TrainConfig's: validation
+    # every 4,000 steps on the whole split, logs every 500, a final sliding-window score.
+    "record": {"val_every": 4000, "log_every": 500, "val_max_tokens": 0, "final_sliding": True},
     # Parameter Golf's naive baseline ran 524,288 tokens per step at sequence length 1024.
     "baseline": {"train_batch_tokens": 524_288, "train_seq_len": 1024},
     # CPU-sized: 16 sequences of 256 tokens per step, step-based schedule, no compile warm-up.
@@ -340,7 +367,7 @@ TRAIN_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SEED": ("seed", _parse_int),
     "VAL_LOSS_EVERY": ("val_every", _parse_int),
     "VAL_MAX_TOKENS": ("val_max_tokens", _parse_int),
-    "EVAL_STRIDE": ("eval_stride", _parse_int),
+    "EVAL_STRIDE": ("sliding_stride", _parse_int),
     "TRAIN_LOG_EVERY": ("log_every", _parse_int),
     "CHECKPOINT_EVERY": ("checkpoint_every", _parse_int),
     "COMPILE": ("compile", parse_bool),
@@ -353,6 +380,30 @@ TRAIN_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SWA_BLEND": ("swa_blend", _parse_float),
     "CURRICULUM_BUCKETS": ("curriculum_buckets", _parse_int),
     "CURRICULUM_FLOOR": ("curriculum_floor", _parse_float),
+    "MIN_LR": ("min_lr", _parse_float),
+    "EMBED_LR": ("untied_embed_lr", _parse_float),
+    "HEAD_LR": ("head_lr", _parse_float),
+    "SLIDING_WINDOW_ENABLED": ("final_sliding", parse_bool),
+}
+
+# Read by the record's Hyperparameters but never used by its code (ROPE_TRAIN_SEQ_LEN: its
+# Rotary takes TRAIN_SEQ_LEN; MUON_BETA2: its Muon has no second moment). qlab checks that
+# they parse, so a record command line runs unchanged, and otherwise ignores them as well.
+RECORD_UNUSED_ENV: dict[str, Callable[[str], Any]] = {
+    "ROPE_TRAIN_SEQ_LEN": _parse_int,
+    "MUON_BETA2": _parse_float,
+}
+
+# The record quantizes at the end of training with these; in qlab that is `qlab quantize`,
+# which applies them to the record policies (qlab.quant.policy.record_env_policy). They are
+# checked here too, so a malformed value fails before a 10-minute run rather than after.
+QUANT_ENV: dict[str, Callable[[str], Any]] = {
+    "MATRIX_BITS": _parse_int,
+    "EMBED_BITS": _parse_int,
+    "MATRIX_CLIP_SIGMAS": _parse_float,
+    "EMBED_CLIP_SIGMAS": _parse_float,
+    "GPTQ_CALIBRATION_BATCHES": _parse_int,
+    "COMPRESSOR": _parse_str,
 }
 
 MODEL_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -374,7 +425,19 @@ MODEL_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "EVAL_SEQ_LEN": ("eval_seq_len", _parse_int),
     "BIGRAM_BUCKETS": ("bigram_buckets", _parse_int),
     "BIGRAM_DIM": ("bigram_dim", _parse_int),
+    "SKIP_GATES_ENABLED": ("skip_gates", parse_bool),
 }
+
+# The record's loop is NUM_LOOPS extra passes over layers LOOP_START..LOOP_END, and XSA on
+# the last XSA_LAST_N layers; qlab's fields say the same as a layer tuple and a count.
+_MODEL_SPECIAL_ENV = ("NUM_LOOPS", "LOOP_START", "LOOP_END", "XSA_LAST_N", "EMBEDDING_DIM")
+
+
+def _parse_env_str(env: Mapping[str, str], var: str) -> str:
+    try:
+        return _parse_str(env[var])
+    except ValueError as exc:
+        raise ConfigError(f"environment variable {var}={env[var]!r} is malformed ({exc})") from exc
 
 
 def _read_env(
@@ -391,9 +454,48 @@ def _read_env(
     return out
 
 
+def _check_env(env: Mapping[str, str], table: Mapping[str, Callable[[str], Any]]) -> dict[str, Any]:
+    return _read_env(env, {var: (var, parse) for var, parse in table.items()})
+
+
+def model_env_overrides(env: Mapping[str, str], base: ModelConfig) -> dict[str, Any]:
+    """ModelConfig fields set by environment variables, the record's loop and XSA names included."""
+    out = _read_env(env, MODEL_ENV)
+    raw = _check_env(env, {v: _parse_int for v in _MODEL_SPECIAL_ENV})
+    num_layers = out.get("num_layers", base.num_layers)
+    if {"NUM_LOOPS", "LOOP_START", "LOOP_END"} & set(raw):
+        loops = raw.get("NUM_LOOPS", base.loop_repeats - 1 if base.loop_layers else 0)
+        start = raw.get("LOOP_START", base.loop_layers[0] if base.loop_layers else 4)
+        end = raw.get("LOOP_END", base.loop_layers[-1] if base.loop_layers else 5)
+        if loops < 0 or not 0 <= start <= end:
+            raise ConfigError(
+                f"environment variables NUM_LOOPS={loops}, LOOP_START={start}, LOOP_END={end}: "
+                "need NUM_LOOPS >= 0 and 0 <= LOOP_START <= LOOP_END"
+            )
+        out["loop_layers"] = tuple(range(start, end + 1)) if loops > 0 else None
+        out["loop_repeats"] = loops + 1 if loops > 0 else base.loop_repeats
+    if "XSA_LAST_N" in raw:
+        n = raw["XSA_LAST_N"]
+        if n < 0:
+            raise ConfigError(f"environment variable XSA_LAST_N={n} must be >= 0")
+        out["xsa"] = n > 0
+        out["xsa_last_n"] = None if n >= num_layers else n
+    if "EMBEDDING_DIM" in raw and raw["EMBEDDING_DIM"] != out.get("model_dim", base.model_dim):
+        raise ConfigError(
+            f"environment variable EMBEDDING_DIM={raw['EMBEDDING_DIM']}: qlab's GPT has no embedding "
+            f"projection, so EMBEDDING_DIM must equal MODEL_DIM ({out.get('model_dim', base.model_dim)})"
+        )
+    return out
+
+
 def train_env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     """TrainConfig fields set by environment variables (RUN_ID/WARMDOWN_ITERS resolved later)."""
+    _check_env(env, RECORD_UNUSED_ENV)
+    _check_env(env, QUANT_ENV)
     out = _read_env(env, TRAIN_ENV)
+    if "DATA_DIR" in env and "DATA_PATH" not in env:
+        # The record's layout: DATA_DIR/datasets/fineweb10B_sp{V}/ and DATA_DIR/tokenizers/.
+        out["data"] = _parse_env_str(env, "DATA_DIR")
     if "RUN_ID" in env:
         run_id = env["RUN_ID"].strip()
         if not run_id or "/" in run_id or run_id in (".", ".."):
@@ -429,11 +531,31 @@ def resolve_configs(
         if iters < 0:
             raise ConfigError(f"environment variable WARMDOWN_ITERS={iters} must be >= 0")
         train_fields["warmdown_frac"] = min(iters / total, 1.0)
+    if "VAL_BATCH_TOKENS" in env and "val_batch_seqs" not in (train_overrides or {}):
+        train_fields["val_batch_seqs"] = _val_batch_seqs(env, train_fields)
     train = TrainConfig(**train_fields)
-    model_fields = {**_read_env(env, MODEL_ENV), **dict(model_overrides or {})}
+    model_fields = {**model_env_overrides(env, model), **dict(model_overrides or {})}
     model_fields.setdefault("train_seq_len", train.train_seq_len)
     model = model.replace(**model_fields)
     return train, model
+
+
+def _val_batch_seqs(env: Mapping[str, str], train_fields: Mapping[str, Any]) -> int:
+    """The record's VAL_BATCH_TOKENS, global: per rank tokens // (world × accum) // seq_len."""
+    try:
+        tokens = _parse_int(env["VAL_BATCH_TOKENS"])
+        world = _parse_int(env.get("WORLD_SIZE", "1"))
+    except ValueError as exc:
+        raise ConfigError(f"environment variable VAL_BATCH_TOKENS/WORLD_SIZE is malformed ({exc})") from exc
+    accum = train_fields.get("grad_accum") or max(8 // max(world, 1), 1)
+    seq_len = train_fields.get("train_seq_len", TrainConfig.train_seq_len)
+    seqs = tokens // (max(world, 1) * accum) // seq_len
+    if seqs < 1:
+        raise ConfigError(
+            f"environment variable VAL_BATCH_TOKENS={tokens} is less than one {seq_len}-token "
+            f"sequence per rank and micro-step (world size {world}, grad accum {accum})"
+        )
+    return seqs
 
 
 # ---- regularizer registry -------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The record stack's optimizers, built from ``model.param_groups()``, and their schedules.
 
 - "matrix" (2-D block weights) → :class:`~qlab.train.muon.Muon`, lr 0.02, wd 0.085;
-- "embed"  (embeddings, untied head) → AdamW, lr 0.03, wd 0.085;
+- "embed"  (embeddings) → AdamW, lr 0.03 when tied (0.6 when untied), wd 0.085;
 - "scalar" (gains, scales, mixes, skip weights) → AdamW, lr 0.02, wd 0.02;
+- "head"   (an untied lm_head only) → AdamW with wd 0 (= Adam), lr 0.008;
 AdamW with betas (0.9, 0.95) and ``fused=True`` as in the record (PR #1394): torch's fused
 kernel exists for CPU and CUDA tensors; on any other device (MPS, XLA) we fall back to the
 unfused loop, which differs from the fused kernel by ~2e-7 relative per step.
@@ -102,9 +103,18 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> Optimizers:
             row_normalize=c.muon_row_normalize,
             ns_steps=c.muon_ns_steps,
         )
-    for name, lr, wd in (("embed", c.embed_lr, c.embed_wd), ("scalar", c.scalar_lr, c.scalar_wd)):
-        if groups.get(name):
-            params = [p for _, p in groups[name]]
+    embed = list(groups.get("embed", []))
+    head = [p for n, p in embed if n.startswith("lm_head.")]
+    embed_params = [p for n, p in embed if not n.startswith("lm_head.")]
+    # The record: a tied embedding trains at TIED_EMBED_LR; an untied one at EMBED_LR, with
+    # its lm_head in a separate Adam (no weight decay) at HEAD_LR.
+    embed_lr = c.untied_embed_lr if head else c.embed_lr
+    for name, params, lr, wd in (
+        ("embed", embed_params, embed_lr, c.embed_wd),
+        ("scalar", [p for _, p in groups.get("scalar", [])], c.scalar_lr, c.scalar_wd),
+        ("head", head, c.head_lr, 0.0),
+    ):
+        if params:
             named[name] = torch.optim.AdamW(
                 [{"params": params, "base_lr": lr}],
                 lr=lr,

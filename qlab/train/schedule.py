@@ -26,14 +26,14 @@ def progress_fraction(step: int, iterations: int, elapsed_s: float, budget_s: fl
     return min(max(by_step, by_time), 1.0)
 
 
-def lr_multiplier(frac: float, warmdown_frac: float) -> float:
-    """Flat at 1, then linear to 0 over the last ``warmdown_frac`` of training."""
+def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float = 0.0) -> float:
+    """Flat at 1, then linear down to ``min_lr`` (default 0) over the last ``warmdown_frac``."""
     if warmdown_frac <= 0:
         return 1.0
     start = 1.0 - warmdown_frac
     if frac < start:
         return 1.0
-    return max((1.0 - frac) / warmdown_frac, 0.0)
+    return max((1.0 - frac) / warmdown_frac, min_lr)
 
 
 def muon_momentum(step: int, start: float, end: float, warmup_steps: int) -> float:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from qlab.train.swa import SWA, blend
 RESUMABLE_CHANGES = {
     "iterations", "max_wallclock_seconds", "val_every", "val_max_tokens", "val_batch_seqs", "eval_stride",
     "log_every", "checkpoint_every", "compile", "device", "data", "tokenizer_path", "out_dir", "grad_accum",
+    "final_sliding", "sliding_stride",
 }  # fmt: skip
 
 
@@ -218,7 +220,8 @@ class _Trainer:
             self.log.truncate_after(-1)  # a run killed before its first checkpoint: start the log afresh
 
         self.step_module = LossWithRegularizers(self.model, build_regularizers(config.regs))
-        module: nn.Module = torch.compile(self.step_module) if config.compile else self.step_module
+        compiled = config.compile_on(self.device.type)
+        module: nn.Module = torch.compile(self.step_module) if compiled else self.step_module
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
@@ -333,7 +336,8 @@ class _Trainer:
         return sums
 
     def discard_warmup(self) -> None:
-        """Run ``warmup_steps`` steps (both loop modes, to compile both graphs), then restore everything."""
+        """Run ``warmup_steps`` steps, then as many with the loop on (compiling both graphs, as
+        the record does: 20 + 20), then restore weights, optimizers, EMA, loader and RNG."""
         n = self.config.warmup_steps
         if n <= 0 or self.resumed:
             return
@@ -342,11 +346,12 @@ class _Trainer:
         ema_state = copy.deepcopy(self.ema.state_dict()) if self.ema is not None else None
         loader_state, rng = self.loader.state_dict(), torch.get_rng_state()
         sampler_state = self.sampler.state_dict() if self.sampler is not None else None
-        for i in range(n):
+        for looping in (False, True) if self.has_loop else (False,):
             if self.has_loop:
-                self.model.set_looping(i >= n // 2)
-            self.opts.apply_schedule(0, 1.0)
-            self.train_step()
+                self.model.set_looping(looping)
+            for i in range(n):
+                self.opts.apply_schedule(i, 1.0)
+                self.train_step()
         if self.has_loop:
             self.model.set_looping(False)
         self.model.load_state_dict(model_state)
@@ -359,16 +364,17 @@ class _Trainer:
         torch.set_rng_state(rng)
 
     # -- evaluation, logging, checkpoints ---------------------------------------------------------
-    def evaluate(self):
-        """Validation of the fp model (QAT's fake quant off, as the checkpoint is loaded)."""
+    def evaluate(self, stride: int | None = None):
+        """Validation of the fp model (QAT's fake quant off, as the checkpoint is loaded);
+        ``stride`` overrides the configured one (the final sliding-window score)."""
         qat_on = bool(disable_qat(self.model))
         try:
-            return self._evaluate_bpb()
+            return self._evaluate_bpb(stride or self.config.eval_stride)
         finally:
             if qat_on:
                 self.enable_qat()
 
-    def _evaluate_bpb(self):
+    def _evaluate_bpb(self, stride: int | None):
         from qlab.eval.bpb import evaluate_bpb
 
         c = self.config
@@ -378,7 +384,7 @@ class _Trainer:
             self.byte_tables,
             seq_len=c.train_seq_len,
             batch_seqs=c.val_batch_seqs,
-            stride=c.eval_stride,
+            stride=stride,
             device=self.device,
             max_tokens=c.val_max_tokens or None,
             autocast=_eval_autocast(c.autocast, self.device),
@@ -450,7 +456,7 @@ class _Trainer:
             self.enable_qat()
         if self.has_loop:
             self.model.set_looping(looping_enabled(frac, self.model_config.loop_start_frac))
-        lr_mult = lr_multiplier(frac, c.warmdown_frac)
+        lr_mult = lr_multiplier(frac, c.warmdown_frac, c.min_lr)
         self.opts.apply_schedule(self.step, lr_mult)
         return lr_mult
 
@@ -470,6 +476,11 @@ class _Trainer:
     def log_train(self, logs: dict[str, Tensor], lr_mult: float) -> None:
         means = {k: D.all_reduce_mean(v.float()).item() for k, v in logs.items()}
         self.last_loss = means.pop("ce")
+        if not math.isfinite(self.last_loss):
+            raise NumericalError(
+                f"training loss is {self.last_loss} at step {self.step} (lr multiplier {lr_mult:.3g}); "
+                f"the last checkpoint in {self.run_dir} is left as it was"
+            )
         step0, elapsed0 = self.last_log
         tps = (self.step - step0) * self.config.train_batch_tokens / max(self.elapsed - elapsed0, 1e-9)
         self.last_log = (self.step, self.elapsed)
@@ -481,15 +492,19 @@ class _Trainer:
 
     def finish(self, stopped_by: str) -> TrainResult:
         """Final validation on the shipped weights (EMA and/or SWA blend), final checkpoint, summary."""
+        sliding = None
         with _swapped(self.model, self.shipped_weights()):
             r = self.evaluate()
+            if self.config.final_sliding:
+                sliding = self.evaluate(stride=self.config.sliding_stride)
         identical = D.ranks_identical(self.model)
         self.save()
         tps = self.tokens_seen / self.elapsed if self.elapsed > 0 else 0.0
         self.write({"kind": "final", "step": self.step, "val_loss": r.val_loss, "val_bpb": r.val_bpb,
                     "tokens_seen": self.tokens_seen, "elapsed": self.elapsed, "tokens_per_s": tps,
                     "weights": self.weights_kind, "stopped_by": stopped_by,
-                    "world_size": self.world, "ranks_identical": identical})  # fmt: skip
+                    "world_size": self.world, "ranks_identical": identical,
+                    **({"val_bpb_sliding": sliding.val_bpb} if sliding is not None else {})})  # fmt: skip
         if not identical:  # a non-deterministic update somewhere made the ranks drift apart
             raise NumericalError(f"DDP ranks ended training with different weights (world size {self.world})")
         return TrainResult(
