@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import torch
 
 from qlab.config import PRESETS, ModelConfig, get_preset
 from qlab.errors import ConfigError
 from qlab.model.gpt import GPT, parameter_table
+from qlab.quant.policy import RecordQuant
+from qlab.train.config import resolve_configs
 
 FAMILIES = ("embedding", "attention", "mlp", "control")
 
@@ -51,8 +54,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.preset:
         raise ConfigError("qlab info: --preset needs a name")
-    config = get_preset(args.preset)
-    print(f"preset: {args.preset}")
+    train, config = resolve_configs(args.preset)
+    print(f"preset: {args.preset} (resolved: preset, then environment variables)")
+    print("model:")
     for line in describe(config):
         print(line)
+    print("training:")
+    for f in dataclasses.fields(train):
+        print(f"  {f.name} = {getattr(train, f.name)!r}")
+    quant = RecordQuant.from_env(os.environ)
+    print("quantization (qlab quantize --policy record):")
+    for f in dataclasses.fields(quant):
+        print(f"  {f.name} = {getattr(quant, f.name)!r}")
     return 0

@@ -25,6 +25,7 @@ _TRAIN_FLAGS = {
     "iterations": "iterations",
     "max_wallclock": "max_wallclock_seconds",
     "compile": "compile",
+    "loader": "loader",
     "autocast": "autocast",
     "device": "device",
     "seed": "seed",
@@ -59,6 +60,18 @@ def register(subparsers) -> None:
     p.add_argument("--max-wallclock", type=float, help="wallclock cap in seconds (0 = none)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    p.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_const",
+        const=False,
+        help="do not compile (default: compile on CUDA only)",
+    )
+    p.add_argument(
+        "--loader",
+        choices=("qlab", "record"),
+        help="data order: qlab's seeded stream, or the record's (default for --preset record)",
+    )
     p.add_argument("--autocast", choices=("auto", "bf16", "none"))
     p.add_argument("--device", help="auto, cpu or cuda[:N]")
     p.add_argument("--seed", type=int)

@@ -45,6 +45,7 @@ TRAIN_LOG_EVERY                train.log_every                     int
 CHECKPOINT_EVERY *             train.checkpoint_every              int
 COMPILE *                      train.compile                       bool
 DATA_PATH                      train.data                          str
+LOADER *                       train.loader (qlab | record)        str
 TOKENIZER_PATH                 train.tokenizer_path                str
 RUN_ID                         train.out_dir = runs/RUN_ID         str
 VOCAB_SIZE                     model.vocab_size                    int
@@ -95,6 +96,7 @@ from qlab.config import ModelConfig, get_preset
 from qlab.errors import ConfigError
 
 AUTOCAST_MODES = ("auto", "bf16", "none")
+LOADERS = ("qlab", "record")
 
 
 @dataclass
@@ -140,6 +142,7 @@ class TrainConfig:
     compile: bool | None = None  # None = on for CUDA (as the record), off on CPU
     autocast: str = "auto"  # "auto" = bf16 on CUDA, none on CPU
     device: str = "auto"
+    loader: str = "qlab"  # "qlab" (one seeded global stream) or "record" (PR #1394's order)
     data: str = "embedded"  # a dataset directory, or "embedded" for the built-in corpus
     tokenizer_path: str | None = None
     out_dir: str = "runs/default"
@@ -233,6 +236,8 @@ def _validate(c: TrainConfig) -> None:
         v = getattr(c, name)
         need(_finite(v) and 0 <= v < 1, f"{name} must lie in [0, 1), got {v!r}")
     need(_finite(c.ema_decay) and 0 <= c.ema_decay < 1, f"ema_decay must lie in [0, 1), got {c.ema_decay!r}")
+    need(c.loader in LOADERS, f"loader must be one of {LOADERS}, got {c.loader!r}")
+    need(not (c.loader == "record" and c.curriculum_buckets), "the curriculum sampler needs loader 'qlab'")
     need(c.autocast in AUTOCAST_MODES, f"autocast must be one of {AUTOCAST_MODES}, got {c.autocast!r}")
     need(
         c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
@@ -280,7 +285,13 @@ def _finite(v: Any) -> bool:
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The record's Hyperparameters defaults where they differ from TrainConfig's: validation
     # every 4,000 steps on the whole split, logs every 500, a final sliding-window score.
-    "record": {"val_every": 4000, "log_every": 500, "val_max_tokens": 0, "final_sliding": True},
+    "record": {
+        "val_every": 4000,
+        "log_every": 500,
+        "val_max_tokens": 0,
+        "final_sliding": True,
+        "loader": "record",
+    },
     # Parameter Golf's naive baseline ran 524,288 tokens per step at sequence length 1024.
     "baseline": {"train_batch_tokens": 524_288, "train_seq_len": 1024},
     # CPU-sized: 16 sequences of 256 tokens per step, step-based schedule, no compile warm-up.
@@ -372,6 +383,7 @@ TRAIN_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "CHECKPOINT_EVERY": ("checkpoint_every", _parse_int),
     "COMPILE": ("compile", parse_bool),
     "DATA_PATH": ("data", _parse_str),
+    "LOADER": ("loader", _parse_str),
     "TOKENIZER_PATH": ("tokenizer_path", _parse_str),
     "QAT_BITS": ("qat_bits", _parse_int),
     "QAT_K": ("qat_k", _parse_float),

@@ -39,6 +39,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qlab.config import ModelConfig
+from qlab.data.loader import ShuffledSequenceLoader
+from qlab.data.record_loader import RecordSequenceLoader
 from qlab.errors import ConfigError, NumericalError
 from qlab.io import checkpoint as ckpt
 from qlab.io.runlog import METRICS_NAME, RunLog
@@ -171,7 +173,6 @@ class _Trainer:
 
     def __init__(self, config: TrainConfig, model_config: ModelConfig, resume: bool, progress: bool) -> None:
         from qlab.data import (
-            ShuffledSequenceLoader,
             build_byte_tables,
             load_tokenizer,
             load_validation_tokens,
@@ -197,9 +198,7 @@ class _Trainer:
         self.has_loop = model_config.loop_layers is not None
         self.opts: Optimizers = build_optimizers(self.model, config)
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
-        self.loader = ShuffledSequenceLoader(
-            info.train_files, config.train_seq_len, self.rank, self.world, config.seed
-        )
+        self.loader = build_loader(config, info.train_files, self.rank, self.world)
         self.sampler = self._build_sampler() if config.curriculum_buckets > 0 else None
         self.swa = SWA(config.swa_every) if config.swa_every > 0 else None
         self.frac = 0.0  # progress fraction of the step about to run
@@ -519,6 +518,13 @@ class _Trainer:
             stopped_by=stopped_by,
             world_size=self.world,
         )
+
+
+def build_loader(config: TrainConfig, files, rank: int, world: int):
+    """The training loader ``config.loader`` names: qlab's seeded stream or the record's order."""
+    if config.loader == "record":
+        return RecordSequenceLoader(files, config.train_seq_len, rank, world)
+    return ShuffledSequenceLoader(files, config.train_seq_len, rank, world, config.seed)
 
 
 @contextlib.contextmanager
