@@ -18,6 +18,10 @@ from typing import Any
 from qlab.errors import ConfigError
 
 ACTIVATIONS = ("relu2", "leaky_relu2")
+# "fp32": every parameter and table in float32 (qlab's default). "record": as PR #1394 ran —
+# tok_emb stored and trained in bf16, RoPE tables built in bf16 (positions included),
+# Muon's orthogonalised update rounded to bf16 (see docs/record.md).
+PRECISIONS = ("fp32", "record")
 
 # Fields stored as tuples in the dataclass but as lists in JSON.
 _TUPLE_FIELDS = ("loop_layers", "value_embed_layers")
@@ -60,6 +64,7 @@ class ModelConfig:
     value_embed_layers: tuple[int, ...] = field(default_factory=tuple)
     train_seq_len: int = 2048
     eval_seq_len: int = 2048
+    precision: str = "fp32"  # one of PRECISIONS
 
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:
@@ -195,6 +200,7 @@ def _validate_types(c: ModelConfig) -> None:
     for name in _BOOLS:
         value = getattr(c, name)
         _require(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+    _require(c.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {c.precision!r}")
     _require(c.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {c.activation!r}")
     _require(
         isinstance(c.leaky_slope, (int, float)) and math.isfinite(c.leaky_slope),

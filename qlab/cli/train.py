@@ -46,7 +46,8 @@ _TRAIN_FLAGS = {
     "curriculum_buckets": "curriculum_buckets",
     "curriculum_floor": "curriculum_floor",
 }
-_MODEL_FLAGS = {"vocab_size": "vocab_size", "model_dim": "model_dim", "num_layers": "num_layers"}
+_MODEL_FLAGS = {"vocab_size": "vocab_size", "model_dim": "model_dim", "num_layers": "num_layers",
+                "precision": "precision"}  # fmt: skip
 
 
 def register(subparsers) -> None:

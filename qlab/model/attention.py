@@ -21,8 +21,14 @@ def rope_tables(
     *,
     train_seq_len: int | None = None,
     device: torch.device | str | None = None,
+    record_bf16: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """cos and sin tables of shape (seq_len, rope_dims // 2), float32.
+
+    ``record_bf16`` builds them as PR #1394 ran: up to ``train_seq_len`` its inverse
+    frequencies live in a bf16 buffer and the positions are a bf16 ``arange`` (only 641 of
+    2,048 positions are distinct in bf16), so cos/sin are bf16; longer sequences take the
+    fp32 NTK path there too.
 
     Frequencies are base^(-2i/rope_dims). When ``train_seq_len`` is given and the
     sequence is longer, the base is stretched NTK-style, base·(T/T_train)^(r/(r−2)), so
@@ -30,6 +36,11 @@ def rope_tables(
     """
     if train_seq_len is not None and seq_len > train_seq_len and rope_dims > 2:
         base = base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
+    elif record_bf16:
+        exponents = torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims
+        inv_freq = (1.0 / (base**exponents)).to(torch.bfloat16)
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.bfloat16, device=device), inv_freq)
+        return angles.cos(), angles.sin()
     exponents = torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims
     inv_freq = 1.0 / (base**exponents)
     positions = torch.arange(seq_len, dtype=torch.float32, device=device)

@@ -114,6 +114,8 @@ class GPT(nn.Module):
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.model_dim, c.vocab_size, bias=False)
         self._looping = False
         self._init_weights()
+        if c.precision == "record":  # the record's .bfloat16() leaves only tok_emb in bf16
+            self.tok_emb.to(torch.bfloat16)
 
     # ---- initialisation ------------------------------------------------------------
     def _zero_init_linears(self) -> list[nn.Linear]:
@@ -185,13 +187,16 @@ class GPT(nn.Module):
         self._check_idx(idx)
         c = self.config
         t = idx.shape[1]
-        x = self.tok_emb(idx)
+        x = self.tok_emb(idx).float()  # a bf16 table (precision "record") still feeds fp32 blocks
         if self.bigram is not None:
             x = x + self.bigram(idx)
         x = F.rms_norm(x, (c.model_dim,))
         x0 = x
         train_len = c.train_seq_len if c.rope_ntk else None
-        cos, sin = rope_tables(t, c.rope_dim, c.rope_base, train_seq_len=train_len, device=idx.device)
+        cos, sin = rope_tables(
+            t, c.rope_dim, c.rope_base, train_seq_len=train_len, device=idx.device,
+            record_bf16=c.precision == "record",
+        )  # fmt: skip
         mask = sliding_window_mask(t, c.attn_window, idx.device) if c.attn_window is not None else None
         encoder, decoder = self._orders[self._looping]
         n_skip = min(len(encoder), len(decoder))

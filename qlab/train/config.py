@@ -64,6 +64,7 @@ ENABLE_LOOPING_AT              model.loop_start_frac               float
 EVAL_SEQ_LEN                   model.eval_seq_len                  int
 BIGRAM_BUCKETS / BIGRAM_DIM    model.bigram_buckets / bigram_dim   int
 SKIP_GATES_ENABLED             model.skip_gates                    bool
+PRECISION *                    model.precision (fp32 | record)     str
 XSA_LAST_N                     model.xsa / xsa_last_n              int
 NUM_LOOPS/LOOP_START/LOOP_END  model.loop_repeats / loop_layers    int
 EMBEDDING_DIM                  must equal MODEL_DIM                int
@@ -438,6 +439,7 @@ MODEL_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "BIGRAM_BUCKETS": ("bigram_buckets", _parse_int),
     "BIGRAM_DIM": ("bigram_dim", _parse_int),
     "SKIP_GATES_ENABLED": ("skip_gates", parse_bool),
+    "PRECISION": ("precision", _parse_str),
 }
 
 # The record's loop is NUM_LOOPS extra passes over layers LOOP_START..LOOP_END, and XSA on

@@ -57,16 +57,29 @@ def row_normalize(U: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 def muon_update(
-    grad: Tensor, buf: Tensor, momentum: float, nesterov: bool, row_norm: bool, steps: int
+    grad: Tensor,
+    buf: Tensor,
+    momentum: float,
+    nesterov: bool,
+    row_norm: bool,
+    steps: int,
+    record_bf16: bool = False,
 ) -> Tensor:
-    """Advance the momentum buffer in place and return the orthogonalised, shape-scaled update."""
+    """Advance the momentum buffer in place and return the orthogonalised, shape-scaled update.
+
+    ``record_bf16``: as the record ran, NS5 in bf16 on every device and the scaled update
+    rounded to bf16 (its flat all-reduce buffer is bf16) before it meets the fp32 weight.
+    """
     buf.mul_(momentum).add_(grad)
     update = grad.add(buf, alpha=momentum) if nesterov else buf.clone()
     if row_norm:
         update = row_normalize(update)
-    update = zeropower_ns5(update, steps=steps)
     rows, cols = update.shape
-    return update * max(1.0, rows / cols) ** 0.5
+    scale = max(1.0, rows / cols) ** 0.5
+    if record_bf16:
+        ortho = zeropower_ns5(update, steps=steps, dtype=torch.bfloat16).to(torch.bfloat16)
+        return (ortho * scale).to(grad.dtype)
+    return zeropower_ns5(update, steps=steps) * scale
 
 
 class Muon(torch.optim.Optimizer):
@@ -81,6 +94,7 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         row_normalize: bool = True,
         ns_steps: int = 5,
+        record_bf16: bool = False,
     ) -> None:
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or ns_steps < 1:
             raise ConfigError(
@@ -94,6 +108,7 @@ class Muon(torch.optim.Optimizer):
             nesterov=nesterov,
             row_normalize=row_normalize,
             ns_steps=ns_steps,
+            record_bf16=record_bf16,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -122,6 +137,7 @@ class Muon(torch.optim.Optimizer):
                     group["nesterov"],
                     group["row_normalize"],
                     group["ns_steps"],
+                    group.get("record_bf16", False),
                 )
                 if wd:
                     p.mul_(1.0 - lr * wd)

@@ -102,6 +102,7 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> Optimizers:
             nesterov=True,
             row_normalize=c.muon_row_normalize,
             ns_steps=c.muon_ns_steps,
+            record_bf16=getattr(getattr(model, "config", None), "precision", "fp32") == "record",
         )
     embed = list(groups.get("embed", []))
     head = [p for n, p in embed if n.startswith("lm_head.")]
