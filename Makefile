@@ -4,7 +4,7 @@ VENV      := .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
 
-.PHONY: demo test bench lint figures clean-venv
+.PHONY: demo test bench lint figures gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks
+
+# On a CUDA machine: the record preset for 200 steps (compile + bf16), NS5, GPTQ, a 1M-token
+# sliding eval and peak memory, in one table (benchmarks/gpu_check.py; --dry-run on a CPU).
+gpu-check: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check
 
 lint: $(STAMP)
 	$(BIN)/ruff check qlab tests benchmarks

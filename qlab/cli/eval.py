@@ -16,7 +16,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="val_loss and val_bpb of a checkpoint or artifact", description=__doc__
     )
-    p.add_argument("checkpoint", help="qlab run directory or .qlab artifact")
+    p.add_argument("checkpoint", help="qlab run directory, .qlab artifact, or any checkpoint of qlab's GPT "
+                   "(e.g. the record's final_model.pt / .int6.ptz: config inferred from the shapes)")
+    p.add_argument("--preset", default=None,
+                   help="preset for what shapes cannot show, when the config is inferred (default record)")
     p.add_argument("--data", default="embedded", help="dataset directory, or 'embedded' (default)")
     p.add_argument("--stride", type=int, help="sliding-window stride (default: standard windows)")
     p.add_argument("--seq-len", type=int, help="evaluation sequence length (default: the model's)")
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    model, label = resolve_model(args.checkpoint)
+    model, label = resolve_model(args.checkpoint, preset=args.preset)
     data = resolve_dataset(args.data, model.config.vocab_size)
     seq_len = args.seq_len or model.config.eval_seq_len
     val = load_validation_tokens(data.val_files, seq_len, vocab_size=data.vocab_size)

@@ -26,7 +26,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "quantize", help="quantize a checkpoint into a 16 MB artifact", description=__doc__
     )
-    p.add_argument("checkpoint", help="qlab run directory or .qlab artifact")
+    p.add_argument("checkpoint", help="qlab run directory, .qlab artifact, or any checkpoint of qlab's GPT "
+                   "(e.g. the record's final_model.pt / .int6.ptz: config inferred from the shapes)")
+    p.add_argument("--preset", default=None,
+                   help="preset for what shapes cannot show, when the config is inferred (default record)")
     p.add_argument("--policy", default="record", help="preset name or a .json/.yaml policy file")
     p.add_argument("--out", required=True, help="artifact path to write (e.g. model.qlab)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     _env_defaults(args, os.environ)
     _check_args(args)
     progress = not args.no_progress and sys.stderr.isatty()
-    model, label = resolve_model(args.checkpoint)
+    model, label = resolve_model(args.checkpoint, preset=args.preset)
     policy = _policy(args.policy, os.environ)
     data = resolve_dataset(args.data, model.config.vocab_size)
     code = code_bytes(args.code, wrap=args.code_wrap) if args.code else 0

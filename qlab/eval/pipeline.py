@@ -27,8 +27,9 @@ from torch import nn
 from qlab.analysis.papers import STAGES, attribute_stages
 from qlab.compress.budget import CAP, predict_artifact_bytes
 from qlab.compress.container import encode_artifact
-from qlab.errors import CheckpointError, ConfigError
+from qlab.errors import ConfigError
 from qlab.eval.bpb import evaluate_bpb
+from qlab.io.checkpoint import load_weights
 from qlab.quant.model_quant import QuantizedModel, calibration_batches, model_extra, quantize_model
 from qlab.quant.policy import Policy, get_policy
 
@@ -74,9 +75,14 @@ class PipelineResult:
     policy: Policy
 
 
-def resolve_model(model_or_ckpt: nn.Module | str | os.PathLike) -> tuple[nn.Module, str]:
+def resolve_model(
+    model_or_ckpt: nn.Module | str | os.PathLike, preset: str | None = None
+) -> tuple[nn.Module, str]:
     """A model and a label: a module as is, a qlab run directory via ``load_model`` (with
-    its depth-recurrence mode restored), or a qlab artifact via its header's model config."""
+    its depth-recurrence mode restored), a qlab artifact via its header's model config, or
+    any other checkpoint of qlab's GPT (the record's ``final_model.pt`` and ``.int6.ptz``,
+    safetensors) with its configuration inferred from the shapes, defaults from ``preset``
+    (``record`` when None)."""
     if isinstance(model_or_ckpt, nn.Module):
         return model_or_ckpt, type(model_or_ckpt).__name__
     path = Path(model_or_ckpt)
@@ -92,10 +98,19 @@ def resolve_model(model_or_ckpt: nn.Module | str | os.PathLike) -> tuple[nn.Modu
         from qlab.quant.model_quant import load_quantized
 
         return load_quantized(path).model, str(path)
-    raise CheckpointError(
-        f"{path}: a {fmt} checkpoint holds no model configuration; evaluate a qlab run "
-        "directory or a .qlab artifact (or pass the model object)"
-    )
+    from qlab.io.readers import load_state_dict
+    from qlab.model.gpt import GPT
+    from qlab.model.infer import infer_model_config
+
+    state = load_state_dict(path)
+    config = infer_model_config({k: tuple(v.shape) for k, v in state.items()}, preset or "record", str(path))
+    model = GPT(config)
+    load_weights(model, {k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, str(path))
+    # A state dict does not say whether depth recurrence was on: the records' final
+    # weights were trained with it switched on for the second half, so it is on here.
+    if config.loop_layers is not None:
+        model.set_looping(True)
+    return model, f"{path} (config inferred from shapes, preset {preset or 'record'})"
 
 
 def resolve_dataset(dataset: Any, vocab_size: int) -> Any:

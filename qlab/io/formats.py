@@ -20,6 +20,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import sys
 import zipfile
 from collections.abc import Mapping
@@ -307,6 +308,8 @@ def release_pages(t: torch.Tensor) -> None:
 # Value = codes · scale, the scale broadcast over each row when it has a dimension.
 
 _PG_PLAIN_KEYS = {"type", "bits", "scheme", "axis"}
+# PR #1394 writes its per-tensor info as plain strings: "gptq (int6)", "passthrough (float16)".
+_PG_ROW_SCALED = re.compile(r"^(gptq|rtn|int\d+|sdclip)\b.*$|^\w+ \(int\d+\)$")
 
 
 def decode_pg_tree(obj: object, path: str | os.PathLike, raw_codes: bool) -> dict[str, torch.Tensor]:
@@ -342,7 +345,9 @@ def _decode_pg_mixed(w: Mapping, meta: Mapping, path, raw_codes: bool) -> dict[s
         q = _pg_get(w, name + ".q", path)
         if raw_codes:
             out[name] = q
-        elif isinstance(info, Mapping) and set(info) <= _PG_PLAIN_KEYS:
+        elif (isinstance(info, Mapping) and set(info) <= _PG_PLAIN_KEYS) or (
+            isinstance(info, str) and _PG_ROW_SCALED.match(info)
+        ):
             out[name] = _row_scaled(q, _pg_get(w, name + ".scale", path), name, path)
         else:
             raise CheckpointError(

@@ -283,8 +283,10 @@ def ptz_tree(qstate: Mapping[str, Any]) -> dict[str, dict]:
     """Parameter Golf's ``{"w": tensors, "m": per-tensor info}`` tree of a quantized state.
 
     Symmetric per-row / per-tensor integer tensors become ``name.q`` + ``name.scale`` with
-    ``{"type": "int<b>"}``; int8 passthroughs likewise; fp16/raw passthroughs and plain
-    tensors are stored as is (``"passthrough"``). Other schemes raise QuantError.
+    the record's info string (``"gptq (int6)"``, ``"rtn (int8)"``); int8 passthroughs
+    likewise; fp16/raw passthroughs and plain tensors are stored as is with an info string
+    holding ``"passthrough"`` — so PR #1394's own ``dequantize_mixed`` reads the tree.
+    Other schemes raise QuantError.
     """
     w: dict[str, torch.Tensor] = {}
     m: dict[str, Any] = {}
@@ -297,12 +299,13 @@ def ptz_tree(qstate: Mapping[str, Any]) -> dict[str, dict]:
                     f"group_size={v.group_size})"
                 )
             w[name + ".q"], w[name + ".scale"] = v.codes, v.scale.reshape(-1)
-            m[name] = {"type": f"int{v.bits}"}
+            m[name] = f"{v.meta.get('method', 'rtn')} (int{v.bits})"
         elif isinstance(v, Passthrough) and v.kind.startswith("int8"):
             w[name + ".q"], w[name + ".scale"] = v.data, v.scale.reshape(-1)
-            m[name] = {"type": "int8"}
+            m[name] = "rtn (int8)"
         elif isinstance(v, Passthrough):
-            w[name], m[name] = v.data, f"passthrough_{v.kind}"
+            w[name] = v.data
+            m[name] = "passthrough (float16)" if v.kind == "fp16" else f"passthrough ({v.kind})"
         elif isinstance(v, torch.Tensor):
             w[name], m[name] = v, "passthrough"
         else:
