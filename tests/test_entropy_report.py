@@ -318,3 +318,27 @@ def test_int_tensor_and_passthrough_specs():
     report = entropy_report({"steps": torch.arange(10)})
     row = report.table.iloc[0]
     assert row["method"] == "raw" and row["bits"] == 64 and math.isclose(row["h0"], math.log2(10))
+
+
+def test_cap_verdict_allows_for_gptq_when_predicting_from_rtn():
+    from qlab.analysis.entropy_report import GPTQ_RTN_EXCESS, GPTQ_RTN_EXCESS_SD
+    from qlab.compress.budget import CAP
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"blocks.0.mlp.fc.weight": torch.randn(256, 128, generator=g) * 0.02,
+          "tok_emb.weight": torch.randn(512, 128, generator=g) * 0.02}  # fmt: skip
+    base = entropy_report(sd, "record_small").totals
+    assert base["gptq_estimate"] == "rtn+correction"
+    gptq_bytes = base["gptq_correction_bytes"] / GPTQ_RTN_EXCESS
+    assert base["gptq_correction_sd_bytes"] == pytest.approx(gptq_bytes * GPTQ_RTN_EXCESS_SD, abs=1)
+    # RTN alone fits by 1 byte, but GPTQ's expected excess does not: no "fits" verdict.
+    code = CAP - base["predicted_bytes"] - 1
+    t = entropy_report(sd, "record_small", code_bytes=code).totals
+    assert t["headroom_bytes"] == 1 and t["verdict"] in ("undecided", "over") and not t["fits"]
+    roomy = entropy_report(
+        sd, "record_small", code_bytes=code - 4 * base["gptq_correction_bytes"] - 100
+    ).totals
+    assert roomy["verdict"] == "fits"
+    H = {n: torch.eye(w.shape[1]) for n, w in sd.items()}
+    exact = entropy_report(sd, "record_small", hessians=H, code_bytes=0).totals
+    assert exact["gptq_estimate"] == "exact" and exact["gptq_correction_bytes"] == 0

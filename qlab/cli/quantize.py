@@ -12,13 +12,12 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import pandas as pd
 
 from qlab.compress.budget import CAP, budget_table, code_bytes
 from qlab.errors import ConfigError
-from qlab.io.atomic import atomic_write_bytes
+from qlab.io.atomic import atomic_write_bytes, check_output
 from qlab.quant.policy import RECORD_POLICIES, Policy, RecordQuant, load_policy, record_policy
 
 
@@ -98,9 +97,8 @@ def _policy(spec: str, env: Mapping[str, str]) -> Policy:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ConfigError(f"{out} already exists; pass --force to overwrite it")
+    inputs = [args.checkpoint] + [c for c in (args.code or [])] + ([args.data] if args.data else [])
+    check_output(args.out, inputs, args.force)
     if args.calib_batches < 0 or args.calib_batch_seqs < 1:
         raise ConfigError("--calib-batches must be ≥ 0 and --calib-batch-seqs ≥ 1")
     if args.cap <= 0 or args.top < 0 or args.stride < 0:

@@ -10,15 +10,19 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from qlab.errors import ConfigError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(f)`` on a temporary binary file, then atomically move it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_tmp(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -58,3 +62,47 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+STALE_TMP_SECONDS = 3600.0  # a temp file this old belongs to a killed write, not a live one
+
+
+def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike], force: bool = False) -> Path:
+    """Refuse an output that is (or lies inside) an input, or that exists without ``force``.
+
+    ``--force`` replaces an earlier *output*; it never makes an input writable.
+    """
+    out_p = Path(out)
+    real = out_p.resolve()
+    for src in inputs:
+        src_p = Path(src).resolve()
+        inside = src_p.is_dir() and src_p in real.parents
+        if real == src_p or src_p in real.parents and not src_p.is_dir() or (inside and _is_input_file(real)):
+            raise ConfigError(f"{out_p}: the output would overwrite the input {src} (choose another path)")
+    if out_p.exists() and not force:
+        raise ConfigError(f"{out_p} already exists; pass --force to overwrite it")
+    return out_p
+
+
+# Files a run, dataset or checkpoint directory is read from: an output may sit beside
+# them (runs/x/model.qlab) but never replace one.
+_INPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".model", ".jsonl", ".ptz")
+_INPUT_NAMES = ("config.json", "meta.json", "model.safetensors.index.json", "manifest.json")
+
+
+def _is_input_file(p: Path) -> bool:
+    return p.exists() and (p.suffix in _INPUT_SUFFIXES or p.name in _INPUT_NAMES)
+
+
+def sweep_stale_tmp(directory: str | os.PathLike, max_age_s: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Delete ``.NAME.*.tmp`` files older than ``max_age_s`` (left by killed atomic writes)."""
+    now = time.time()
+    removed = []
+    for p in Path(directory).glob(".*.tmp"):
+        try:
+            if p.is_file() and now - p.stat().st_mtime > max_age_s:
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue
+    return removed
