@@ -46,3 +46,12 @@ def tiny_dataset(tmp_path_factory) -> DatasetInfo:
 def tiny_tokenizer(tiny_dataset):
     """The tiny dataset's SentencePieceProcessor (vocab 512)."""
     return load_tokenizer(tiny_dataset.tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_1024(tmp_path_factory):
+    """A 1024-piece tokenizer (the size Parameter Golf's sp1024 variant declares)."""
+    from qlab.data.tokenizer import train_tokenizer
+
+    train, _ = embedded_documents()
+    return train_tokenizer(_take(train, TINY_TRAIN_BYTES), 1024, tmp_path_factory.mktemp("tok") / "t.model")

@@ -42,14 +42,14 @@ def test_cli_embedded(tmp_path, capsys):
     assert "source:     embedded" in out and "vocab_size: 512" in out
 
 
-def test_cli_fineweb_with_fake_fetch(tmp_path, tiny_dataset, monkeypatch, capsys):
+def test_cli_fineweb_with_fake_fetch(tmp_path, tokenizer_1024, monkeypatch, capsys):
     from qlab.data.shards import write_shard
 
     hub = tmp_path / "hub"
     write_shard(hub / "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin", list(range(20)))
     write_shard(hub / "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin", list(range(20)))
     (hub / "datasets/tokenizers").mkdir(parents=True)
-    (hub / "datasets/tokenizers/fineweb_1024_bpe.model").write_bytes(tiny_dataset.tokenizer_path.read_bytes())
+    (hub / "datasets/tokenizers/fineweb_1024_bpe.model").write_bytes(tokenizer_1024.read_bytes())
     monkeypatch.setattr(fineweb, "_hub_fetch", lambda repo_id, staging: lambda remote: hub / remote)
     args = ["data", "fineweb", "--variant", "sp1024", "--train-shards", "1", "--out", str(tmp_path / "fw")]
     assert main(args) == 0

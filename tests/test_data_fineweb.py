@@ -12,7 +12,7 @@ from qlab.errors import ConfigError, DataError
 
 
 @pytest.fixture()
-def fake_hub(tmp_path, tiny_dataset):
+def fake_hub(tmp_path, tokenizer_1024):
     """A local directory laid out like the hub repo: datasets/datasets/... and datasets/tokenizers/."""
     hub = tmp_path / "hub"
     data = hub / "datasets" / "datasets" / "fineweb10B_sp1024"
@@ -20,7 +20,7 @@ def fake_hub(tmp_path, tiny_dataset):
         write_shard(data / f"fineweb_train_{i:06d}.bin", np.full(40 + i, i))
     write_shard(data / "fineweb_val_000000.bin", np.arange(30))
     (hub / "datasets" / "tokenizers").mkdir(parents=True)
-    shutil.copy(tiny_dataset.tokenizer_path, hub / "datasets" / "tokenizers" / "fineweb_1024_bpe.model")
+    shutil.copy(tokenizer_1024, hub / "datasets" / "tokenizers" / "fineweb_1024_bpe.model")
     calls: list[str] = []
 
     def fetch(remote: str):

@@ -41,6 +41,7 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("info", help="print a dataset's vocabulary, files and token counts")
     p.add_argument("path", type=Path, help="dataset directory (qlab or Parameter Golf layout)")
+    p.add_argument("--verify", action="store_true", help="also check shard SHA-256s")
     p.set_defaults(func=_info)
 
 
@@ -63,7 +64,7 @@ def _fineweb(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    return _print_info(open_dataset(args.path))
+    return _print_info(open_dataset(args.path, verify=args.verify))
 
 
 def _print_info(info: DatasetInfo) -> int:

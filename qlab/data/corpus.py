@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from qlab.data.dataset import META_NAME, TOKENIZER_NAME, DatasetInfo, open_dataset, read_meta
+from qlab.data.dataset import META_NAME, TOKENIZER_NAME, DatasetInfo, open_dataset, read_meta, shard_manifest
 from qlab.data.embedded import corpus_fingerprint, embedded_documents, is_validation, python_version
 from qlab.data.shards import write_shard
 from qlab.data.tokenizer import BOS_ID, load_tokenizer, train_tokenizer
@@ -90,6 +90,9 @@ def build_dataset(
         "python_version": python_version(),
         "build_seconds": round(time.perf_counter() - start, 3),
         **(extra_meta or {}),
+        # The manifest, written last: open_dataset checks that exactly these shards exist
+        # with these sizes (and, with verify=True, these checksums).
+        "shards": shard_manifest(out),
     }
     atomic_write_json(out / META_NAME, meta)
     return open_dataset(out)
