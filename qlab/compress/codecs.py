@@ -36,14 +36,63 @@ class Codec:
             data = _shuffle(data, self.shuffle_stride)
         return self._compress(data)
 
-    def decompress(self, data: bytes) -> bytes:
+    def decompress(self, data: bytes, max_output: int | None = None) -> bytes:
+        """Decompress; with ``max_output`` the output is produced in bounded steps and an
+        input that would inflate past it is refused before it is (a decompression bomb)."""
         try:
-            out = self._decompress(data)
+            if max_output is None:
+                out = self._decompress(data)
+            else:
+                # the byte-shuffle frame adds a few header bytes to the stored stream
+                limit = max_output + (SHUFFLE_FRAME_BYTES if self.shuffle_stride else 0)
+                out = bounded_decompress(self.spec.split("-")[0], data, limit, self._decompress)
             return _unshuffle(out) if self.shuffle_stride else out
         except QlabError as exc:
             raise ArtifactError(f"codec {self.spec!r}: {exc}") from exc
         except Exception as exc:  # each backend raises its own error type on corrupt input
             raise ArtifactError(f"codec {self.spec!r}: corrupt or truncated input ({exc})") from exc
+
+
+_STEP = 1 << 20
+SHUFFLE_FRAME_BYTES = 16  # output produced per step while bounded
+
+
+def _too_big(limit: int) -> ArtifactError:
+    return ArtifactError(f"decompressed data would exceed the {limit:,}-byte limit (a decompression bomb?)")
+
+
+def bounded_decompress(name: str, data: bytes, limit: int, fallback: Callable[[bytes], bytes]) -> bytes:
+    """Decompress ``data`` with ``name``'s streaming decoder, never holding more than
+    ``limit`` (+ one step) bytes of output; ArtifactError when the output would exceed it."""
+    if name == "brotli":
+        import brotli
+
+        d = brotli.Decompressor()
+        out = bytearray(d.process(data, output_buffer_limit=_STEP))
+        while not d.is_finished():
+            if len(out) > limit:
+                raise _too_big(limit)
+            piece = d.process(b"", output_buffer_limit=_STEP)
+            if not piece and not d.is_finished():  # all input consumed, stream not ended
+                raise ArtifactError("truncated brotli stream")
+            out += piece
+    elif name == "lzma":
+        d = lzma.LZMADecompressor()
+        out = bytearray(d.decompress(data, max_length=limit + 1))
+        if not d.eof and len(out) <= limit:
+            raise ArtifactError("truncated lzma stream")
+    elif name == "zstd":
+        import io
+
+        import zstandard
+
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
+            out = bytearray(r.read(limit + 1))
+    else:  # raw / ans: output size is bounded by the input itself
+        out = bytearray(fallback(data))
+    if len(out) > limit:
+        raise _too_big(limit)
+    return bytes(out)
 
 
 def _brotli(level: str | None) -> tuple[Callable, Callable, str]:

@@ -243,12 +243,21 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict]:
     return decode_artifact(data, where=str(path))
 
 
+MAX_RAW_BYTES = 1 << 30  # 1 GiB of raw tensors: ~25x the record model's
+MAX_HEADER_BYTES = 64 << 20
+
+
 def decode_artifact(data: bytes, where: str = "<bytes>") -> tuple[dict[str, Any], dict]:
     """Parse and verify artifact bytes (see :func:`read_artifact`)."""
     header, payload, layout_end = _split(data, where)
     if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
         raise ArtifactError(f"{where}: payload SHA-256 mismatch (file corrupted or tampered with)")
-    raw = get_codec(header["codec"]).decompress(payload) if header.get("codec") else payload
+    declared = header.get("raw_length")
+    if isinstance(declared, bool) or not isinstance(declared, int) or not 0 <= declared <= MAX_RAW_BYTES:
+        raise ArtifactError(f"{where}: header field 'raw_length' must be an int in [0, {MAX_RAW_BYTES:,}]")
+    # Inflate no further than the header promises: a bomb stops at the declared size.
+    codec = header.get("codec")
+    raw = get_codec(codec).decompress(payload, max_output=declared) if codec else payload
     if len(raw) != header.get("raw_length") or hashlib.sha256(raw).hexdigest() != header.get("raw_sha256"):
         raise ArtifactError(f"{where}: decompressed payload does not match its recorded length/SHA-256")
     out = {}
@@ -331,8 +340,8 @@ def _read_header_v2(data: bytes, where: str) -> tuple[bytes, int]:
         raise ArtifactError(f"{where}: header SHA-256 mismatch (file corrupted or tampered with)")
     if flags & FLAG_BROTLI_HEADER:
         try:
-            head = brotli.decompress(head)
-        except brotli.error as exc:
+            head = get_codec("brotli").decompress(head, max_output=MAX_HEADER_BYTES)
+        except ArtifactError as exc:
             raise ArtifactError(f"{where}: compressed header does not decompress ({exc})") from exc
     return head, end
 

@@ -8,7 +8,6 @@ outside torch's allow-list, and that refusal becomes a :class:`CheckpointError`.
 from __future__ import annotations
 
 import io
-import lzma
 import os
 import pickle
 from pathlib import Path
@@ -22,6 +21,8 @@ from qlab.errors import ArtifactError, CheckpointError, ConfigError
 from qlab.io.atomic import atomic_write_bytes
 
 _XZ_MAGIC = b"\xfd7zXZ\x00"
+# A .ptz states no size; the record's is ~40 MB raw, so 256 MiB bounds what a bomb can take.
+MAX_PTZ_RAW_BYTES = 256 << 20
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -29,15 +30,17 @@ def decompress_ptz(data: bytes, where: str = "<bytes>") -> bytes:
     """Return the ``torch.save`` bytes inside a ``.ptz`` blob (codec detected, shuffle undone)."""
     if data.startswith(_XZ_MAGIC):
         try:
-            raw = lzma.decompress(data)
-        except lzma.LZMAError as exc:
-            raise ArtifactError(f"{where}: corrupt lzma stream ({exc})") from exc
+            raw = get_codec("lzma").decompress(data, max_output=MAX_PTZ_RAW_BYTES)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{where}: {exc}") from exc
     elif data.startswith(_ZIP_MAGIC) or is_shuffled(data):
         raw = data  # stored uncompressed
     else:
         try:
-            raw = get_codec("brotli").decompress(data)
+            raw = get_codec("brotli").decompress(data, max_output=MAX_PTZ_RAW_BYTES)
         except ArtifactError as exc:
+            if "limit" in str(exc):
+                raise ArtifactError(f"{where}: {exc}") from exc
             raise ArtifactError(
                 f"{where}: neither brotli, lzma nor an uncompressed torch.save stream"
             ) from exc
