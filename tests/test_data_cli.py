@@ -50,10 +50,16 @@ def test_cli_fineweb_with_fake_fetch(tmp_path, tokenizer_1024, monkeypatch, caps
     write_shard(hub / "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin", list(range(20)))
     (hub / "datasets/tokenizers").mkdir(parents=True)
     (hub / "datasets/tokenizers/fineweb_1024_bpe.model").write_bytes(tokenizer_1024.read_bytes())
-    monkeypatch.setattr(fineweb, "_hub_fetch", lambda repo_id, staging: lambda remote: hub / remote)
+    (hub / "datasets/manifest.json").write_text('{"datasets": [{"name": "fineweb10B_sp1024"}]}')
+    seen = []
+    monkeypatch.setattr(
+        fineweb, "_hub_fetch", lambda repo_id, staging: seen.append(repo_id) or (lambda r: hub / r)
+    )
     args = ["data", "fineweb", "--variant", "sp1024", "--train-shards", "1", "--out", str(tmp_path / "fw")]
     assert main(args) == 0
     assert "fineweb_train_000000.bin" in capsys.readouterr().out
+    assert main([*args[:-2], "--out", str(tmp_path / "fw2"), "--repo", "me/mine"]) == 0
+    assert seen == ["willdepueoai/parameter-golf", "me/mine"]
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):

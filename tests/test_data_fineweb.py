@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -21,6 +22,8 @@ def fake_hub(tmp_path, tokenizer_1024):
     write_shard(data / "fineweb_val_000000.bin", np.arange(30))
     (hub / "datasets" / "tokenizers").mkdir(parents=True)
     shutil.copy(tokenizer_1024, hub / "datasets" / "tokenizers" / "fineweb_1024_bpe.model")
+    manifest = {"datasets": [{"name": "fineweb10B_sp1024", "stats": {"files_train": 3, "files_val": 1}}]}
+    (hub / "datasets" / "manifest.json").write_text(json.dumps(manifest))
     calls: list[str] = []
 
     def fetch(remote: str):
@@ -47,7 +50,7 @@ def test_download_from_fake_hub(tmp_path, fake_hub):
     hub, fetch, calls = fake_hub
     out = tmp_path / "out"
     info = download_fineweb("sp1024", 2, out, fetch=fetch)
-    assert len(calls) == 4
+    assert len(calls) == 5 and calls[0] == "datasets/manifest.json"
     assert info.root == out / "datasets" / "fineweb10B_sp1024" and info.vocab_size == 1024
     assert [read_shard(f).tolist()[0] for f in info.train_files] == [0, 1]
     assert info.val_tokens == 30
@@ -55,7 +58,26 @@ def test_download_from_fake_hub(tmp_path, fake_hub):
     # a second call keeps valid files and fetches only what is new
     calls.clear()
     download_fineweb("sp1024", 3, out, fetch=fetch)
-    assert calls == ["datasets/datasets/fineweb10B_sp1024/fineweb_train_000002.bin"]
+    assert calls == ["datasets/manifest.json", "datasets/datasets/fineweb10B_sp1024/fineweb_train_000002.bin"]
+
+
+def test_manifest_decides_what_a_repository_holds(tmp_path, fake_hub, monkeypatch):
+    hub, fetch, _ = fake_hub
+    with pytest.raises(DataError, match="has 3 train shards, 4 were requested"):
+        download_fineweb("sp1024", 4, tmp_path / "o", fetch=fetch)
+    with pytest.raises(DataError, match="lists no dataset fineweb10B_sp8192.*--repo kevclark"):
+        download_fineweb("sp8192", 1, tmp_path / "o", fetch=fetch)
+    (hub / "datasets" / "manifest.json").write_text("{" * 100_000)
+    with pytest.raises(DataError, match="manifest.json unreadable"):
+        download_fineweb("sp1024", 1, tmp_path / "o", fetch=fetch)
+
+
+def test_default_repository_per_variant():
+    from qlab.data.fineweb import default_repo
+
+    assert default_repo("sp1024", env={}) == "willdepueoai/parameter-golf"
+    assert default_repo("sp8192", env={}) == "kevclark/parameter-golf"
+    assert default_repo("sp8192", env={"MATCHED_FINEWEB_REPO_ID": "me/mine"}) == "me/mine"
 
 
 def test_corrupt_download_rejected(tmp_path, fake_hub):

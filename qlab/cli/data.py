@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--variant", choices=sorted(VARIANTS), default="sp1024")
     p.add_argument("--train-shards", type=int, default=1, help="number of 100M-token train shards")
     p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--repo", help="dataset repository (default: $MATCHED_FINEWEB_REPO_ID, else the one "
+                                  "whose manifest lists the variant)")  # fmt: skip
     p.set_defaults(func=_fineweb)
 
     p = sub.add_parser("info", help="print a dataset's vocabulary, files and token counts")
@@ -60,7 +62,7 @@ def _build(args: argparse.Namespace) -> int:
 def _fineweb(args: argparse.Namespace) -> int:
     if args.train_shards < 0:
         raise ConfigError(f"--train-shards must be ≥ 0, got {args.train_shards}")
-    return _print_info(download_fineweb(args.variant, args.train_shards, args.out))
+    return _print_info(download_fineweb(args.variant, args.train_shards, args.out, repo_id=args.repo))
 
 
 def _info(args: argparse.Namespace) -> int:

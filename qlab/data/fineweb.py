@@ -9,9 +9,10 @@ parameter (``fetch``) so tests use a local fake hub and never the network.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from qlab.data.dataset import DatasetInfo, open_dataset
@@ -22,6 +23,19 @@ from qlab.io.atomic import atomic_write
 
 VARIANTS = {"sp1024": 1024, "sp8192": 8192}
 DEFAULT_REPO = "willdepueoai/parameter-golf"
+# The sp8192 shards are not in the default repository's manifest; PR #1394's README
+# downloads them from this one (with MATCHED_FINEWEB_REPO_ID, which qlab honours too).
+VARIANT_REPOS = {"sp1024": DEFAULT_REPO, "sp8192": "kevclark/parameter-golf"}
+REPO_ENV = "MATCHED_FINEWEB_REPO_ID"
+
+
+def default_repo(variant: str, env: Mapping[str, str] | None = None) -> str:
+    """$MATCHED_FINEWEB_REPO_ID if set, else the repository known to hold ``variant``."""
+    env = os.environ if env is None else env
+    _vocab(variant)
+    return env.get(REPO_ENV) or VARIANT_REPOS[variant]
+
+
 Fetch = Callable[[str], "str | os.PathLike"]
 
 
@@ -40,7 +54,7 @@ def download_fineweb(
     variant: str,
     train_shards: int,
     out_dir: str | os.PathLike,
-    repo_id: str = DEFAULT_REPO,
+    repo_id: str | None = None,
     prefix: str = "datasets",
     val_shards: int = 1,
     fetch: Fetch | None = None,
@@ -54,7 +68,10 @@ def download_fineweb(
         raise ConfigError(f"need train_shards ≥ 0 and val_shards ≥ 1, got {train_shards} / {val_shards}")
     out = Path(out_dir)
     staging = out / ".hub"
+    repo_id = repo_id or default_repo(variant)
     fetch = fetch or _hub_fetch(repo_id, staging)
+    manifest = Path(fetch(f"{prefix}/manifest.json" if prefix else "manifest.json"))
+    _check_manifest(manifest, variant, train_shards, val_shards, repo_id)
     for remote in remote_files(variant, train_shards, val_shards, prefix):
         local = out / (remote[len(prefix) + 1 :] if prefix else remote)
         if local.is_file() and _valid(local):
@@ -62,6 +79,27 @@ def download_fineweb(
         _install(Path(fetch(remote)), local, remote)
     shutil.rmtree(staging, ignore_errors=True)
     return open_dataset(out, vocab_size=_vocab(variant))
+
+
+def _check_manifest(path: Path, variant: str, train_shards: int, val_shards: int, repo_id: str) -> None:
+    """The repository's manifest.json must list the variant with enough shards."""
+    if not path.is_file():
+        raise DataError(f"{repo_id}: manifest.json: download produced no file (expected {path})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise DataError(f"{repo_id}: manifest.json unreadable ({type(exc).__name__})") from None
+    name = f"fineweb10B_sp{_vocab(variant)}"
+    entries = manifest.get("datasets", []) if isinstance(manifest, dict) else []
+    entry = next((e for e in entries if isinstance(e, dict) and e.get("name") == name), None)
+    if entry is None:
+        hint = VARIANT_REPOS["sp8192"]
+        raise DataError(f"{repo_id}: manifest.json lists no dataset {name} (for sp8192 try --repo {hint})")
+    stats = entry.get("stats") if isinstance(entry.get("stats"), dict) else {}
+    for key, want in (("files_train", train_shards), ("files_val", val_shards)):
+        have = stats.get(key)
+        if isinstance(have, int) and want > have:
+            raise DataError(f"{repo_id}: {name} has {have} {key[6:]} shards, {want} were requested")
 
 
 def _vocab(variant: str) -> int:
