@@ -73,6 +73,11 @@ def register(subparsers) -> None:
         choices=("qlab", "record"),
         help="data order: qlab's seeded stream, or the record's (default for --preset record)",
     )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "record"),
+        help="fp32 everywhere (default), or as the record ran: bf16 tok_emb, RoPE tables and Muon update",
+    )
     p.add_argument("--autocast", choices=("auto", "bf16", "none"))
     p.add_argument("--device", help="auto, cpu or cuda[:N]")
     p.add_argument("--seed", type=int)

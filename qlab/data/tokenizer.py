@@ -98,10 +98,15 @@ def load_tokenizer(path: str | os.PathLike) -> spm.SentencePieceProcessor:
     sp = spm.SentencePieceProcessor()
     try:
         ok = sp.Load(str(path))
-    except (RuntimeError, OSError) as exc:
-        raise DataError(f"{path}: not a valid SentencePiece model ({exc})") from exc
+    except (RuntimeError, OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: not a valid SentencePiece model ({type(exc).__name__})") from None
     if not ok or sp.vocab_size() <= 0:
         raise DataError(f"{path}: not a valid SentencePiece model")
+    try:  # a damaged model can load and still hold pieces that are not UTF-8
+        for i in range(sp.vocab_size()):
+            sp.id_to_piece(i)
+    except (UnicodeDecodeError, RuntimeError, ValueError) as exc:
+        raise DataError(f"{path}: damaged SentencePiece model (piece {i}: {type(exc).__name__})") from None
     return sp
 
 

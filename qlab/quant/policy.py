@@ -14,10 +14,11 @@ same structure from JSON/YAML.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from qlab.errors import ConfigError, QuantError
+from qlab.quant.clip import CLIP_RULES
 from qlab.quant.gptq import gptq_quantize_many
-from qlab.quant.rtn import quantize_rtn
+from qlab.quant.rtn import GRANULARITIES, quantize_rtn
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
 METHODS = ("gptq", "rtn", "passthrough")
@@ -50,13 +52,38 @@ class TensorSpec:
     passthrough_dtype: str = "fp16"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"TensorSpec.method must be one of {METHODS}, got {self.method!r}")
-        if self.passthrough_dtype not in PASSTHROUGH_KINDS:
-            raise ConfigError(
-                f"TensorSpec.passthrough_dtype must be one of {PASSTHROUGH_KINDS}, "
-                f"got {self.passthrough_dtype!r}"
-            )
+        def need(ok: bool, field_: str, want: str) -> None:
+            if not ok:
+                raise ConfigError(f"TensorSpec.{field_} must be {want}, got {getattr(self, field_)!r}")
+
+        need(isinstance(self.method, str) and self.method in METHODS, "method", f"one of {METHODS}")
+        need(
+            isinstance(self.passthrough_dtype, str) and self.passthrough_dtype in PASSTHROUGH_KINDS,
+            "passthrough_dtype", f"one of {PASSTHROUGH_KINDS}",
+        )  # fmt: skip
+        need(_is_int(self.bits) and 1 <= self.bits <= 16, "bits", "an integer in 1..16")
+        need(isinstance(self.clip, str) and self.clip in CLIP_RULES, "clip", f"one of {sorted(CLIP_RULES)}")
+        need(isinstance(self.granularity, str) and self.granularity in GRANULARITIES, "granularity",
+             f"one of {GRANULARITIES}")  # fmt: skip
+        need(self.group_size is None or (_is_int(self.group_size) and self.group_size > 0), "group_size",
+             "a positive integer or null")  # fmt: skip
+        need(isinstance(self.symmetric, bool), "symmetric", "true or false")
+        need(
+            isinstance(self.clip_params, Mapping)
+            and all(isinstance(k, str) and _is_param(v) for k, v in self.clip_params.items()),
+            "clip_params", "a mapping of names to numbers",
+        )  # fmt: skip
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_param(v: object) -> bool:
+    """A clip parameter: a finite number, or a list of them (quantiles, shrink grids)."""
+    if isinstance(v, (list, tuple)):
+        return len(v) <= 4096 and all(_is_param(x) for x in v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,23 @@ class Rule:
     ndim: int | None = None
     min_numel: int | None = None
     max_numel: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ConfigError(f"policy rule: pattern must be a non-empty string, got {self.pattern!r}")
+        if self.pattern.startswith("re:"):
+            try:
+                re.compile(self.pattern[3:])
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise ConfigError(
+                    f"policy rule: invalid regular expression {self.pattern!r} ({exc})"
+                ) from None
+        for name in ("ndim", "min_numel", "max_numel"):
+            v = getattr(self, name)
+            if v is not None and not (_is_int(v) and v >= 0):
+                raise ConfigError(
+                    f"policy rule {self.pattern!r}: {name} must be a non-negative integer, got {v!r}"
+                )
 
     def matches(self, name: str, tensor: torch.Tensor) -> bool:
         if self.pattern.startswith("re:"):
@@ -158,16 +202,26 @@ def _spec_dict(spec: TensorSpec) -> dict:
 
 
 def _spec_from(d: Mapping, where: str) -> TensorSpec:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"policy {where}: a tensor spec must be a mapping, got {type(d).__name__}")
+    unknown = sorted(str(k) for k in set(d) - {f.name for f in fields(TensorSpec)})
+    if unknown:
+        raise ConfigError(f"policy {where}: unknown tensor spec keys {unknown}")
+    params = d.get("clip_params", {})
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"policy {where}: clip_params must be a mapping, got {type(params).__name__}")
     try:
-        return TensorSpec(**{**d, "clip_params": dict(d.get("clip_params", {}))})
-    except TypeError as exc:
-        raise ConfigError(f"policy {where}: bad tensor spec {dict(d)!r} ({exc})") from exc
+        return TensorSpec(**{**d, "clip_params": dict(params)})
+    except ConfigError as exc:
+        raise ConfigError(f"policy {where}: {exc}") from None
 
 
 def policy_from_dict(d: Mapping) -> Policy:
     """Build a Policy from ``{"name", "rules": [{"pattern", "spec", "ndim"?, ...}], "default"?}``."""
-    if not isinstance(d, Mapping) or "rules" not in d:
+    if not isinstance(d, Mapping) or not isinstance(d.get("rules"), list):
         raise ConfigError("policy: expected a mapping with a 'rules' list")
+    if not isinstance(d.get("name", "custom"), str):
+        raise ConfigError(f"policy: name must be a string, got {d.get('name')!r}")
     rules = []
     for i, r in enumerate(d["rules"]):
         if not isinstance(r, Mapping) or "pattern" not in r or "spec" not in r:
