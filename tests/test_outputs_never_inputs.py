@@ -49,3 +49,45 @@ def test_stale_temp_files_are_swept_on_the_next_write(tmp_path):
     os.utime(stale, (old, old))
     atomic_write_bytes(tmp_path / "z", b"data")
     assert not stale.exists() and fresh.exists()
+
+
+def test_shard_index_cannot_point_outside_its_folder(tmp_path):
+    import json
+
+    from qlab.errors import CheckpointError
+    from qlab.io.readers import load_state_dict
+
+    outside = tmp_path / "secret.safetensors"
+    save_file({"a": torch.zeros(2)}, str(outside))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for shard in (str(outside), "../secret.safetensors"):
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+        with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+            load_state_dict(ckpt)
+
+
+def test_a_null_matrix_base_is_an_error_not_the_defaults(tmp_path):
+    from qlab.analysis.matrix.spec import spec_from_dict
+
+    with pytest.raises(ConfigError, match="bases.a is empty"):
+        spec_from_dict({"bases": {"a": None}})
+
+
+def test_internal_errors_exit_3(monkeypatch, capsys):
+    import qlab.cli.info as info
+
+    def boom(args):
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(info, "run", boom)
+    from qlab.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["info", "--list"])
+    args.func = boom
+    monkeypatch.setattr(
+        "qlab.cli.build_parser", lambda: type("P", (), {"parse_args": lambda self, a: args})()
+    )
+    assert main(["info", "--list"]) == 3
+    assert "internal error" in capsys.readouterr().err

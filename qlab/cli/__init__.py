@@ -39,6 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qlab: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("qlab: error: out of memory (the input asks for more than this machine has)", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug, not a bad input: say so, and keep the traceback
+        import traceback
+
+        traceback.print_exc()
+        print(f"qlab: internal error ({type(exc).__name__}: {exc}); please report it", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

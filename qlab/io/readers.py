@@ -169,6 +169,8 @@ def _index_sources(index: Path) -> list[_Source]:
         data = json.loads(index.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{index}: shard index is not valid JSON: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"{index}: shard index is nested too deeply") from None
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise CheckpointError(f"{index}: shard index needs a 'weight_map' object (tensor name -> shard file)")
@@ -176,8 +178,12 @@ def _index_sources(index: Path) -> list[_Source]:
     for name, shard in wm.items():
         by_shard.setdefault(shard, []).append(name)
     out = []
+    root = index.parent.resolve()
     for shard, names in by_shard.items():
         f = index.parent / shard
+        # The index decides which files are read: never outside its own folder.
+        if Path(shard).is_absolute() or root not in (root / shard).resolve().parents:
+            raise CheckpointError(f"{index}: shard {shard!r} lies outside the checkpoint folder")
         if not f.is_file():
             raise CheckpointError(f"{index}: shard {shard!r} listed in the weight_map is missing ({f})")
         kind = "safetensors" if f.suffix == ".safetensors" else "torch"

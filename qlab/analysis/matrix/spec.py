@@ -270,8 +270,10 @@ def spec_from_dict(data: Any, root: str | Path = ".", where: str = "matrix spec"
     return spec
 
 
-def _table(obj: Any, where: str, keys: set[str] | None = None) -> dict[str, Any]:
-    if obj is None:
+def _table(obj: Any, where: str, keys: set[str] | None = None, optional: bool = True) -> dict[str, Any]:
+    # An absent section means "defaults"; an explicit null (a truncated file, a typo'd
+    # key with no value) does not, or a damaged spec would silently run the defaults.
+    if obj is None and optional:
         obj = {}
     if not isinstance(obj, Mapping):
         raise ConfigError(f"{where} must be a table/mapping, got {type(obj).__name__}")
@@ -283,6 +285,8 @@ def _table(obj: Any, where: str, keys: set[str] | None = None) -> dict[str, Any]
 def _base(name: str, obj: Any, where: str) -> BaseSpec:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"{where}: base names may use letters, digits, '_', '.', '-' only")
+    if obj is None:
+        raise ConfigError(f"{where} is empty (null): a base needs at least its preset")
     b = _table(obj, where, _BASE_KEYS)
     for key in ("preset", "data"):
         if key in b and not isinstance(b[key], str):
