@@ -113,3 +113,17 @@ def test_qlab_ptz_tree_decodes_with_the_records_rule(record_files, tiny_dataset)
     ours = qm.dequantized_model.state_dict()
     for k in theirs:
         torch.testing.assert_close(theirs[k], ours[k], rtol=0, atol=1e-3 * float(ours[k].abs().max()) + 1e-6)
+
+
+def test_record_path_a_artifacts_read_as_tensors(record_files, tmp_path):
+    from qlab.io.readers import load_state_dict
+    from qlab.quant.model_quant import save_quantized
+
+    _, model = record_files
+    policy = record_policy("record_pathA")
+    qm = quantize_model(model, policy)
+    save_quantized(tmp_path / "a.qlab", qm, policy)
+    sd = load_state_dict(tmp_path / "a.qlab")
+    ours = qm.dequantized_model.state_dict()
+    for name in ("blocks.0.attn_scale", "skip_gates"):
+        torch.testing.assert_close(sd[name].float(), ours[name].float())

@@ -276,6 +276,16 @@ def _as_tensor_dict(obj: object, path: Path) -> dict[str, object]:
 def _artifact_value(v: object) -> object:
     if isinstance(v, np.ndarray):
         return torch.from_numpy(v)
+    if (
+        dataclasses.is_dataclass(v)
+        and not isinstance(v, _quantized_type())
+        and callable(getattr(v, "dequantize", None))
+    ):
+        # int8 passthroughs (record_pathA) hold codes and a scale: their value is the product.
+        try:
+            return v.dequantize()
+        except (QlabError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"passthrough entry cannot be dequantized ({exc})") from None
     if dataclasses.is_dataclass(v) and not isinstance(v, _quantized_type()):
         # Passthrough-style wrappers: the one tensor they hold is the value.
         tensors = [x for f in dataclasses.fields(v) if isinstance(x := getattr(v, f.name), torch.Tensor)]
