@@ -306,3 +306,17 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["fingerprint", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["fingerprint", str(tmp_path), "--tokens", "3"]) == 2
+
+
+def test_fingerprint_of_a_checkpoint_without_qlab_names(tmp_path):
+    """A BERT-style safetensors: per-matrix spectra and figures, no family tables."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    sd = {f"encoder.layer.{i}.attention.query.weight": torch.randn(64, 64, generator=g) for i in range(3)}
+    sd["embeddings.word_embeddings.weight"] = torch.randn(300, 64, generator=g)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    assert main(["fingerprint", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "fp")]) == 0
+    summary = pd.read_csv(tmp_path / "fp" / "spectral_summary.csv")
+    assert summary["name"].nunique() == 4 and summary["sigma_max"].gt(0).all()
+    assert not list((tmp_path / "fp").glob("*.png"))  # every figure needs qlab's layer/family names

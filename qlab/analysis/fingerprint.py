@@ -42,7 +42,13 @@ from qlab.analysis.cka import cka_across, cka_matrix
 from qlab.analysis.depth import depth_trajectory, layer_sensitivity
 from qlab.analysis.geometry import coordinate_histogram, hidden_state_metrics, norm_histogram, pca3
 from qlab.analysis.hidden_quant import hidden_quant_table
-from qlab.analysis.spectra import family_spectra, family_summary, spectral_differential, spectral_summary
+from qlab.analysis.spectra import (
+    family_spectra,
+    family_summary,
+    spectral_differential,
+    spectral_summary,
+    weight_family,
+)
 from qlab.errors import ConfigError, DataError
 from qlab.io.atomic import atomic_write_text
 from qlab.quant.policy import Policy, dequantize_state_dict, get_policy, quantize_state_dict
@@ -123,6 +129,19 @@ def _distinct(labels: Sequence[str]) -> None:
 
 
 # --------------------------------------------------------------------------- weights
+def _by(sd) -> str:
+    """Compare spectra by family where names have one, matrix by matrix otherwise."""
+    return "family" if any(weight_family(n) for n in sd) else "matrix"
+
+
+def _if_families(fn, sd, **kw) -> pd.DataFrame:
+    """A per-family table, or an empty one for checkpoints whose names have no qlab family
+    (e.g. a BERT's ``encoder.layer.0.attention…``): their per-matrix spectra still work."""
+    if not any(weight_family(n) for n in sd):
+        return pd.DataFrame({"family": pd.Series(dtype=str)})
+    return fn(sd, **kw)
+
+
 def weight_fingerprint(
     path_or_sd: StateDictLike,
     *,
@@ -165,15 +184,15 @@ def weight_fingerprint(
         "spectral_summary": _stack(
             [_tag(spectral_summary(sd, fit_alpha=fit_alpha), v) for v, sd in variants.items()]
         ),
-        "family_spectra": _stack([_tag(family_spectra(sd), v) for v, sd in variants.items()]),
+        "family_spectra": _stack([_tag(_if_families(family_spectra, sd), v) for v, sd in variants.items()]),
         "family_summary": _stack(
-            [_tag(family_summary(sd, fit_alpha=fit_alpha), v) for v, sd in variants.items()]
+            [_tag(_if_families(family_summary, sd, fit_alpha=fit_alpha), v) for v, sd in variants.items()]
         ),
     }
     if pairs:
         out["spectral_differential"] = _stack(
             [
-                _tag(spectral_differential(variants[v], variants[r], by="family"), v, reference=r)
+                _tag(spectral_differential(variants[v], variants[r], by=_by(variants[v])), v, reference=r)
                 for v, r in pairs
             ]
         )

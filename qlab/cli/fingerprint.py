@@ -87,9 +87,14 @@ def _summary(results: dict[str, pd.DataFrame], out: Path, n_tables: int, n_figur
     else:
         print("activations: skipped (need a qlab run directory and --data)")
     fs = results["family_summary"]
-    flat = fs.pivot_table(index="family", columns="variant", values="flatness", aggfunc="first", sort=False)
-    print("mean tail flatness per family (decades of σᵢ/σ₁):")
-    print(flat.to_string(float_format=lambda x: f"{x:.3f}"))
+    if "flatness" in fs:
+        flat = fs.pivot_table(
+            index="family", columns="variant", values="flatness", aggfunc="first", sort=False
+        )
+        print("mean tail flatness per family (decades of σᵢ/σ₁):")
+        print(flat.to_string(float_format=lambda x: f"{x:.3f}"))
+    else:
+        print("families: none (no qlab parameter names); per-matrix spectra in spectral_summary.csv")
     if "depth" in results:
         d = results["depth"]
         last = d.loc[d.groupby("variant")["position"].idxmax()]

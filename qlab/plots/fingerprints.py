@@ -494,14 +494,22 @@ def figure_makers() -> dict[str, tuple[str, object]]:
     }
 
 
+def _has_layered_families(df: pd.DataFrame) -> bool:
+    return {"family", "layer"} <= set(df.columns) and bool((df["family"].notna() & df["layer"].notna()).any())
+
+
 def render_fingerprint_figures(results: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike) -> list[Path]:
     """Draw and save (PNG, < 300 KB each) every figure whose table is in ``results``;
     returns the written paths. Tables without a figure (``meta``) are skipped."""
     out = Path(out_dir)
     paths = []
     for table, figures in figure_makers().items():
-        if table not in results:
+        if table not in results or results[table].empty:  # e.g. no qlab weight families
             continue
+        if table == "spectral_differential" and "family" not in results[table]:
+            continue  # compared matrix by matrix: the per-family figure does not apply
+        if table == "spectral_summary" and not _has_layered_families(results[table]):
+            continue  # the per-layer figure needs qlab's blocks.{i}.<family> names
         for name, make in figures:
             paths.append(save_figure(make(results[table]), out / name))
     return paths
