@@ -209,3 +209,31 @@ def test_load_model_restores_depth_recurrence_mode(tmp_path, looping):
     assert loaded.looping is looping
     x = torch.randint(0, 64, (1, 16))
     assert torch.equal(loaded(x), model(x))
+
+
+def test_weights_checksum_is_verified_on_load(tmp_path):
+    import json as _json
+
+    from qlab.config import get_preset
+    from qlab.errors import CheckpointError
+    from qlab.io import checkpoint as ck
+    from qlab.model.gpt import GPT
+    from qlab.train.config import TrainConfig
+
+    cfg = get_preset("tiny").replace(vocab_size=64, model_dim=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                                     rope_dims=8, loop_layers=None)  # fmt: skip
+    model = GPT(cfg)
+    run = tmp_path / "run"
+
+    class _Opt:
+        def state_dict(self):
+            return {}
+
+    ck.save_checkpoint(run, model, None, _Opt(), {"step": 1, "tokens_seen": 0}, cfg, TrainConfig())
+    assert len(_json.loads((run / "config.json").read_text())["weights_sha256"]) == 64
+    ck.load_model(run)
+    data = bytearray((run / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # one flipped bit inside a tensor: still a valid safetensors file
+    (run / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="weights_sha256"):
+        ck.load_model(run)

@@ -16,6 +16,7 @@ and preferred by the readers; an incomplete one is discarded.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -93,7 +94,8 @@ def save_checkpoint(
     torch.save(state, buf)
     atomic_write_bytes(staging / STATE_NAME, buf.getvalue())
     meta = {"step": str(step), "weights": weights_kind, "format": "qlab"}
-    atomic_write_bytes(staging / WEIGHTS_NAME, st_save(weights, metadata=meta))
+    weights_bytes = st_save(weights, metadata=meta)
+    atomic_write_bytes(staging / WEIGHTS_NAME, weights_bytes)
     config = {
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
@@ -103,6 +105,8 @@ def save_checkpoint(
         # depth recurrence switches on mid-run; evaluation must use the mode training ended in
         "looping": bool(trainer_state.get("looping", False)),
         "qlab_version": _version(),
+        # Verified on load: a swapped, truncated or bit-flipped model.safetensors is refused.
+        "weights_sha256": hashlib.sha256(weights_bytes).hexdigest(),
     }
     atomic_write_json(staging / CONFIG_NAME, config)
     _commit(run_dir)
@@ -189,7 +193,20 @@ def load_checkpoint(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
         raise CheckpointError(
             f"{run_dir}: {WEIGHTS_NAME} is from step {meta['step']} but {CONFIG_NAME} says step {cfg['step']}"
         )
+    want = cfg.get("weights_sha256")
+    if want is not None and _sha256_file(path) != want:
+        raise CheckpointError(
+            f"{path}: SHA-256 differs from {CONFIG_NAME}'s weights_sha256 (damaged or replaced weights)"
+        )
     return state, cfg
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
