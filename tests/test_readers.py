@@ -617,3 +617,19 @@ def test_single_name_string_and_torch_dtype(tmp_path):
     got = dict(iter_tensors(p, names="blocks.0.attn.c_q.weight", dtype=torch.float16))
     assert list(got) == ["blocks.0.attn.c_q.weight"]
     assert torch.equal(got["blocks.0.attn.c_q.weight"], sd["blocks.0.attn.c_q.weight"].to(torch.float16))
+
+
+def test_a_refused_pickle_gets_one_short_line(tmp_path):
+    import os as _os
+    import pickle as _pickle  # noqa: F401 (documents what is being refused)
+
+    class Evil:
+        def __reduce__(self):
+            return (_os.system, ("true",))
+
+    torch.save({"w": Evil()}, tmp_path / "e.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(tmp_path / "e.pt")
+    msg = str(err.value)
+    assert "refused as unsafe" in msg and "system" in msg
+    assert "weights_only` set to `False`" not in msg and "\n" not in msg

@@ -221,7 +221,14 @@ def _unpickler_reason(msg: str) -> str:
         if "WeightsUnpickler error:" in ln:
             rest = ln.split("WeightsUnpickler error:", 1)[1].strip()
             return rest or (lines[i + 1] if i + 1 < len(lines) else ln)
-    return lines[0] if lines else msg
+    # torch >= 2.6 words it differently: the refused GLOBAL is on a line of its own, after
+    # a paragraph that advises weights_only=False (advice qlab must not repeat).
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln or "unsupported" in ln:
+            return ln
+    return next(
+        (ln for ln in lines if not ln.startswith("Weights only load failed")), lines[0] if lines else msg
+    )
 
 
 def _needs_code(reason: str) -> bool:
