@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlab.checks import is_int as _is_int
 from qlab.errors import ConfigError
 
 ACTIVATIONS = ("relu2", "leaky_relu2")
@@ -124,10 +125,6 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
         return dataclasses.replace(self, **changes)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require(ok: bool, message: str) -> None:

@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qlab.compress import predict as P
+from qlab.compress.budget import CAP
 from qlab.compress.codecs import get_codec
 from qlab.compress.entropy import entropy_from_counts
 from qlab.errors import CheckpointError, ConfigError, QlabError, QuantError
@@ -56,7 +57,7 @@ from qlab.quant.tensor import QuantizedTensor, dequantize
 
 __all__ = ["CAP_BYTES", "DEFAULT_CODECS", "EntropyReport", "entropy_report", "store_tensor", "resolve_policy"]
 
-CAP_BYTES = 16_000_000
+CAP_BYTES = CAP  # the one definition lives in qlab.compress.budget
 DEFAULT_CODECS = ("brotli-11+shuffle", "lzma", "zstd-19", "ans")
 # GPTQ codes take more bytes than RTN codes of the same bits and clip width: measured
 # +1.12 % (sd 0.69 %) on the GPTQ tensors of 12 trained `tiny` checkpoints

@@ -83,8 +83,14 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def resolve_autocast(autocast: str | None, device: torch.device) -> str | None:
+    """qlab's one autocast rule: "bf16" always, "auto" on CUDA only, else none."""
+    return "bf16" if autocast == "bf16" or (autocast == "auto" and device.type == "cuda") else None
+
+
 def autocast_context(device: torch.device, autocast: str | None):
-    if autocast == "bf16":
+    """bf16 autocast under :func:`resolve_autocast`'s rule, else a no-op context."""
+    if resolve_autocast(autocast, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

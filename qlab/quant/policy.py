@@ -14,7 +14,6 @@ same structure from JSON/YAML.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -26,6 +25,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from qlab.checks import is_finite_number
+from qlab.checks import is_int as _is_int
 from qlab.errors import ConfigError, QuantError
 from qlab.quant.clip import CLIP_RULES
 from qlab.quant.gptq import gptq_quantize_many
@@ -75,15 +76,11 @@ class TensorSpec:
         )  # fmt: skip
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_param(v: object) -> bool:
     """A clip parameter: a finite number, or a list of them (quantiles, shrink grids)."""
     if isinstance(v, (list, tuple)):
         return len(v) <= 4096 and all(_is_param(x) for x in v)
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return is_finite_number(v)
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlab.checks import is_finite_number as _finite
+from qlab.checks import is_int as _is_int
 from qlab.config import ModelConfig, get_preset
 from qlab.errors import ConfigError
 
@@ -271,14 +273,6 @@ def _validate_extras(c: TrainConfig, need: Callable[[bool, str], None]) -> None:
         _finite(c.curriculum_floor) and 0 <= c.curriculum_floor <= 1 / n,
         f"curriculum_floor must lie in [0, 1/curriculum_buckets], got {c.curriculum_floor!r}",
     )
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ---- presets -----------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from qlab.config import ModelConfig
 from qlab.data.loader import ShuffledSequenceLoader
 from qlab.data.record_loader import RecordSequenceLoader
 from qlab.errors import ConfigError, NumericalError
+from qlab.eval.bpb import autocast_context, evaluate_bpb, resolve_autocast
 from qlab.io import checkpoint as ckpt
 from qlab.io.runlog import METRICS_NAME, RunLog
 from qlab.train import distributed as D
@@ -118,16 +119,6 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} requested but CUDA is not available")
     return name
-
-
-def autocast_context(mode: str, device: torch.device):
-    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _eval_autocast(mode: str, device: torch.device) -> str | None:
-    return "bf16" if mode == "bf16" or (mode == "auto" and device.type == "cuda") else None
 
 
 def open_training_data(config: TrainConfig, vocab_size: int):
@@ -322,7 +313,7 @@ class _Trainer:
             last = i == self.accum - 1
             sync = contextlib.nullcontext() if last or self.world == 1 else self.module.no_sync()
             with sync:
-                with autocast_context(self.config.autocast, self.device):
+                with autocast_context(self.device, self.config.autocast):
                     loss, logs = self.module(x, y)
                 (loss / self.accum).backward()
             for k, v in logs.items():
@@ -374,8 +365,6 @@ class _Trainer:
                 self.enable_qat()
 
     def _evaluate_bpb(self, stride: int | None):
-        from qlab.eval.bpb import evaluate_bpb
-
         c = self.config
         return evaluate_bpb(
             self.model,
@@ -386,7 +375,7 @@ class _Trainer:
             stride=stride,
             device=self.device,
             max_tokens=c.val_max_tokens or None,
-            autocast=_eval_autocast(c.autocast, self.device),
+            autocast=resolve_autocast(c.autocast, self.device),
         )
 
     def save(self) -> None:

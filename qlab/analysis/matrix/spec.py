@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from qlab.analysis.hidden_quant import HIDDEN_SCHEMES
+from qlab.checks import is_int as _is_int
 from qlab.config import ModelConfig
 from qlab.errors import ConfigError
 
@@ -469,10 +470,6 @@ def shard_cells(cells: list[Cell], index: int, count: int) -> list[Cell]:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _plain(obj: Any) -> Any:
