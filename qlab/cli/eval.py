@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qlab.cli._args import add_model_checkpoint
 from qlab.errors import ConfigError
 
 
@@ -16,16 +17,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="val_loss and val_bpb of a checkpoint or artifact", description=__doc__
     )
-    p.add_argument(
-        "checkpoint",
-        help="qlab run directory, .qlab artifact, or any checkpoint of qlab's GPT "
-        "(e.g. the record's final_model.pt / .int6.ptz: config inferred from the shapes)",
-    )
-    p.add_argument(
-        "--preset",
-        default=None,
-        help="preset for what shapes cannot show, when the config is inferred (default record)",
-    )
+    add_model_checkpoint(p)
     p.add_argument("--data", default="embedded", help="dataset directory, or 'embedded' (default)")
     p.add_argument("--stride", type=int, help="sliding-window stride (default: standard windows)")
     p.add_argument("--seq-len", type=int, help="evaluation sequence length (default: the model's)")

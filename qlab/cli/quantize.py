@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
+from qlab.cli._args import add_model_checkpoint
 from qlab.compress.budget import CAP, budget_table, code_bytes
 from qlab.errors import ConfigError
 from qlab.io.atomic import atomic_write_bytes, check_output
@@ -25,16 +26,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "quantize", help="quantize a checkpoint into a 16 MB artifact", description=__doc__
     )
-    p.add_argument(
-        "checkpoint",
-        help="qlab run directory, .qlab artifact, or any checkpoint of qlab's GPT "
-        "(e.g. the record's final_model.pt / .int6.ptz: config inferred from the shapes)",
-    )
-    p.add_argument(
-        "--preset",
-        default=None,
-        help="preset for what shapes cannot show, when the config is inferred (default record)",
-    )
+    add_model_checkpoint(p)
     p.add_argument("--policy", default="record", help="preset name or a .json/.yaml policy file")
     p.add_argument("--out", required=True, help="artifact path to write (e.g. model.qlab)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
