@@ -130,3 +130,61 @@ def test_sliding_bpb_matches(record, tiny_dataset, no_compile):
         r = evaluate_bpb(ours, val.val_tokens, tables, seq_len=64, batch_seqs=8, stride=32)
     np.testing.assert_allclose(r.val_bpb, bpb_r, rtol=0, atol=1e-9)
     np.testing.assert_allclose(r.val_loss, loss_r, rtol=0, atol=1e-9)
+
+
+def test_ten_training_steps_match(record, tiny_dataset, tmp_path, monkeypatch):
+    """qlab's trainer (--loader record) against the record's own loop pieces, 10 steps
+    from the same init: loader, grad accumulation, warm-down, momentum warm-up, loop
+    switch at 50 %, grad clip, Muon (NS5 in bf16, as the record runs it) and fused AdamW."""
+    import qlab.train.trainer as T
+    from qlab.io.checkpoint import resume_state
+
+    steps, accum = 10, 8
+    shards = str(tiny_dataset.root / "train_*.bin")
+    h = _hparams(record, iterations=steps, warmup_steps=0, train_batch_tokens=64 * 2 * accum,
+                 grad_accum_steps=accum, muon_momentum_warmup_steps=4, world_size=1, rank=0,
+                 vocab_size=tiny_dataset.vocab_size, train_files=shards)  # fmt: skip
+    cfg = _qlab_config(h)
+    real_build = T.build_optimizers
+
+    def record_muon(model, config):
+        opts = real_build(model, config)
+        opts.named["matrix"].param_groups[0]["record_bf16"] = True
+        return opts
+
+    monkeypatch.setattr(T, "build_optimizers", record_muon)
+    train_cfg = TrainConfig(
+        iterations=steps, train_batch_tokens=h.train_batch_tokens, train_seq_len=64, grad_accum=accum,
+        max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0, warmup_steps=0, ema_decay=0.0, loader="record",
+        muon_momentum_warmup_steps=4, val_every=0, val_max_tokens=4097, log_every=1, checkpoint_every=0,
+        device="cpu", data=str(tiny_dataset.root), out_dir=str(tmp_path / "q"), seed=7,
+    )  # fmt: skip
+    torch.manual_seed(7)
+    init = GPT(cfg).state_dict()
+    T.train(train_cfg, cfg, progress=False)
+    ours = resume_state(tmp_path / "q")["model"]
+
+    theirs = record.GPT(h)
+    theirs.load_state_dict(init, strict=True)
+    opts = record.Optimizers(h, theirs)
+    loader = record.ShuffledSequenceLoader(h, torch.device("cpu"))
+    for step in range(steps):
+        frac = step / steps
+        scale = max((1.0 - frac) / h.warmdown_frac, h.min_lr) if frac >= 1.0 - h.warmdown_frac else 1.0
+        if not theirs.looping_active and frac >= h.enable_looping_at:
+            theirs.looping_active = True
+        opts.zero_grad_all()
+        for _ in range(accum):
+            x, y = loader.next_batch(h.train_batch_tokens, accum)
+            (theirs(x, y) / accum).backward()
+        t = min(step / h.muon_momentum_warmup_steps, 1.0)
+        for group in opts.optimizer_muon.param_groups:
+            group["momentum"] = (1 - t) * h.muon_momentum_warmup_start + t * h.muon_momentum
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), h.grad_clip_norm)
+        opts.step()
+    worst = max(float((ours[k] - v).abs().max()) for k, v in theirs.state_dict().items())
+    print(f"10-step max |Δw| = {worst:.3g}")
+    assert worst <= 1e-6, worst
