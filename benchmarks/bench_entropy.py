@@ -29,9 +29,9 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.record import Record
-from qlab.analysis.entropy_report import entropy_report, resolve_policy
+from qlab.analysis.entropy_report import entropy_report
 from qlab.compress.predict import measure_compressed_bytes, predict_compressed_bytes
-from qlab.quant.policy import quantize_state_dict
+from qlab.quant.policy import quantize_state_dict, resolve_policy
 
 D = 512
 

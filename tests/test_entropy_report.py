@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import save_file
 
 import qlab.io.readers as readers
-from qlab.analysis.entropy_report import CAP_BYTES, entropy_report, resolve_policy, store_tensor
+from qlab.analysis.entropy_report import CAP_BYTES, entropy_report, store_tensor
 from qlab.compress.container import write_artifact
 from qlab.compress.predict import predict_compressed_bytes
 from qlab.config import get_preset
 from qlab.errors import CheckpointError, ConfigError, QlabError
-from qlab.quant.policy import Policy, Rule, TensorSpec, get_policy, quantize_state_dict
+from qlab.quant.policy import Policy, Rule, TensorSpec, get_policy, quantize_state_dict, resolve_policy
 from qlab.train.config import TrainConfig
 from qlab.train.trainer import train
 

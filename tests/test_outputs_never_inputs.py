@@ -91,3 +91,38 @@ def test_internal_errors_exit_3(monkeypatch, capsys):
     )
     assert main(["info", "--list"]) == 3
     assert "internal error" in capsys.readouterr().err
+
+
+def test_entropy_accepts_the_policy_files_quantize_accepts(tmp_path, capsys):
+    import json
+
+    w = tmp_path / "w.safetensors"
+    save_file({"blocks.0.mlp.fc.weight": torch.randn(64, 64)}, str(w))
+    pol = tmp_path / "p.json"
+    pol.write_text(json.dumps({"name": "mine", "rules": [{"pattern": "*", "ndim": 2,
+                               "spec": {"method": "rtn", "bits": 5, "clip": "absmax"}}]}))  # fmt: skip
+    assert main(["entropy", str(w), "--policy", str(pol)]) == 0
+    assert "policy mine" in capsys.readouterr().out
+
+
+def test_quantize_never_replaces_the_runs_weights(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"weights")
+    (run / "config.json").write_text("{}")
+    assert main(["quantize", str(run), "--out", str(run / "model.safetensors"), "--force"]) == 2
+    assert "overwrite the input" in capsys.readouterr().err
+    assert (run / "model.safetensors").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize(
+    "field, value", [("num_layers", 10_000_000), ("model_dim", 10**9), ("vocab_size", 2**40)]
+)
+def test_hostile_model_sizes_are_refused_before_allocation(field, value):
+    from qlab.config import ModelConfig, get_preset
+
+    d = get_preset("tiny").to_dict() | {field: value}
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=field if field != "model_dim" else "model_dim|heads"):
+        ModelConfig.from_dict(d)
+    assert time.perf_counter() - t0 < 1.0

@@ -51,11 +51,17 @@ from qlab.compress.entropy import entropy_from_counts
 from qlab.errors import CheckpointError, ConfigError, QlabError, QuantError
 from qlab.io.atomic import atomic_write_text
 from qlab.quant.gptq import gptq_quantize
-from qlab.quant.policy import Passthrough, Policy, TensorSpec, get_policy, make_passthrough, policy_from_dict
+from qlab.quant.policy import Passthrough, Policy, TensorSpec, make_passthrough, resolve_policy
 from qlab.quant.rtn import quantize_rtn
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
-__all__ = ["CAP_BYTES", "DEFAULT_CODECS", "EntropyReport", "entropy_report", "store_tensor", "resolve_policy"]
+__all__ = [
+    "CAP_BYTES",
+    "DEFAULT_CODECS",
+    "EntropyReport",
+    "entropy_report",
+    "store_tensor",
+]
 
 CAP_BYTES = CAP  # the one definition lives in qlab.compress.budget
 DEFAULT_CODECS = ("brotli-11+shuffle", "lzma", "zstd-19", "ans")
@@ -105,17 +111,6 @@ class EntropyReport:
 
 
 # --------------------------------------------------------------------------- storing one tensor
-
-
-def resolve_policy(policy: str | Policy | Mapping) -> Policy:
-    """A Policy from a preset name, a Policy, or a dict for :func:`policy_from_dict`."""
-    if isinstance(policy, Policy):
-        return policy
-    if isinstance(policy, str):
-        return get_policy(policy)
-    if isinstance(policy, Mapping):
-        return policy_from_dict(policy)
-    raise ConfigError(f"policy must be a preset name, a Policy or a dict, got {type(policy).__name__}")
 
 
 def store_tensor(

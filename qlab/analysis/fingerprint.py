@@ -51,7 +51,7 @@ from qlab.analysis.spectra import (
 )
 from qlab.errors import ConfigError, DataError
 from qlab.io.atomic import atomic_write_text
-from qlab.quant.policy import Policy, dequantize_state_dict, get_policy, quantize_state_dict
+from qlab.quant.policy import Policy, dequantize_state_dict, quantize_state_dict, resolve_policy
 
 __all__ = [
     "WEIGHT_TABLES",
@@ -111,11 +111,7 @@ def _state_dict(source: StateDictLike, what: str) -> dict[str, torch.Tensor]:
 
 
 def _policy(policy: str | Policy) -> Policy:
-    if isinstance(policy, Policy):
-        return policy
-    if isinstance(policy, str):
-        return get_policy(policy)
-    raise ConfigError(f"policy must be a preset name or a Policy, got {type(policy).__name__}")
+    return resolve_policy(policy)
 
 
 def _quantized_weights(sd: Mapping[str, torch.Tensor], policy: Policy) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qlab.analysis.entropy_report import resolve_policy, store_tensor
+from qlab.analysis.entropy_report import store_tensor
 from qlab.analysis.rd import (
     EvalFn,
     Fit,
@@ -32,7 +32,7 @@ from qlab.compress import predict as P
 from qlab.compress.entropy import order0_entropy
 from qlab.errors import ConfigError
 from qlab.quant.codebook import quantize_lloyd_max, quantize_nf4
-from qlab.quant.policy import Passthrough, Policy, TensorSpec
+from qlab.quant.policy import Passthrough, Policy, TensorSpec, resolve_policy
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
 __all__ = ["StdRatio", "std_vs_ratio", "rd_curve", "rd_bounds", "byte_allocation"]

@@ -49,6 +49,8 @@ class Codec:
             return _unshuffle(out) if self.shuffle_stride else out
         except QlabError as exc:
             raise ArtifactError(f"codec {self.spec!r}: {exc}") from exc
+        except MemoryError:
+            raise  # not a corrupt input: the CLI reports it as out of memory
         except Exception as exc:  # each backend raises its own error type on corrupt input
             raise ArtifactError(f"codec {self.spec!r}: corrupt or truncated input ({exc})") from exc
 

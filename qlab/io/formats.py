@@ -72,6 +72,22 @@ for _st, _attr in [
 
 _FP8 = {getattr(torch, a) for a in dir(torch) if a.startswith("float8_")}
 
+# The dtypes a file may name ("float16", "torch.bfloat16"): a fixed table, so a hostile
+# string never reaches getattr(torch, ...) (which would hand back any torch attribute).
+DTYPES_BY_NAME: dict[str, torch.dtype] = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+               torch.int16, torch.int8, torch.uint8, torch.bool)
+}  # fmt: skip
+
+
+def dtype_from_name(name: object, where: str) -> torch.dtype:
+    """The torch dtype a file names; CheckpointError naming ``where`` for anything else."""
+    dt = DTYPES_BY_NAME.get(name.removeprefix("torch.")) if isinstance(name, str) else None
+    if dt is None:
+        raise CheckpointError(f"{where}: unknown dtype {name!r} (known: {sorted(DTYPES_BY_NAME)})")
+    return dt
+
 
 @dataclass(frozen=True)
 class SafetensorsEntry:
@@ -339,7 +355,7 @@ def _decode_pg_clean(obj: Mapping, path, raw_codes: bool) -> dict[str, torch.Ten
         out[name] = q if raw_codes else _row_scaled(q, obj["scales"][name], name, path)
     orig = obj.get("passthrough_orig_dtypes", {})
     for name, t in obj["passthrough"].items():
-        out[name] = t.to(getattr(torch, orig[name])) if name in orig else t
+        out[name] = t.to(dtype_from_name(orig[name], f"{path}: {name}")) if name in orig else t
     return out
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from qlab.errors import CheckpointError, QlabError
 from qlab.io.formats import (
     decode_pg_tree,
+    dtype_from_name,
     load_torch_file,
     normalize_tensor,
     read_safetensors_header,
@@ -429,10 +430,7 @@ def _check_known(p: Path, wanted: set[str], have: set[str]) -> None:
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    dt = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
-        raise CheckpointError(f"unknown dtype {dtype!r} (e.g. 'float32', 'bfloat16')")
-    return dt
+    return dtype_from_name(dtype, "dtype")
 
 
 def _finish(t: torch.Tensor, name: str, file: Path, cast: torch.dtype | None, check: bool) -> torch.Tensor:

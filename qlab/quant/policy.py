@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from qlab.checks import is_finite_number
 from qlab.checks import is_int as _is_int
 from qlab.errors import ConfigError, QuantError
+from qlab.io.formats import dtype_from_name
 from qlab.quant.clip import CLIP_RULES
 from qlab.quant.gptq import gptq_quantize_many
 from qlab.quant.rtn import GRANULARITIES, quantize_rtn
@@ -137,7 +138,7 @@ class Passthrough:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The stored tensor in ``dtype`` (default: the original dtype)."""
-        target = dtype or getattr(torch, self.dtype)
+        target = dtype or dtype_from_name(self.dtype, "passthrough entry")
         if self.kind in ("fp16", "raw"):
             return self.data.to(target).reshape(self.shape)
         scale = self.scale.to(torch.float32)
@@ -426,11 +427,25 @@ def dequantize_state_dict(
         if isinstance(q, Passthrough):
             out[name] = q.dequantize(dtype)
         elif isinstance(q, QuantizedTensor):
-            target = dtype or getattr(torch, q.meta.get("dtype", "float32"))
+            target = dtype or dtype_from_name(q.meta.get("dtype", "float32"), f"tensor {name!r}")
             out[name] = dequantize(q, target)
         else:
             raise QuantError(f"tensor {name!r}: cannot dequantize a {type(q).__name__}")
     return out
+
+
+def resolve_policy(policy: str | os.PathLike | Policy | Mapping) -> Policy:
+    """qlab's one policy resolver: a Policy as is, a mapping (``policy_from_dict``), a
+    preset name, or a ``.json`` / ``.yaml`` policy file (``load_policy``)."""
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, Mapping):
+        return policy_from_dict(policy)
+    if isinstance(policy, (str, os.PathLike)):
+        return load_policy(policy)
+    raise ConfigError(
+        f"policy must be a preset name, a policy file, a Policy or a mapping, got {type(policy).__name__}"
+    )
 
 
 def load_policy(spec: str | os.PathLike) -> Policy:

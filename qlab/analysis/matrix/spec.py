@@ -395,11 +395,11 @@ def _eval(quant: Any, ev: Any, where: str) -> EvalSpec:
 
 
 def _resolve_policy(name: str, inline: Mapping[str, Mapping[str, Any]]):
-    from qlab.quant.policy import get_policy, policy_from_dict
+    from qlab.quant.policy import resolve_policy
 
     if name in inline:
-        return policy_from_dict({"name": name, **inline[name]})
-    return get_policy(name)
+        return resolve_policy({"name": name, **inline[name]})
+    return resolve_policy(name)
 
 
 def resolve_policy(spec: MatrixSpec, name: str):
