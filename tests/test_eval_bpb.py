@@ -146,3 +146,13 @@ def test_unigram_bpb_by_hand():
     expected_bits = -math.log2(3 / 8) - math.log2(2 / 8)
     assert unigram_bpb(train, val, tables, 4) == pytest.approx(expected_bits / 5)
     assert uniform_bpb(val, tables, 4) == pytest.approx(2 * 2 / 5)
+
+
+def test_a_too_small_token_cap_is_named_as_the_cap():
+    from qlab.errors import DataError
+    from qlab.eval.bpb import truncate_tokens
+
+    with pytest.raises(DataError, match="max_tokens=64 is less than one window of 256"):
+        truncate_tokens(torch.zeros(10_000, dtype=torch.int64), 256, 64)
+    with pytest.raises(DataError, match="validation set has 100 tokens"):
+        truncate_tokens(torch.zeros(100, dtype=torch.int64), 256, None)

@@ -633,3 +633,14 @@ def test_a_refused_pickle_gets_one_short_line(tmp_path):
     msg = str(err.value)
     assert "refused as unsafe" in msg and "system" in msg
     assert "weights_only` set to `False`" not in msg and "\n" not in msg
+
+
+def test_artifact_errors_name_the_path_once(tmp_path):
+    from qlab.compress.container import encode_artifact
+    from qlab.quant.rtn import quantize_rtn
+
+    good = encode_artifact({"w": quantize_rtn(torch.randn(8, 8), 6)}, codec="brotli-11")
+    (tmp_path / "t.qlab").write_bytes(good[:-5])
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(tmp_path / "t.qlab")
+    assert str(err.value).count(str(tmp_path / "t.qlab")) == 1

@@ -73,6 +73,8 @@ def truncate_tokens(tokens: torch.Tensor, seq_len: int, max_tokens: int | None) 
     n = tokens.numel() if max_tokens is None else min(tokens.numel(), max_tokens)
     usable = (n - 1) // seq_len * seq_len + 1
     if usable < seq_len + 1:
+        if max_tokens is not None and max_tokens < tokens.numel():
+            raise DataError(f"max_tokens={max_tokens} is less than one window of {seq_len}+1 tokens")
         raise DataError(f"validation set has {tokens.numel()} tokens: fewer than one window of {seq_len}+1")
     return tokens[:usable]
 

@@ -262,7 +262,8 @@ def _wrap(fn, path: Path) -> object:
     except CheckpointError:
         raise
     except QlabError as e:  # ArtifactError etc.: same message, the type callers catch here
-        raise CheckpointError(f"{path}: {e}") from e
+        msg = str(e)
+        raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from e
 
 
 def _as_tensor_dict(obj: object, path: Path) -> dict[str, object]:
