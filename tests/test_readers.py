@@ -644,3 +644,12 @@ def test_artifact_errors_name_the_path_once(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_state_dict(tmp_path / "t.qlab")
     assert str(err.value).count(str(tmp_path / "t.qlab")) == 1
+
+
+def test_sparse_tensors_and_odd_keys_in_a_pt_are_named(tmp_path):
+    torch.save({"w": torch.eye(3).to_sparse(), "v": torch.randn(2)}, tmp_path / "s.pt")
+    with pytest.raises(CheckpointError, match="'w' has unsupported layout"):
+        load_state_dict(tmp_path / "s.pt")
+    torch.save({("a", 1): torch.randn(2)}, tmp_path / "k.pt")
+    with pytest.raises(CheckpointError, match="k.pt: checkpoint key"):
+        load_state_dict(tmp_path / "k.pt")

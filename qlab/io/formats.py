@@ -271,14 +271,24 @@ def flatten_state(obj: object, path: str | os.PathLike) -> dict[str, torch.Tenso
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     out: dict[str, torch.Tensor] = {}
-    _flatten_into(obj, "", out)
+    try:
+        _flatten_into(obj, "", out)
+    except RecursionError:
+        raise CheckpointError(f"{path}: the checkpoint's dicts are nested too deeply") from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     if not out:
         raise CheckpointError(f"{path}: the checkpoint holds no tensors (keys: {list(obj)[:10]})")
+    for name, t in out.items():
+        if t.layout != torch.strided:  # sparse / nested tensors: not weights qlab can analyse
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported layout {t.layout}")
     return out
 
 
 def _flatten_into(obj: Mapping, prefix: str, out: dict[str, torch.Tensor]) -> None:
     for k, v in obj.items():
+        if not isinstance(k, (str, int)):
+            raise CheckpointError(f"checkpoint key {k!r} under {prefix or 'the top level'!r} is not a string")
         name = f"{prefix}{k}"
         if isinstance(v, torch.Tensor):
             out[name] = v
