@@ -653,3 +653,23 @@ def test_sparse_tensors_and_odd_keys_in_a_pt_are_named(tmp_path):
     torch.save({("a", 1): torch.randn(2)}, tmp_path / "k.pt")
     with pytest.raises(CheckpointError, match="k.pt: checkpoint key"):
         load_state_dict(tmp_path / "k.pt")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        '{"a":' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}',
+        '{"a": {"dtype": "F32", "shape": [0, 18446744073709551616], "data_offsets": [0, 0]}}',
+        '{"a": {"dtype": "F32", "shape": [true, 2], "data_offsets": [0, 8]}}',
+        '{"a": {"dtype": "F32", "shape": [1099511627776, 1099511627776, 0], "data_offsets": [0, 0]}}',
+        '{"a": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}',
+    ],
+)
+def test_crafted_safetensors_headers_are_named_errors(tmp_path, header):
+    import struct
+
+    raw = header.encode()
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    with pytest.raises(CheckpointError, match="x.safetensors"):
+        load_state_dict(tmp_path / "x.safetensors")

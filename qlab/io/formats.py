@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import pickle
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from qlab.checks import is_int
 from qlab.errors import CheckpointError
 
 __all__ = [
@@ -137,6 +139,8 @@ def read_safetensors_header(path: str | os.PathLike) -> list[SafetensorsEntry]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"{path}: safetensors header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object but {type(header).__name__}")
     data_start = 8 + n
@@ -152,16 +156,18 @@ def _parse_entry(path: Path, name: str, rec: object, data_start: int, size: int)
     if not isinstance(rec, dict) or not {"dtype", "shape", "data_offsets"} <= rec.keys():
         raise CheckpointError(f"{where}: header record must hold dtype, shape and data_offsets, got {rec!r}")
     dtype, shape, offs = rec["dtype"], rec["shape"], rec["data_offsets"]
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(
             f"{where}: unsupported dtype {dtype!r} (supported: {', '.join(sorted(SAFETENSORS_DTYPES))})"
         )
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and 0 <= d < 2**62 for d in shape) or len(shape) > 64:
         raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if math.prod(max(d, 1) for d in shape) >= 2**62:  # torch overflows computing numel
+        raise CheckpointError(f"{where}: shape {shape!r} is too large")
     if (
         not isinstance(offs, list)
         or len(offs) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offs)
+        or not all(is_int(o) and o >= 0 for o in offs)
         or offs[0] > offs[1]
     ):
         raise CheckpointError(f"{where}: data_offsets must be [begin, end], 0 <= begin <= end, got {offs!r}")
