@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import os
 import struct
 import sys
@@ -44,8 +45,9 @@ import brotli
 import numpy as np
 import torch
 
+from qlab.checks import is_int
 from qlab.compress.codecs import get_codec
-from qlab.errors import ArtifactError, ConfigError
+from qlab.errors import ArtifactError, ConfigError, QlabError
 from qlab.io.atomic import atomic_write_bytes
 
 MAGIC = b"QLAB"
@@ -114,22 +116,35 @@ def to_arrays(value: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
 def from_arrays(kind: str, arrays: dict[str, Any], fields: dict[str, Any], where: str) -> Any:
     """Rebuild an entry written by :func:`to_arrays` (only registered kinds)."""
     if kind in ("tensor", "ndarray"):
+        if "data" not in arrays:
+            raise ArtifactError(f"{where}: a {kind} entry needs its 'data' array")
         return arrays["data"]
     if kind not in _KINDS:
         raise ArtifactError(f"{where}: unknown entry kind {kind!r}")
     module, cls_name = _KINDS[kind]
     cls = getattr(importlib.import_module(module), cls_name)
     fields = dict(fields)
-    for name in fields.pop("__tuples__", []):
+    tuples = fields.pop("__tuples__", [])
+    if not isinstance(tuples, list) or not all(
+        isinstance(n, str) and isinstance(fields.get(n), list) for n in tuples
+    ):
+        raise ArtifactError(f"{where}: field '__tuples__' must name list-valued fields")
+    for name in tuples:
         fields[name] = tuple(fields[name])
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in {**fields, **arrays}.items() if k in names}
     for name in names - kwargs.keys():
         kwargs[name] = None  # optional tensor fields that were None are simply absent
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if validate is not None:
+            validate()  # the class checks its own fields (types, ranges, sizes)
+        return obj
     except TypeError as exc:
         raise ArtifactError(f"{where}: cannot rebuild {cls_name} ({exc})") from exc
+    except QlabError as exc:
+        raise ArtifactError(f"{where}: {exc}") from None
 
 
 def _array_bytes(a: Any) -> tuple[str, list[int], bytes]:
@@ -369,8 +384,29 @@ def _entries(header: dict, where: str, need_offset: bool = True) -> list[dict]:
     if not ok:
         raise ArtifactError(f"{where}: header 'tensors' list is malformed")
     keys = {"dtype", "shape", "length"} | ({"offset"} if need_offset else set())
+    names = set()
     for e in entries:
+        if not isinstance(e["name"], str) or not isinstance(e["kind"], str) or e["name"] in names:
+            raise ArtifactError(
+                f"{where}: tensor names and kinds must be strings, names unique ({e['name']!r})"
+            )
+        names.add(e["name"])
+        if not isinstance(e.get("fields", {}), dict):
+            raise ArtifactError(f"{where}: tensor {e['name']!r}: 'fields' must be an object")
         for role, spec in e["arrays"].items():
             if not isinstance(spec, dict) or not keys <= spec.keys():
                 raise ArtifactError(f"{where}: tensor {e['name']!r}/{role} lacks {'/'.join(sorted(keys))}")
+            shape = spec["shape"]
+            ints = [spec["length"]] + ([spec["offset"]] if need_offset else [])
+            if (
+                not isinstance(spec["dtype"], str)
+                or not isinstance(shape, list)
+                or len(shape) > 64
+                or not all(is_int(d) and 0 <= d < 2**62 for d in shape)
+                or math.prod(max(d, 1) for d in shape) >= 2**62
+                or not all(is_int(n) and 0 <= n < 2**62 for n in ints)
+            ):
+                raise ArtifactError(
+                    f"{where}: tensor {e['name']!r}/{role}: malformed dtype, shape, offset or length"
+                )
     return entries

@@ -14,6 +14,7 @@ same structure from JSON/YAML.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -135,6 +136,22 @@ class Passthrough:
     dtype: str
     shape: tuple[int, ...]
     scale: torch.Tensor | None = None
+
+    def validate(self) -> None:
+        """Field types and sizes (an artifact rebuilds this from a header it must not trust)."""
+        where = "passthrough entry"
+        if not isinstance(self.data, torch.Tensor) or self.kind not in PASSTHROUGH_KINDS:
+            raise QuantError(
+                f"{where}: needs a data tensor and a kind in {PASSTHROUGH_KINDS}, got {self.kind!r}"
+            )
+        dtype_from_name(self.dtype, where)
+        if not isinstance(self.shape, tuple) or not all(_is_int(d) and d >= 0 for d in self.shape):
+            raise QuantError(f"{where}: shape must be a tuple of non-negative integers, got {self.shape!r}")
+        if math.prod(self.shape) != self.data.numel():
+            raise QuantError(f"{where}: shape {self.shape} does not hold its {self.data.numel()} values")
+        needs_scale = self.kind.startswith("int8")
+        if needs_scale != isinstance(self.scale, torch.Tensor):
+            raise QuantError(f"{where}: kind {self.kind!r} {'needs' if needs_scale else 'has no'} scale")
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The stored tensor in ``dtype`` (default: the original dtype)."""

@@ -48,6 +48,32 @@ class QuantizedTensor:
     codebook: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
 
+    def validate(self) -> None:
+        """Field types and sizes (an artifact rebuilds this from a header it must not trust)."""
+
+        def bad(what: str) -> QuantError:
+            return QuantError(f"quantized entry: {what}")
+
+        if not isinstance(self.codes, torch.Tensor) or not isinstance(self.scale, torch.Tensor):
+            raise bad("codes and scale must be tensors")
+        for opt in ("zero", "codebook"):
+            if getattr(self, opt) is not None and not isinstance(getattr(self, opt), torch.Tensor):
+                raise bad(f"{opt} must be a tensor or absent")
+        check_bits(self.bits, "quantized entry", lo=1, hi=16)
+        if not isinstance(self.shape, tuple) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in self.shape
+        ):
+            raise bad(f"shape must be a tuple of non-negative integers, got {self.shape!r}")
+        if math.prod(self.shape) != self.codes.numel():
+            raise bad(f"shape {self.shape} does not match its {self.codes.numel()} codes")
+        if not isinstance(self.scheme, str):
+            raise bad(f"scheme must be a string, got {self.scheme!r}")
+        gs = self.group_size
+        if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1):
+            raise bad(f"group_size must be a positive integer or absent, got {gs!r}")
+        if not isinstance(self.meta, dict):
+            raise bad("meta must be an object")
+
     @property
     def symmetric(self) -> bool:
         return self.zero is None

@@ -277,3 +277,27 @@ def test_torch_pickles_are_refused_not_run(tmp_path):
     with pytest.raises(QlabError):
         load_state_dict(path)
     assert not (tmp_path / "owned").exists()
+
+
+def test_qlab_artifact_headers(seeds, tmp_path):
+    """Structured mutations of a .qlab header (its JSON is compressed, so byte flips rarely
+    reach the fields): every field replaced by hostile values, hashes kept consistent."""
+    import hashlib
+
+    from qlab.compress import container as C
+
+    data = (seeds["dir"] / "w.qlab").read_bytes()
+    head, end = C._read_header_v2(data, "seed")
+    header, payload = json.loads(head), data[end:]
+
+    def build(h: dict) -> bytes:
+        raw = json.dumps(h).encode()
+        return C._PREFIX.pack(C.MAGIC, C.VERSION, 0, len(raw), hashlib.sha256(raw).digest()) + raw + payload
+
+    @FUZZ
+    @given(obj=json_mutated(header))
+    def run(obj):
+        path = _write(tmp_path, "h.qlab", build(obj))
+        _bounded(lambda: load_state_dict(path))
+
+    run()
