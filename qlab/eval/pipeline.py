@@ -30,6 +30,9 @@ from qlab.compress.container import encode_artifact
 from qlab.errors import ConfigError
 from qlab.eval.bpb import evaluate_bpb
 from qlab.io.checkpoint import load_weights
+from qlab.io.readers import load_state_dict
+from qlab.model.gpt import GPT
+from qlab.model.infer import infer_model_config
 from qlab.quant.model_quant import QuantizedModel, calibration_batches, model_extra, quantize_model
 from qlab.quant.policy import Policy, get_policy
 
@@ -98,10 +101,6 @@ def resolve_model(
         from qlab.quant.model_quant import load_quantized
 
         return load_quantized(path).model, str(path)
-    from qlab.io.readers import load_state_dict
-    from qlab.model.gpt import GPT
-    from qlab.model.infer import infer_model_config
-
     state = load_state_dict(path)
     config = infer_model_config({k: tuple(v.shape) for k, v in state.items()}, preset or "record", str(path))
     model = GPT(config)
