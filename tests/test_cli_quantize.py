@@ -100,3 +100,16 @@ def test_eval_run_dir_and_bad_flags(run_dir, tiny_dataset, capsys):
     assert "val_loss:" in capsys.readouterr().out
     assert main(["eval", str(run_dir), "--data", str(tiny_dataset.root), "--stride", "0"]) == 2
     assert "--stride" in capsys.readouterr().err
+
+
+def test_record_quant_variables_set_quantize_defaults():
+    import argparse
+
+    from qlab.cli.quantize import _env_defaults
+
+    args = argparse.Namespace(calib_batches=None, calib_batch_seqs=None, codec=None, policy="record")
+    _env_defaults(args, {"GPTQ_CALIBRATION_BATCHES": "16", "COMPRESSOR": "lzma"})
+    assert (args.calib_batches, args.calib_batch_seqs, args.codec) == (16, 48, "lzma-6")
+    args = argparse.Namespace(calib_batches=None, calib_batch_seqs=None, codec=None, policy="record_small")
+    _env_defaults(args, {})
+    assert (args.calib_batches, args.calib_batch_seqs, args.codec) == (64, 8, "brotli-11")

@@ -147,6 +147,10 @@ def test_record_loop_xsa_and_lr_variables_change_the_config():
     [
         ({"EMBEDDING_DIM": "256"}, "EMBEDDING_DIM"),
         ({"MATRIX_BITS": "six"}, "MATRIX_BITS"),
+        ({"EMBED_BITS": "12"}, "EMBED_BITS"),
+        ({"COMPRESSOR": "zip"}, "COMPRESSOR"),
+        ({"GPTQ_CALIBRATION_BATCHES": "-1"}, "GPTQ_CALIBRATION_BATCHES"),
+        ({"MATRIX_CLIP_SIGMAS": "nan"}, "MATRIX_CLIP_SIGMAS"),
         ({"MUON_BETA2": "x"}, "MUON_BETA2"),
         ({"XSA_LAST_N": "-1"}, "XSA_LAST_N"),
         ({"LOOP_START": "6", "LOOP_END": "5"}, "LOOP_START"),

@@ -61,24 +61,18 @@ def register(subparsers) -> None:
 
 
 RECORD_CALIB_SEQS = 48  # 786,432 tokens / (8 ranks × 2048): one rank's batch in the record
-COMPRESSORS = {"brotli": "brotli-11", "lzma": "lzma-6"}  # the record's COMPRESSOR values
+CODEC_OF_COMPRESSOR = {"brotli": "brotli-11", "lzma": "lzma-6"}  # the record's COMPRESSOR, as run
 
 
 def _env_defaults(args: argparse.Namespace, env: Mapping[str, str]) -> None:
     """Fill unset options from the record's environment variables, then from qlab's defaults."""
+    record = RecordQuant.from_env(env)
     if args.calib_batches is None:
-        raw = env.get("GPTQ_CALIBRATION_BATCHES", "64")
-        try:
-            args.calib_batches = int(raw)
-        except ValueError:
-            raise ConfigError(f"environment variable GPTQ_CALIBRATION_BATCHES={raw!r} is malformed") from None
+        args.calib_batches = record.calib_batches
     if args.calib_batch_seqs is None:
         args.calib_batch_seqs = RECORD_CALIB_SEQS if args.policy in ("record", "record_pathA") else 8
     if args.codec is None:
-        name = env.get("COMPRESSOR", "brotli")
-        if name not in COMPRESSORS:
-            raise ConfigError(f"environment variable COMPRESSOR={name!r}: known {sorted(COMPRESSORS)}")
-        args.codec = COMPRESSORS[name]
+        args.codec = CODEC_OF_COMPRESSOR[record.compressor]
 
 
 def _policy(spec: str, env: Mapping[str, str]) -> Policy:

@@ -265,30 +265,49 @@ _CONTROL = ("*attn_scale", "*mlp_scale", "*resid_mix", "*q_gain", "skip_weights"
 
 @dataclass(frozen=True)
 class RecordQuant:
-    """The record's quantization knobs (its MATRIX_BITS, MATRIX_CLIP_SIGMAS, EMBED_BITS,
-    EMBED_CLIP_SIGMAS environment variables, with its defaults)."""
+    """The record's quantization settings, with its defaults: the one reader of its
+    MATRIX_BITS, MATRIX_CLIP_SIGMAS, EMBED_BITS, EMBED_CLIP_SIGMAS,
+    GPTQ_CALIBRATION_BATCHES and COMPRESSOR environment variables."""
 
     matrix_bits: int = 6
     matrix_k: float = 12.85
     embed_bits: int = 8
     embed_k: float = 20.0
+    calib_batches: int = 64
+    compressor: str = "brotli"
+
+    ENV = {
+        "MATRIX_BITS": ("matrix_bits", int),
+        "MATRIX_CLIP_SIGMAS": ("matrix_k", float),
+        "EMBED_BITS": ("embed_bits", int),
+        "EMBED_CLIP_SIGMAS": ("embed_k", float),
+        "GPTQ_CALIBRATION_BATCHES": ("calib_batches", int),
+        "COMPRESSOR": ("compressor", str),
+    }
+    COMPRESSORS = ("brotli", "lzma")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RecordQuant:
         """Read the record's variables from ``env``; malformed values raise ConfigError by name."""
-        fields = {"MATRIX_BITS": ("matrix_bits", int), "MATRIX_CLIP_SIGMAS": ("matrix_k", float),
-                  "EMBED_BITS": ("embed_bits", int), "EMBED_CLIP_SIGMAS": ("embed_k", float)}  # fmt: skip
         out: dict[str, Any] = {}
-        for var, (name, kind) in fields.items():
+        for var, (name, kind) in cls.ENV.items():
             if var in env:
                 try:
-                    out[name] = kind(env[var])
+                    out[name] = kind(env[var].strip())
+                    if kind is float and not math.isfinite(out[name]):
+                        raise ValueError
                 except ValueError:
                     raise ConfigError(f"environment variable {var}={env[var]!r} is malformed") from None
         q = cls(**out)
-        for bits in (q.matrix_bits, q.embed_bits):
+        for var, bits in (("MATRIX_BITS", q.matrix_bits), ("EMBED_BITS", q.embed_bits)):
             if not 2 <= bits <= 8:
-                raise ConfigError(f"MATRIX_BITS/EMBED_BITS must lie in 2..8, got {bits}")
+                raise ConfigError(f"environment variable {var}={bits} must lie in 2..8")
+        if q.calib_batches < 0:
+            raise ConfigError(f"environment variable GPTQ_CALIBRATION_BATCHES={q.calib_batches} must be >= 0")
+        if q.compressor not in cls.COMPRESSORS:
+            raise ConfigError(
+                f"environment variable COMPRESSOR={q.compressor!r}: known {list(cls.COMPRESSORS)}"
+            )
         return q
 
 

@@ -97,6 +97,7 @@ from qlab.checks import is_finite_number as _finite
 from qlab.checks import is_int as _is_int
 from qlab.config import ModelConfig, get_preset
 from qlab.errors import ConfigError
+from qlab.quant.policy import RecordQuant
 
 AUTOCAST_MODES = ("auto", "bf16", "none")
 LOADERS = ("qlab", "record")
@@ -401,18 +402,6 @@ RECORD_UNUSED_ENV: dict[str, Callable[[str], Any]] = {
     "MUON_BETA2": _parse_float,
 }
 
-# The record quantizes at the end of training with these; in qlab that is `qlab quantize`,
-# which applies them to the record policies (qlab.quant.policy.record_env_policy). They are
-# checked here too, so a malformed value fails before a 10-minute run rather than after.
-QUANT_ENV: dict[str, Callable[[str], Any]] = {
-    "MATRIX_BITS": _parse_int,
-    "EMBED_BITS": _parse_int,
-    "MATRIX_CLIP_SIGMAS": _parse_float,
-    "EMBED_CLIP_SIGMAS": _parse_float,
-    "GPTQ_CALIBRATION_BATCHES": _parse_int,
-    "COMPRESSOR": _parse_str,
-}
-
 MODEL_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "VOCAB_SIZE": ("vocab_size", _parse_int),
     "NUM_LAYERS": ("num_layers", _parse_int),
@@ -499,7 +488,10 @@ def model_env_overrides(env: Mapping[str, str], base: ModelConfig) -> dict[str, 
 def train_env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     """TrainConfig fields set by environment variables (RUN_ID/WARMDOWN_ITERS resolved later)."""
     _check_env(env, RECORD_UNUSED_ENV)
-    _check_env(env, QUANT_ENV)
+    # The record quantizes at the end of training with its quantization variables; in qlab
+    # `qlab quantize` applies them (qlab.quant.policy.RecordQuant). Checking them here makes a
+    # malformed value fail before a 10-minute run rather than after it.
+    RecordQuant.from_env(env)
     out = _read_env(env, TRAIN_ENV)
     if "DATA_DIR" in env and "DATA_PATH" not in env:
         # The record's layout: DATA_DIR/datasets/fineweb10B_sp{V}/ and DATA_DIR/tokenizers/.
