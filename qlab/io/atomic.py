@@ -77,7 +77,7 @@ def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike], force:
     for src in inputs:
         src_p = Path(src).resolve()
         inside = src_p.is_dir() and src_p in real.parents
-        if real == src_p or src_p in real.parents and not src_p.is_dir() or (inside and _is_input_file(real)):
+        if real == src_p or (inside and _is_input_file(real)):
             raise ConfigError(f"{out_p}: the output would overwrite the input {src} (choose another path)")
     if out_p.exists() and not force:
         raise ConfigError(f"{out_p} already exists; pass --force to overwrite it")
