@@ -113,3 +113,22 @@ def test_record_quant_variables_set_quantize_defaults():
     args = argparse.Namespace(calib_batches=None, calib_batch_seqs=None, codec=None, policy="record_small")
     _env_defaults(args, {})
     assert (args.calib_batches, args.calib_batch_seqs, args.codec) == (64, 8, "brotli-11")
+
+
+def test_quantize_codec_ans_writes_the_symbol_coded_artifact(run_dir, tiny_dataset, tmp_path, capsys):
+    outs = {}
+    for codec in ("ans", "brotli-11"):
+        outs[codec] = tmp_path / f"{codec}.qlab"
+        args = ["quantize", str(run_dir), "--policy", str(run_dir / "policy.json"), "--out", str(outs[codec]),
+                "--data", str(tiny_dataset.root), "--calib-batches", "1", "--calib-batch-seqs", "2",
+                "--eval-tokens", "300", "--stride", "0", "--codec", codec]  # fmt: skip
+        assert main(args) == 0
+        text = capsys.readouterr().out
+    from qlab.compress.container import read_artifact
+
+    a, header = read_artifact(outs["ans"])
+    b, _ = read_artifact(outs["brotli-11"])
+    assert header["codec"] == "ans" and header["symbols"]["streams"]
+    assert all(torch.equal(a[n].codes, b[n].codes) for n in a if hasattr(a[n], "codes"))
+    assert "order-0" in text
+    assert main(["eval", str(outs["ans"]), "--data", str(tiny_dataset.root), "--max-tokens", "300"]) == 0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qlab.compress.container import encode_artifact, read_artifact, write_artifact
+from qlab.compress.container import decode_artifact, encode_artifact, read_artifact, write_artifact
 from qlab.errors import ArtifactError, ConfigError
 from qlab.quant.tensor import QuantizedTensor
 
@@ -275,3 +275,66 @@ def test_missing_file_and_unserialisable_inputs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="JSON"):
         write_artifact(tmp_path / "x.qlab", {"a": torch.zeros(2)}, extra={"f": object()})
     assert not (tmp_path / "x.qlab").exists()
+
+
+def _ans_artifact() -> tuple[dict, bytes]:
+    tensors = sample_tensors()
+    return tensors, encode_artifact(tensors, policy={"p": 1}, codec="ans")
+
+
+def test_ans_layout_codes_symbols_and_pools_the_rest() -> None:
+    tensors, data = _ans_artifact()
+    out, header = decode_artifact(data)
+    for name in tensors:
+        assert_same(tensors[name], out[name])
+    layout = header["symbols"]
+    assert [n for n, _ in layout["streams"]] == ["qt", "qt_group"]  # only quantized codes
+    assert layout["rest_codec"] == "brotli-11+shuffle"
+    assert sum(k for _, k in layout["streams"]) + layout["rest_length"] == header["payload_length"]
+
+
+def _rewrite_header(data: bytes, edit) -> bytes:
+    """Re-encode the header with ``edit`` applied and the prefix hash recomputed."""
+    _, version, flags, head_len, _ = struct.unpack_from("<4sHHQ32s", data)
+    start = struct.calcsize("<4sHHQ32s")
+    header = json.loads(brotli.decompress(data[start : start + head_len]))
+    edit(header)
+    head = brotli.compress(json.dumps(header).encode())
+    prefix = struct.pack("<4sHHQ32s", b"QLAB", version, flags, len(head), hashlib.sha256(head).digest())
+    return prefix + head + data[start + head_len :]
+
+
+def _merge_streams(header: dict) -> None:
+    streams = header["symbols"]["streams"]  # one stream claims the bytes of both
+    header["symbols"]["streams"] = [[streams[0][0], streams[0][1] + streams[1][1]]]
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda h: h["symbols"].update(rest_length=h["symbols"]["rest_length"] + 1), "add up"),
+        (
+            lambda h: h["symbols"].update(streams=[["nope", 10]] + h["symbols"]["streams"][1:]),
+            "add up|names no",
+        ),
+        (lambda h: h["symbols"]["streams"][1].__setitem__(0, "qt"), "overlap|qt/codes"),
+        (lambda h: h["symbols"].update(rest_codec="nonsense"), "codec"),
+        (lambda h: h["symbols"].pop("streams"), "malformed"),
+        (_merge_streams, "trailing"),
+    ],
+)
+def test_ans_layout_rejects_a_lying_header(edit, match: str) -> None:
+    _, data = _ans_artifact()
+    with pytest.raises(ArtifactError, match=match):
+        decode_artifact(_rewrite_header(data, edit))
+
+
+def test_ans_layout_is_smaller_than_brotli_on_trained_like_codes() -> None:
+    g = torch.Generator().manual_seed(1)
+    spread = torch.logspace(0, 1, 256)  # columns with different spreads, as GPTQ leaves them
+    codes = (torch.randn(512, 256, generator=g) * spread).round().clamp(-31, 31).to(torch.int8)
+    q = QuantizedTensor(
+        codes=codes, scale=torch.ones(512, 1).half(), zero=None, bits=6, shape=(512, 256), scheme="int"
+    )
+    small = encode_artifact({"w": q}, codec="ans")
+    assert len(small) < 0.97 * len(encode_artifact({"w": q}, codec="brotli-11"))

@@ -17,6 +17,7 @@ import pandas as pd
 
 from qlab.cli._args import add_model_checkpoint
 from qlab.compress.budget import CAP, budget_table, code_bytes
+from qlab.compress.container import SYMBOL_CODEC
 from qlab.errors import ConfigError
 from qlab.io.atomic import atomic_write_bytes, check_output
 from qlab.quant.policy import RECORD_POLICIES, Policy, RecordQuant, load_policy, record_policy
@@ -43,7 +44,9 @@ def register(subparsers) -> None:
         "record's 786,432-token step on 8 GPUs; else 8)",
     )
     p.add_argument("--codec", help="artifact codec, byte shuffle added (default brotli-11, or lzma-6 "
-                                   "when $COMPRESSOR=lzma as in the record)")  # fmt: skip
+                                   "when $COMPRESSOR=lzma as in the record); 'ans' codes each tensor's "
+                                   "integer codes symbol by symbol with adaptive context models, the "
+                                   "rest with brotli-11")  # fmt: skip
     p.add_argument("--code", nargs="+", metavar="PATH", help="code files counted against the cap")
     p.add_argument(
         "--code-wrap", choices=("raw", "lzma"), default="raw", help="count code raw or lzma-wrapped"
@@ -125,8 +128,10 @@ def run(args: argparse.Namespace) -> int:
                           progress=progress)  # fmt: skip
     atomic_write_bytes(args.out, result.artifact)
     head = model_extra(result.quantized.dequantized_model, result.quantized.meta["aliases"], **extra)
-    table = budget_table(result.quantized.quantized_state, code=code, cap=args.cap,
-                         policy=policy.to_dict(), extra=head)  # fmt: skip
+    # the symbol coder is fast enough to measure per tensor; brotli-11 is predicted
+    measured = args.codec == SYMBOL_CODEC
+    table = budget_table(result.quantized.quantized_state, codec=args.codec, predicted=not measured,
+                         code=code, cap=args.cap, policy=policy.to_dict(), extra=head)  # fmt: skip
     _print_breakdown(table, args.top)
     _print_row(result.row.iloc[0], args.out, args.cap)
     return 0
@@ -136,23 +141,35 @@ def _print_breakdown(table: pd.DataFrame, top: int) -> None:
     tensors = table[~table["name"].str.startswith("[")]
     shown = tensors.nlargest(top, "compressed_bytes")
     rest = tensors.drop(shown.index)
-    print(f"{'tensor':<34} {'kind':<18} {'bits':>4} {'k':>6} {'numel':>10} {'pred. bytes':>12} {'share':>7}")
+    label = "pred. bytes" if table.attrs["predicted"] else "bytes"
+    print(f"{'tensor':<34} {'kind':<18} {'bits':>4} {'k':>6} {'numel':>10} {label:>12} {'order-0':>10} "
+          f"{'share':>7}")  # fmt: skip
     for _, r in shown.iterrows():
         k = f"{r['k']:.2f}" if pd.notna(r["k"]) else "-"
         print(f"{r['name']:<34} {r['kind']:<18} {int(r['bits']):>4} {k:>6} {int(r['numel']):>10,} "
-              f"{r['compressed_bytes']:>12,.0f} {100 * r['share']:>6.2f}%")  # fmt: skip
+              f"{r['compressed_bytes']:>12,.0f} {_bytes(r['order0_bytes']):>10} "
+              f"{100 * r['share']:>6.2f}%")  # fmt: skip
     if len(rest):
         print(f"{f'... {len(rest)} more':<34} {'':<18} {'':>4} {'':>6} {int(rest['numel'].sum()):>10,} "
-              f"{rest['compressed_bytes'].sum():>12,.0f} {100 * rest['share'].sum():>6.2f}%")  # fmt: skip
+              f"{rest['compressed_bytes'].sum():>12,.0f} {_bytes(rest['order0_bytes'].sum()):>10} "
+              f"{100 * rest['share'].sum():>6.2f}%")  # fmt: skip
     for _, r in table[table["name"].str.startswith("[")].iterrows():
         print(f"{r['name']:<34} {r['kind']:<18} {'':>4} {'':>6} {'':>10} {r['compressed_bytes']:>12,.0f} "
-              f"{100 * r['share']:>6.2f}%")  # fmt: skip
+              f"{'':>10} {100 * r['share']:>6.2f}%")  # fmt: skip
+    codes = tensors["order0_bytes"].notna()
+    print(
+        f"order-0 bound of the codes (Σ n·H0/8 per tensor): {tensors.loc[codes, 'order0_bytes'].sum():,.0f} B"
+    )
+
+
+def _bytes(x: float) -> str:
+    return "-" if pd.isna(x) or x == 0 else f"{x:,.0f}"
 
 
 def _print_row(r: pd.Series, out: str, cap: int) -> None:
     verdict = "fits" if r["fits_cap"] else "DOES NOT FIT"
     print(f"artifact:      {out}: {r['artifact_bytes']:,} B (model + {r['code_bytes']:,} B code; "
-          f"predicted {r['predicted_bytes']:,}) -> {verdict} the {cap:,} B cap, "
+          f"brotli-11 predicted {r['predicted_bytes']:,}) -> {verdict} the {cap:,} B cap, "
           f"headroom {r['headroom_bytes']:,} B")  # fmt: skip
     print(f"pre-quant:     val_bpb {r['pre_quant_bpb']:.4f}")
     print(f"quantized:     val_bpb {r['quantized_bpb']:.4f}  (quant tax {r['quant_tax_mbpb']:+.2f} mBPB)")

@@ -77,15 +77,32 @@ def _unzigzag(z: int) -> int:
     return z // 2 if z % 2 == 0 else -(z + 1) // 2
 
 
+def write_prelude(out: bytearray, magic: bytes, version: int, codes: np.ndarray, what: str) -> None:
+    """``magic | version u8 | dtype id u8 | ndim | shape…``: how each code stream starts."""
+    if codes.dtype not in _DTYPE_IDS:
+        raise QuantError(f"{what}: codes must be int8, int16 or uint8, got {codes.dtype}")
+    out += magic + bytes([version, _DTYPE_IDS[codes.dtype], codes.ndim])
+    for dim in codes.shape:
+        _put_varint(out, dim)
+
+
+def read_prelude(r: _Reader, magic: bytes, version: int) -> tuple[np.dtype, tuple[int, ...]]:
+    """Check magic and version of a stream written by :func:`write_prelude`; (dtype, shape)."""
+    if r.take(len(magic)) != magic:
+        raise ArtifactError(f"{r.what}: bad magic (expected {magic!r})")
+    got, dtype_id, ndim = r.take(3)
+    if got != version:
+        raise ArtifactError(f"{r.what}: unsupported version {got} (expected {version})")
+    if dtype_id not in _DTYPES:
+        raise ArtifactError(f"{r.what}: unknown dtype id {dtype_id}")
+    return _DTYPES[dtype_id], tuple(r.varint() for _ in range(ndim))
+
+
 def ans_encode(codes: np.ndarray) -> bytes:
     """Entropy-code an int8/int16/uint8 array with its own order-0 model; shape kept."""
     codes = np.asarray(codes)
-    if codes.dtype not in _DTYPE_IDS:
-        raise QuantError(f"ans_encode: codes must be int8, int16 or uint8, got {codes.dtype}")
-    out = bytearray(MAGIC)
-    out += bytes([VERSION, _DTYPE_IDS[codes.dtype], codes.ndim])
-    for dim in codes.shape:
-        _put_varint(out, dim)
+    out = bytearray()
+    write_prelude(out, MAGIC, VERSION, codes, "ans_encode")
     flat = codes.reshape(-1).astype(np.int32)
     if flat.size == 0:
         return bytes(out)
@@ -116,15 +133,7 @@ def _encode_symbols(sym: np.ndarray, counts: np.ndarray) -> np.ndarray:
 def ans_decode(data: bytes) -> np.ndarray:
     """Invert :func:`ans_encode` exactly (same values, dtype and shape)."""
     r = _Reader(data, "ans stream")
-    if r.take(4) != MAGIC:
-        raise ArtifactError("ans stream: bad magic (expected b'QANS')")
-    version, dtype_id, ndim = r.take(3)
-    if version != VERSION:
-        raise ArtifactError(f"ans stream: unsupported version {version} (expected {VERSION})")
-    if dtype_id not in _DTYPES:
-        raise ArtifactError(f"ans stream: unknown dtype id {dtype_id}")
-    dtype = _DTYPES[dtype_id]
-    shape = tuple(r.varint() for _ in range(ndim))
+    dtype, shape = read_prelude(r, MAGIC, VERSION)
     n = int(np.prod(shape, dtype=np.int64))
     if n == 0:
         return np.zeros(shape, dtype=dtype)

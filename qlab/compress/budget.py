@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 
 from qlab.compress.codecs import get_codec
-from qlab.compress.container import encode_artifact, to_arrays
+from qlab.compress.container import REST_CODEC, SYMBOL_CODEC, artifact_header, encode_artifact, to_arrays
+from qlab.compress.entropy import entropy_bits
 from qlab.compress.predict import BROTLI_OVERHEAD, predict_table, skeleton_bytes
 from qlab.compress.ptz import ptz_bytes
 from qlab.errors import ConfigError, DataError
@@ -175,16 +176,39 @@ def _numel(value: Any) -> int:
     return int(np.prod(tuple(value.shape), dtype=np.int64))
 
 
-def _entry_payload(value: Any) -> bytes:
-    """The entry's arrays concatenated as the container stores them (8-byte aligned)."""
+def _entry_payload(value: Any, skip: tuple[str, ...] = ()) -> bytes:
+    """The entry's arrays (but ``skip``) concatenated as the container stores them (8-byte aligned)."""
     chunks, offset = [], 0
-    for a in to_arrays(value)[1].values():
+    for role, a in to_arrays(value)[1].items():
+        if role in skip:
+            continue
         t = a.detach().cpu().contiguous() if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a))
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         pad = (-offset) % 8
         chunks.append(b"\0" * pad + raw)
         offset += pad + len(raw)
     return b"".join(chunks)
+
+
+def _order0_bytes(value: Any) -> float:
+    """n·H0/8 of a quantized entry's codes: the bound a per-tensor order-0 coder reaches."""
+    from qlab.quant.tensor import QuantizedTensor
+
+    if not isinstance(value, QuantizedTensor):
+        return float("nan")
+    return entropy_bits(value.codes.detach().cpu().numpy()) / 8
+
+
+def _symbol_coded_per_entry(quantized_state: Mapping[str, Any], blob: bytes) -> dict[str, float]:
+    """Per entry of an ``ans`` artifact: its codes' symbol stream (as stored) + its other
+    arrays compressed alone with the container's pooled codec."""
+    streams = dict(artifact_header(blob)["symbols"]["streams"])
+    rest = get_codec(REST_CODEC, shuffle=True)
+    out = {}
+    for name, value in quantized_state.items():
+        others = _entry_payload(value, skip=("codes",) if name in streams else ())
+        out[name] = float(streams.get(name, 0) + (len(rest.compress(others)) if others else 0))
+    return out
 
 
 def _predicted_per_entry(quantized_state: Mapping[str, Any]) -> dict[str, float]:
@@ -226,6 +250,9 @@ def budget_table(
     if predicted:
         per = _predicted_per_entry(quantized_state)
         model = predict_artifact_bytes(quantized_state, fmt=fmt, policy=policy, extra=extra)
+    elif codec == SYMBOL_CODEC and fmt == "qlab":
+        blob = encode_artifact(dict(quantized_state), policy=policy, codec=codec, extra=extra)
+        per, model = _symbol_coded_per_entry(quantized_state, blob), len(blob)
     else:
         c = get_codec(codec, shuffle=True)
         per = {n: float(len(c.compress(_entry_payload(v)))) for n, v in quantized_state.items()}
@@ -239,6 +266,7 @@ def budget_table(
                 "numel": _numel(value),
                 "raw_bytes": len(_entry_payload(value)),
                 "compressed_bytes": float(per.get(name, 0.0)),
+                "order0_bytes": _order0_bytes(value),
             }
         )
     tensors = pd.DataFrame(rows)
@@ -278,5 +306,6 @@ def _with_summary(tensors: pd.DataFrame, model: int, code: int, cap: int, predic
         fits=bool(artifact <= cap),
         predicted=bool(predicted),
     )
-    cols = ["name", "kind", "bits", "k", "numel", "raw_bytes", "compressed_bytes", "share", "headroom_bytes"]
+    cols = ["name", "kind", "bits", "k", "numel", "raw_bytes", "compressed_bytes", "order0_bytes", "share",
+            "headroom_bytes"]  # fmt: skip
     return df.reindex(columns=cols)

@@ -36,6 +36,7 @@ import importlib
 import json
 import math
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ import torch
 
 from qlab.checks import is_int
 from qlab.compress.codecs import get_codec
+from qlab.compress.symbols import decode_symbols, encode_symbols
 from qlab.errors import ArtifactError, ConfigError, QlabError
 from qlab.io.atomic import atomic_write_bytes
 
@@ -58,6 +60,11 @@ _PREFIX = struct.Struct("<4sHHQ32s")
 FLAG_BROTLI_HEADER = 1
 _KNOWN_FLAGS = FLAG_BROTLI_HEADER
 _ALIGN = 8
+# codec="ans": quantized codes coded symbol by symbol (qlab.compress.symbols), the rest
+# of the payload pooled and compressed with REST_CODEC (+ byte shuffle).
+SYMBOL_CODEC = "ans"
+REST_CODEC = "brotli-11"
+_SYMBOL_DTYPES = ("int8", "int16", "uint8")
 # Only these classes are ever rebuilt from a file: the header names a kind, never a class.
 _KINDS = {
     "quantized": ("qlab.quant.tensor", "QuantizedTensor"),
@@ -194,8 +201,7 @@ def encode_artifact(
     """The bytes :func:`write_artifact` writes (useful for in-memory size accounting)."""
     if sys.byteorder != "little":
         raise ArtifactError("qlab artifacts are written on little-endian hosts only")
-    c = get_codec(codec, shuffle=shuffle)
-    entries, chunks, offset = [], [], 0
+    entries, chunks, symbol_arrays, offset = [], [], [], 0
     for name, value in tensors.items():
         kind, arrays, fields = to_arrays(value)
         described = {}
@@ -203,17 +209,26 @@ def encode_artifact(
             dtype, shape, raw = _array_bytes(a)
             pad = (-offset) % _ALIGN
             chunks.append(b"\0" * pad + raw)
+            if _symbol_coded(kind, role, dtype):
+                symbol_arrays.append((str(name), a, offset + pad, len(raw)))
             offset += pad + len(raw)
             described[role] = {"dtype": dtype, "shape": shape, "length": len(raw)}
         entries.append({"name": str(name), "kind": kind, "fields": fields, "arrays": described})
     raw_payload = b"".join(chunks)
     if dataclasses.is_dataclass(policy) and not isinstance(policy, type):
         policy = dataclasses.asdict(policy)
-    payload = c.compress(raw_payload)
+    if codec == SYMBOL_CODEC:
+        rest = get_codec(REST_CODEC, shuffle=shuffle)
+        payload, symbols = _encode_symbol_payload(raw_payload, symbol_arrays, rest)
+        spec, layout = SYMBOL_CODEC, {"symbols": symbols}
+    else:
+        c = get_codec(codec, shuffle=shuffle)
+        payload, spec, layout = c.compress(raw_payload), c.spec, {}
     header = {
         "format": "qlab-artifact",
         "version": VERSION,
-        "codec": c.spec,
+        "codec": spec,
+        **layout,
         "policy": policy,
         "extra": extra or {},
         "tensors": entries,
@@ -232,6 +247,39 @@ def encode_artifact(
         head = brotli.compress(head, quality=11)
     prefix = _PREFIX.pack(MAGIC, VERSION, flags, len(head), hashlib.sha256(head).digest())
     return prefix + head + payload
+
+
+def _symbol_coded(kind: str, role: str, dtype: str) -> bool:
+    return kind == "quantized" and role == "codes" and dtype in _SYMBOL_DTYPES
+
+
+def role_key(name: str) -> str:
+    """A tensor's role across layers (``blocks.3.attn.c_k.weight`` → ``blocks.#.attn.c_k.weight``):
+    the previous tensor of the same role seeds the symbol coder's model."""
+    return re.sub(r"\d+", "#", name)
+
+
+def _encode_symbol_payload(
+    raw: bytes, coded: list[tuple[str, Any, int, int]], rest_codec: Any
+) -> tuple[bytes, dict]:
+    """Payload of the ``ans`` layout: each code array's symbol stream, then the remaining
+    raw bytes (scales, passthrough tensors, padding) compressed together."""
+    streams, lengths, pieces, pos, previous = [], [], [], 0, {}
+    for name, a, start, length in coded:
+        codes = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        stream = encode_symbols(codes, context=previous.get(role_key(name)))
+        previous[role_key(name)] = codes
+        streams.append(stream)
+        lengths.append([name, len(stream)])
+        pieces.append(raw[pos:start])
+        pos = start + length
+    pieces.append(raw[pos:])
+    rest = rest_codec.compress(b"".join(pieces))
+    return b"".join(streams) + rest, {
+        "streams": lengths,
+        "rest_codec": rest_codec.spec,
+        "rest_length": len(rest),
+    }
 
 
 def write_artifact(
@@ -270,9 +318,7 @@ def decode_artifact(data: bytes, where: str = "<bytes>") -> tuple[dict[str, Any]
     declared = header.get("raw_length")
     if isinstance(declared, bool) or not isinstance(declared, int) or not 0 <= declared <= MAX_RAW_BYTES:
         raise ArtifactError(f"{where}: header field 'raw_length' must be an int in [0, {MAX_RAW_BYTES:,}]")
-    # Inflate no further than the header promises: a bomb stops at the declared size.
-    codec = header.get("codec")
-    raw = get_codec(codec).decompress(payload, max_output=declared) if codec else payload
+    raw = _decode_payload(header, payload, declared, where)
     if len(raw) != header.get("raw_length") or hashlib.sha256(raw).hexdigest() != header.get("raw_sha256"):
         raise ArtifactError(f"{where}: decompressed payload does not match its recorded length/SHA-256")
     out = {}
@@ -295,6 +341,74 @@ def decode_artifact(data: bytes, where: str = "<bytes>") -> tuple[dict[str, Any]
             f"{where}: header arrays end at byte {layout_end}, the raw payload has {len(raw)}"
         )
     return out, header
+
+
+def artifact_header(data: bytes, where: str = "<bytes>") -> dict:
+    """The verified header of artifact bytes, without decoding the payload."""
+    return _split(data, where)[0]
+
+
+def _decode_payload(header: dict, payload: bytes, declared: int, where: str) -> bytes:
+    """The raw payload: decompressed (never past ``declared`` bytes: a bomb stops there)."""
+    codec = header.get("codec")
+    if "symbols" not in header:
+        return _codec(codec, where).decompress(payload, max_output=declared) if codec else payload
+    layout = header["symbols"]
+    try:
+        streams = [(str(n), int(k)) for n, k in layout["streams"]]
+        rest_codec, rest_length = _codec(layout["rest_codec"], where), int(layout["rest_length"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{where}: header field 'symbols' is malformed ({exc})") from exc
+    total = sum(k for _, k in streams) + rest_length
+    if any(k < 0 for _, k in streams) or rest_length < 0 or total != len(payload):
+        raise ArtifactError(
+            f"{where}: symbol stream lengths do not add up to the {len(payload)}-byte payload"
+        )
+    specs = {e["name"]: e["arrays"].get("codes") for e in _entries(header, where)}
+    raw, filled, pos, previous = bytearray(declared), [], 0, {}
+    for name, k in streams:
+        spec = specs.get(name)
+        if spec is None or spec["offset"] + spec["length"] > declared:
+            raise ArtifactError(f"{where}: symbol stream for {name!r} names no code array inside the payload")
+        try:
+            stream, context = payload[pos : pos + k], previous.get(role_key(name))
+            codes = decode_symbols(stream, max_symbols=spec["length"], context=context)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{where}: {name}/codes: {exc}") from None
+        if str(codes.dtype) != spec["dtype"] or list(codes.shape) != spec["shape"]:
+            raise ArtifactError(
+                f"{where}: {name}/codes: stream holds {codes.dtype} {list(codes.shape)}, "
+                f"header says {spec['dtype']} {spec['shape']}"
+            )
+        previous[role_key(name)] = codes
+        raw[spec["offset"] : spec["offset"] + spec["length"]] = codes.tobytes()
+        filled.append((spec["offset"], spec["length"]))
+        pos += k
+    rest = rest_codec.decompress(payload[pos:], max_output=declared)
+    _fill_rest(raw, sorted(filled), rest, where)
+    return bytes(raw)
+
+
+def _codec(spec: Any, where: str) -> Any:
+    try:
+        return get_codec(spec)
+    except ConfigError as exc:
+        raise ArtifactError(f"{where}: header names an unknown codec ({exc})") from None
+
+
+def _fill_rest(raw: bytearray, filled: list[tuple[int, int]], rest: bytes, where: str) -> None:
+    """Put the pooled bytes back into the gaps the code arrays leave."""
+    pos, cursor = 0, 0
+    for start, length in [*filled, (len(raw), 0)]:
+        if start < cursor:
+            raise ArtifactError(f"{where}: symbol-coded arrays overlap")
+        gap = start - cursor
+        if pos + gap > len(rest):
+            raise ArtifactError(f"{where}: pooled payload is shorter than the arrays it must fill")
+        raw[cursor:start] = rest[pos : pos + gap]
+        pos, cursor = pos + gap, start + length
+    if pos != len(rest):
+        raise ArtifactError(f"{where}: pooled payload has {len(rest) - pos} bytes no array claims")
 
 
 def _split(data: bytes, where: str) -> tuple[dict, bytes, int | None]:

@@ -152,6 +152,7 @@ def seeds(tmp_path_factory, tiny_dataset):
     qm = quantize_model(model, record_policy("record_small"))
     (d / "w.ptz").write_bytes(ptz_bytes(ptz_tree(qm.quantized_state), codec="brotli-5"))
     save_quantized(d / "w.qlab", qm, record_policy("record_small"), codec="brotli-5")
+    save_quantized(d / "w_ans.qlab", qm, record_policy("record_small"), codec="ans")
     write_shard(d / "s.bin", np.arange(300) % 64)
     policy = {"name": "p", "rules": [{"pattern": "*", "ndim": 2, "min_numel": 10,
                                       "spec": {"method": "rtn", "bits": 6, "clip": "sdclip",
@@ -170,7 +171,7 @@ def _write(tmp_path: Path, name: str, data: bytes) -> Path:
 # ------------------------------------------------------------------ one test per format
 
 
-@pytest.mark.parametrize("name", ["w.safetensors", "w.pt", "w.ptz", "w.qlab"])
+@pytest.mark.parametrize("name", ["w.safetensors", "w.pt", "w.ptz", "w.qlab", "w_ans.qlab"])
 def test_checkpoint_formats(seeds, tmp_path, name):
     seed = (seeds["dir"] / name).read_bytes()
 
