@@ -29,8 +29,12 @@ test: $(STAMP)
 fuzz: $(STAMP)
 	QLAB_FUZZ_EXAMPLES=1000 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/fuzz
 
-bench: $(STAMP)
+# bench_codecs measures the artifact codec on the demo's trained checkpoint: run the demo first.
+bench: $(STAMP) runs/demo/model.qlab
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks
+
+runs/demo/model.qlab: $(STAMP)
+	$(BIN)/qlab demo --out runs/demo
 
 # On a CUDA machine: the record preset for 200 steps (compile + bf16), NS5, GPTQ, a 1M-token
 # sliding eval and peak memory, in one table (benchmarks/gpu_check.py; --dry-run on a CPU).
