@@ -18,6 +18,7 @@ from qlab.quant.clip import (
     quantile_search,
     sdclip,
 )
+from qlab.quant.gptq import gptq_quantize_many
 from qlab.quant.hessian import collect_hessians
 from qlab.quant.policy import (
     Passthrough,
@@ -391,3 +392,54 @@ def test_sdclip_rejects_a_bad_clip_width(k):
         sdclip(torch.randn(3, 8), 6, k=k)
     with pytest.raises(ConfigError, match="clip width k"):
         hessian_sdclip(torch.randn(3, 8), 6, k=k, hdiag=torch.ones(8))
+
+
+def test_layers_reading_one_input_share_one_hessian():
+    gpt_mod = pytest.importorskip("qlab.model.gpt")
+    from qlab.config import get_preset
+
+    torch.manual_seed(1)
+    model = gpt_mod.GPT(get_preset("tiny")).eval()
+    idx = [torch.randint(0, model.config.vocab_size, (2, 32)) for _ in range(3)]
+    hs = collect_hessians(model, idx, min_numel=0)
+    attn = model.blocks[0].attn
+    seen: dict[str, torch.Tensor] = {}
+
+    def own_xtx(name: str):
+        def hook(_m, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            seen[name] = seen.get(name, 0) + x.T @ x
+
+        return hook
+
+    mods = {"c_q": attn.c_q, "c_k": attn.c_k, "c_v": attn.c_v, "proj": attn.proj}
+    hooks = [mod.register_forward_pre_hook(own_xtx(n)) for n, mod in mods.items()]
+    with torch.no_grad():
+        for b in idx:
+            model(b)
+    for h in hooks:
+        h.remove()
+    q, k, v, proj = (hs[f"blocks.0.attn.{n}.weight"] for n in ("c_q", "c_k", "c_v", "proj"))
+    assert k is q and v is q and proj is not q  # one tensor per distinct input
+    assert torch.allclose(q, seen["c_k"] / 3, rtol=1e-5, atol=1e-6)  # c_k's own X^T X, had it been computed
+    assert torch.allclose(proj, seen["proj"] / 3, rtol=1e-5, atol=1e-6)
+    assert torch.equal(seen["c_q"], seen["c_v"])
+
+
+def test_gptq_factorises_a_shared_hessian_once(monkeypatch):
+    import qlab.quant.gptq as gptq
+
+    calls = []
+    real = gptq.upper_cholesky_of_inverse
+    monkeypatch.setattr(
+        gptq, "upper_cholesky_of_inverse", lambda h, *a, **k: calls.append(h.shape) or real(h, *a, **k)
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 64, generator=g)
+    h_in, h_other = x.T @ x, (x * 2).T @ x
+    ws = {n: torch.randn(r, 64, generator=g) for n, r in (("q", 64), ("k", 32), ("v", 32), ("o", 64))}
+    out = gptq_quantize_many(ws, {"q": h_in, "k": h_in, "v": h_in, "o": h_other})
+    assert len(calls) == 2  # one per distinct Hessian, not per matrix
+    for n in ws:  # sharing changes nothing: each matrix alone gives the same codes
+        hs = {"q": h_in, "k": h_in.clone(), "v": h_in.clone(), "o": h_other}
+        assert torch.equal(out[n].codes, gptq_quantize_many({n: ws[n]}, {n: hs[n]})[n].codes)

@@ -45,15 +45,45 @@ def _tied_embedding(model: nn.Module, min_numel: int) -> tuple[str, nn.Embedding
     return None
 
 
-def _accumulate(store: dict[str, torch.Tensor], key: str, x: torch.Tensor, device: torch.device) -> None:
+def _xtx(key: str, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     x = x.detach().reshape(-1, x.shape[-1]).to(device=device, dtype=torch.float32)
     if not bool(torch.isfinite(x).all()):
         raise QuantError(f"Hessian for {key!r}: layer input contains NaN/Inf")
-    xtx = x.T @ x
+    return x.T @ x
+
+
+def _add(store: dict[str, torch.Tensor], key: str, xtx: torch.Tensor) -> None:
     if key in store:
         store[key] += xtx
     else:
-        store[key] = xtx
+        store[key] = xtx.clone()
+
+
+class _SharedInputs:
+    """Layers called one after another on the same input tensor (c_q, c_k, c_v) get one
+    XᵀX per call, computed once; at the end a layer whose every call reused another's
+    product holds that layer's Hessian itself (one tensor per distinct input)."""
+
+    def __init__(self) -> None:
+        self.last: tuple[torch.Tensor, str, torch.Tensor] | None = None
+        self.sources: dict[str, set[str]] = {}
+
+    def product(self, key: str, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self.last is not None and self.last[0] is x and self.last[1] != key:
+            source, xtx = self.last[1], self.last[2]
+        else:
+            source, xtx = key, _xtx(key, x, device)
+            self.last = (x, key, xtx)
+        self.sources.setdefault(key, set()).add(source)
+        return xtx
+
+    def alias(self, store: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(store)
+        for key, sources in self.sources.items():
+            (source,) = sources if len(sources) == 1 else (key,)
+            if source != key and torch.equal(store[key], store[source]):
+                out[key] = out[source]  # the same sums in the same order: share the tensor
+        return out
 
 
 def collect_hessians(
@@ -67,10 +97,13 @@ def collect_hessians(
     """Run ``batches`` through ``model`` and return {parameter name: mean-over-batches XᵀX}.
 
     Keys are parameter names such as ``blocks.0.attn.c_q.weight`` (a Linear reached under
-    several names is keyed by its first). Raises DataError if ``batches`` is empty.
+    several names is keyed by its first). Layers that read the same input share one
+    Hessian tensor (``hessians["…c_k.weight"] is hessians["…c_q.weight"]``), which
+    GPTQ then factorises once. Raises DataError if ``batches`` is empty.
     """
     param_names = {id(p): n for n, p in model.named_parameters()}
     store: dict[str, torch.Tensor] = {}
+    shared = _SharedInputs()
     handles = []
     for mod in model.modules():
         if isinstance(mod, nn.Linear) and mod.weight.numel() > min_numel:
@@ -78,7 +111,7 @@ def collect_hessians(
             dev = mod.weight.device
 
             def hook(_m, args, key=key, dev=dev):
-                _accumulate(store, key, args[0], dev)
+                _add(store, key, shared.product(key, args[0], dev))
 
             handles.append(mod.register_forward_pre_hook(hook))
     tied = _tied_embedding(model, min_numel) if include_tied_embedding else None
@@ -88,7 +121,7 @@ def collect_hessians(
             for batch in tqdm(batches, desc="hessians", disable=not progress):
                 idx = _input_ids(batch)
                 if tied is not None:
-                    _accumulate(store, tied[0], model.final_hidden(idx), tied[1].weight.device)
+                    _add(store, tied[0], _xtx(tied[0], model.final_hidden(idx), tied[1].weight.device))
                 else:
                     model(idx)
                 n_batches += 1
@@ -97,4 +130,5 @@ def collect_hessians(
             h.remove()
     if n_batches == 0:
         raise DataError("collect_hessians: no calibration batches were given")
-    return {k: v / n_batches for k, v in store.items()}
+    means = {k: v / n_batches for k, v in store.items()}
+    return shared.alias(means)

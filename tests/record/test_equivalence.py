@@ -95,7 +95,7 @@ def test_gptq_codes_and_scales_match(record):
     spec = get_policy("record").spec_for("blocks.0.mlp.fc.weight", torch.zeros(2048, 512))
     q = gptq_quantize(w, H, bits=spec.bits, clip_rule=spec.clip, clip_params=spec.clip_params)
     assert torch.equal(q.scale.reshape(-1), s_rec)
-    assert float((q.codes == q_rec).float().mean()) >= 0.9998
+    assert torch.equal(q.codes, q_rec)  # bit for bit: same factorisations, same update order
 
 
 def test_data_order_matches_the_records_loader(record, tmp_path):
