@@ -353,14 +353,19 @@ def test_collect_hessians_matches_manual_xtx():
         collect_hessians(m, [], min_numel=40)
 
 
-def test_collect_hessians_on_tiny_gpt():
-    gpt_mod = pytest.importorskip("qlab.model.gpt")
+def _tiny_gpt_hessians(seed: int, batch: int, n_batches: int):
+    """A tiny GPT, its calibration batches and their Hessians (every Linear)."""
     from qlab.config import get_preset
+    from qlab.model.gpt import GPT
 
-    torch.manual_seed(0)
-    model = gpt_mod.GPT(get_preset("tiny")).eval()
-    idx = [torch.randint(0, model.config.vocab_size, (1, 32)) for _ in range(2)]
-    hs = collect_hessians(model, idx, min_numel=0)
+    torch.manual_seed(seed)
+    model = GPT(get_preset("tiny")).eval()
+    idx = [torch.randint(0, model.config.vocab_size, (batch, 32)) for _ in range(n_batches)]
+    return model, idx, collect_hessians(model, idx, min_numel=0)
+
+
+def test_collect_hessians_on_tiny_gpt():
+    model, idx, hs = _tiny_gpt_hessians(0, 1, 2)
     d = model.config.model_dim
     assert hs["tok_emb.weight"].shape == (d, d)
     assert hs["blocks.0.attn.c_q.weight"].shape == (d, d)
@@ -395,13 +400,7 @@ def test_sdclip_rejects_a_bad_clip_width(k):
 
 
 def test_layers_reading_one_input_share_one_hessian():
-    gpt_mod = pytest.importorskip("qlab.model.gpt")
-    from qlab.config import get_preset
-
-    torch.manual_seed(1)
-    model = gpt_mod.GPT(get_preset("tiny")).eval()
-    idx = [torch.randint(0, model.config.vocab_size, (2, 32)) for _ in range(3)]
-    hs = collect_hessians(model, idx, min_numel=0)
+    model, idx, hs = _tiny_gpt_hessians(1, 2, 3)
     attn = model.blocks[0].attn
     seen: dict[str, torch.Tensor] = {}
 
