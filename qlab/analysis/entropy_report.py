@@ -51,7 +51,7 @@ from qlab.compress.entropy import entropy_from_counts
 from qlab.errors import CheckpointError, ConfigError, QlabError, QuantError
 from qlab.io.atomic import atomic_write_text
 from qlab.quant.gptq import gptq_quantize
-from qlab.quant.policy import Passthrough, Policy, TensorSpec, make_passthrough, resolve_policy
+from qlab.quant.policy import MatrixCount, Passthrough, Policy, TensorSpec, make_passthrough, resolve_policy
 from qlab.quant.rtn import quantize_rtn
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
@@ -449,6 +449,7 @@ def entropy_report(
     release_freed_memory = _HeapTrimmer()
     t0 = time.perf_counter()
     hessians = hessians or {}
+    count = MatrixCount()
     for name, t in stream:
         if prestored:
             stored, method, spec, dense = t, "stored", None, None
@@ -460,6 +461,7 @@ def entropy_report(
             except QuantError as exc:
                 raise QuantError(f"{where}: {exc}") from exc
             dense = t
+            count.add(t, spec.method != "passthrough")
         row = _tensor_row(name, dense, stored, method, spec)
         _add_prediction(acc, row, name, stored, lz_guard)
         acc.rows.append(row)
@@ -471,6 +473,7 @@ def entropy_report(
             on_tensor(name)
     if not acc.rows:
         raise CheckpointError(f"{where}: holds no tensors")
+    count.warn(pol.name)
     _finish_pooled(acc)
     predict_s = time.perf_counter() - t0
     return _build(

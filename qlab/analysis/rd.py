@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qlab.analysis import rd_theory
+from qlab.analysis.spectra import weight_family
 from qlab.compress import predict as P
 from qlab.compress.entropy import order0_entropy, row_entropy
 from qlab.errors import ConfigError, QuantError
@@ -86,14 +87,19 @@ def linear_fit(x: Iterable[float], y: Iterable[float]) -> Fit:
     return Fit(float(slope), float(intercept), r2, int(x.size))
 
 
+_COARSE = {"q": "attention", "k": "attention", "v": "attention", "qkv": "attention", "attn_out": "attention",
+           "mlp_gate": "mlp", "mlp_in": "mlp", "mlp_out": "mlp", "embedding": "embedding"}  # fmt: skip
+
+
 def tensor_family(name: str) -> str:
-    """embedding / attention / mlp / control, or ``other`` for names outside the GPT's."""
+    """embedding / attention / mlp / control for qlab's GPT names, embedding / attention /
+    mlp for GPT-2, BERT and Llama names (see ``weight_family``), else ``other``."""
     from qlab.model.gpt import parameter_family
 
     try:
         return parameter_family(name)
     except ConfigError:
-        return "other"
+        return _COARSE.get(weight_family(name) or "", "other")
 
 
 def load_matrices(

@@ -49,18 +49,49 @@ __all__ = [
     "spectral_differential",
 ]
 
-FAMILIES = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out", "embedding")
+FAMILIES = ("q", "k", "v", "qkv", "attn_out", "mlp_gate", "mlp_in", "mlp_out", "embedding")
 
+# Name endings of each family in the common naming schemes: Parameter Golf / qlab, GPT-2
+# (fused c_attn), BERT, Llama / Mistral. ``attention.output.dense`` is tested before
+# BERT's MLP ``output.dense``: the order of this table matters.
 _FAMILY_SUFFIXES = (
+    # Parameter Golf / qlab
     (".attn.c_q.weight", "q"),
     (".attn.c_k.weight", "k"),
     (".attn.c_v.weight", "v"),
     (".attn.proj.weight", "attn_out"),
     (".mlp.fc.weight", "mlp_in"),
     (".mlp.proj.weight", "mlp_out"),
+    # GPT-2 (Conv1D weights are stored in × out; spectra do not care)
+    (".attn.c_attn.weight", "qkv"),
+    (".attn.c_proj.weight", "attn_out"),
+    (".mlp.c_fc.weight", "mlp_in"),
+    (".mlp.c_proj.weight", "mlp_out"),
+    # BERT
+    (".attention.self.query.weight", "q"),
+    (".attention.self.key.weight", "k"),
+    (".attention.self.value.weight", "v"),
+    (".attention.output.dense.weight", "attn_out"),
+    (".intermediate.dense.weight", "mlp_in"),
+    (".output.dense.weight", "mlp_out"),
+    # Llama / Mistral
+    (".self_attn.q_proj.weight", "q"),
+    (".self_attn.k_proj.weight", "k"),
+    (".self_attn.v_proj.weight", "v"),
+    (".self_attn.o_proj.weight", "attn_out"),
+    (".mlp.gate_proj.weight", "mlp_gate"),
+    (".mlp.up_proj.weight", "mlp_in"),
+    (".mlp.down_proj.weight", "mlp_out"),
 )
-_EMBEDDING_NAMES = ("tok_emb.weight", "lm_head.weight")
-_LAYER_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_EMBEDDING_NAMES = (
+    "tok_emb.weight",
+    "lm_head.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_tokens.weight",
+)
+# blocks.{i}. (qlab), h.{i}. (GPT-2), layer.{i}. (BERT), layers.{i}. (Llama)
+_LAYER_RE = re.compile(r"(?:^|\.)(?:blocks|h|layer|layers)\.(\d+)\.")
 
 # WeightWatcher constants (weightwatcher 0.7.x, constants.py / WW_powerlaw.py).
 WW_EVALS_THRESH = 1e-5
@@ -69,7 +100,7 @@ WW_SMALL_N_KMIN = 8
 
 
 def weight_family(name: str) -> str | None:
-    """The weight family of a qlab/Parameter-Golf parameter name, or None if it has none."""
+    """The weight family of a parameter name (Parameter Golf, GPT-2, BERT or Llama naming), or None."""
     for suffix, family in _FAMILY_SUFFIXES:
         if name.endswith(suffix):
             return family
@@ -79,7 +110,7 @@ def weight_family(name: str) -> str | None:
 
 
 def layer_index(name: str) -> int | None:
-    """Block index ``i`` of a ``blocks.{i}.…`` name, else None."""
+    """Block index ``i`` of a ``blocks.{i}.`` (also ``h.``, ``layer.``, ``layers.``) name, else None."""
     m = _LAYER_RE.search(name)
     return int(m.group(1)) if m else None
 

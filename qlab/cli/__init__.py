@@ -1,36 +1,72 @@
 """The ``qlab`` command. Thin: parse arguments, call the library, print.
 
-Each command group lives in its own module in this package and exposes
-``register(subparsers)``; modules are discovered automatically so command groups can
-be added without touching this file.
+Each command group lives in its own module in this package, named as the command, and
+exposes ``register(subparsers)`` and a one-line ``HELP`` string; modules are discovered
+automatically so command groups can be added without touching this file. Only the
+command being run is imported (its module pulls in torch, pandas, …): the others are
+listed with their ``HELP``, read from the module's source, so ``qlab --help`` and a
+mistyped command answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import pkgutil
 import sys
+import warnings
+from pathlib import Path
 
+from qlab import __version__
 from qlab.errors import QlabError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def commands() -> list[str]:
+    """The command names: the modules of this package (none imported)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def command_help(name: str) -> str:
+    """A command's ``HELP`` string, read from its module's source without importing it."""
+    tree = ast.parse(Path(__file__).with_name(f"{name}.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "HELP" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return ""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that command is fully registered (the rest listed)."""
     parser = argparse.ArgumentParser(
         prog="qlab", description="Quantization and compression workbench for small language models."
     )
+    parser.add_argument("--version", action="version", version=f"qlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        module.register(sub)
+    for name in commands():
+        if only is None or name == only:
+            importlib.import_module(f"{__name__}.{name}").register(sub)
+        else:
+            sub.add_parser(name, help=command_help(name))
     return parser
 
 
+def _command_of(argv: list[str]) -> str:
+    """The command named in ``argv`` ("" when none: then only the listing is needed)."""
+    first = next((a for a in argv if not a.startswith("-")), "")
+    return first if first in commands() else ""
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one plain line (no source path): they are meant for the user."""
+    print(f"qlab: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(only=_command_of(argv)).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except QlabError as exc:

@@ -12,9 +12,11 @@ from qlab.data.fineweb import VARIANTS, download_fineweb
 from qlab.data.shards import read_shard_header
 from qlab.errors import ConfigError
 
+HELP = "build, download and inspect tokenized datasets"
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="build, download and inspect tokenized datasets")
+    parser = subparsers.add_parser("data", help=HELP)
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     sub.required = True
 

@@ -19,8 +19,11 @@ LABELS = {
 }
 
 
+HELP = "run the end-to-end demo on the embedded corpus (CPU, a few minutes)"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the end-to-end demo on the embedded corpus (CPU, a few minutes)")
+    p = sub.add_parser("demo", help=HELP)
     p.add_argument("--out", default="runs/demo", help="where everything is written (default: runs/demo)")
     p.add_argument("--iterations", type=int, default=None, help="training steps (default: the tiny preset's)")
     p.add_argument(

@@ -12,11 +12,11 @@ from qlab.compress.predict import RECORD_CODEC
 from qlab.errors import ConfigError
 from qlab.io.atomic import check_output
 
+HELP = "entropy and predicted compressed size of a checkpoint"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "entropy", help="entropy and predicted compressed size of a checkpoint", description=__doc__
-    )
+    p = subparsers.add_parser("entropy", help=HELP, description=__doc__)
     p.add_argument("ckpt", metavar="CKPT", help="run dir, .safetensors, HF dir, .pt, .ptz or .qlab")
     p.add_argument("--policy", default="record", help="quantization policy preset (default: record)")
     p.add_argument("--measure", action="store_true", help="also compress for real with each codec")

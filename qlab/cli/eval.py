@@ -12,11 +12,11 @@ import sys
 from qlab.cli._args import add_model_checkpoint
 from qlab.errors import ConfigError
 
+HELP = "val_loss and val_bpb of a checkpoint or artifact"
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "eval", help="val_loss and val_bpb of a checkpoint or artifact", description=__doc__
-    )
+    p = subparsers.add_parser("eval", help=HELP, description=__doc__)
     add_model_checkpoint(p)
     p.add_argument("--data", default="embedded", help="dataset directory, or 'embedded' (default)")
     p.add_argument("--stride", type=int, help="sliding-window stride (default: standard windows)")

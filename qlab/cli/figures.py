@@ -6,11 +6,13 @@ import argparse
 
 from qlab.figures.scale import SCALES
 
+HELP = "regenerate every paper figure and qlab's own measurements of them"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "figures",
-        help="regenerate every paper figure and qlab's own measurements of them",
+        help=HELP,
         description="Without --checkpoint the tiny preset is trained on the embedded corpus at the "
         "chosen scale (cached under data/cache/figures), then every figure is measured and drawn.",
     )

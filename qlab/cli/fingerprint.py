@@ -19,11 +19,13 @@ import pandas as pd
 
 from qlab.errors import ConfigError
 
+HELP = "SVD spectra, CKA, depth and hidden-state geometry of a checkpoint"
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "fingerprint",
-        help="SVD spectra, CKA, depth and hidden-state geometry of a checkpoint",
+        help=HELP,
         description=__doc__,
     )
     p.add_argument(

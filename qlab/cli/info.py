@@ -17,10 +17,11 @@ from qlab.train.config import resolve_configs
 FAMILIES = ("embedding", "attention", "mlp", "control")
 
 
+HELP = "show a model preset's configuration and parameter count"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "info", help="show a model preset's configuration and parameter count", description=__doc__
-    )
+    parser = subparsers.add_parser("info", help=HELP, description=__doc__)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--preset", metavar="NAME", help=f"preset to describe ({', '.join(PRESETS)})")
     what.add_argument("--list", action="store_true", help="list the preset names with their sizes")

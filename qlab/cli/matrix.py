@@ -23,9 +23,11 @@ import pandas as pd
 
 from qlab.errors import ConfigError
 
+HELP = "reg × quant matrix: train a grid, merge, report"
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("matrix", help="reg × quant matrix: train a grid, merge, report")
+    p = subparsers.add_parser("matrix", help=HELP)
     sub = p.add_subparsers(dest="matrix_command", metavar="ACTION")
     sub.required = True
 

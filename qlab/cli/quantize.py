@@ -22,11 +22,11 @@ from qlab.errors import ConfigError
 from qlab.io.atomic import atomic_write_bytes, check_output
 from qlab.quant.policy import RECORD_POLICIES, Policy, RecordQuant, load_policy, record_policy
 
+HELP = "quantize a checkpoint into a 16 MB artifact"
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "quantize", help="quantize a checkpoint into a 16 MB artifact", description=__doc__
-    )
+    p = subparsers.add_parser("quantize", help=HELP, description=__doc__)
     add_model_checkpoint(p)
     p.add_argument("--policy", default="record", help="preset name or a .json/.yaml policy file")
     p.add_argument("--out", required=True, help="artifact path to write (e.g. model.qlab)")

@@ -19,11 +19,11 @@ from qlab.io.atomic import atomic_write_text
 from qlab.plots import rd as plots
 from qlab.plots.style import save_figure
 
+HELP = "rate-distortion sweep over bits, k and clip rules"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "sweep", help="rate-distortion sweep over bits, k and clip rules", description=__doc__
-    )
+    p = subparsers.add_parser("sweep", help=HELP, description=__doc__)
     p.add_argument("ckpt", metavar="CKPT", help="any checkpoint (a qlab run directory for --data)")
     p.add_argument("--bits", default="4,5,6,7,8", help="bit widths, comma list (default 4,5,6,7,8)")
     p.add_argument("--k", default="6:20:2", help="SDClip k: start:stop:step (inclusive) or comma list")

@@ -50,8 +50,11 @@ _MODEL_FLAGS = {"vocab_size": "vocab_size", "model_dim": "model_dim", "num_layer
                 "precision": "precision"}  # fmt: skip
 
 
+HELP = "train a model (Muon + AdamW, EMA, DDP under torchrun)"
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a model (Muon + AdamW, EMA, DDP under torchrun)")
+    p = subparsers.add_parser("train", help=HELP)
     p.add_argument(
         "--preset", default="tiny", help="model/train preset: tiny, baseline, record (default tiny)"
     )

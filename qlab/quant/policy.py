@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from fnmatch import fnmatchcase
@@ -439,7 +440,41 @@ def quantize_state_dict(
             progress=progress,
         )
         out.update(res)
+    count = MatrixCount()
+    for name, t in state_dict.items():
+        count.add(t, isinstance(out[name], QuantizedTensor))
+    count.warn(policy.name)
     return out
+
+
+class NothingQuantizedWarning(UserWarning):
+    """A policy left every matrix of a state dict in floating point."""
+
+
+@dataclass
+class MatrixCount:
+    """How many 2-D float tensors a policy met and how many it quantized (for the warning)."""
+
+    matrices: int = 0
+    quantized: int = 0
+    largest: int = 0
+
+    def add(self, t: torch.Tensor, quantized: bool) -> None:
+        if t.ndim == 2 and t.is_floating_point():
+            self.matrices += 1
+            self.quantized += int(quantized)
+            self.largest = max(self.largest, t.numel())
+
+    def warn(self, policy_name: str) -> None:
+        """Warn (NothingQuantizedWarning) when matrices were met and none was quantized."""
+        if self.matrices and not self.quantized:
+            warnings.warn(
+                f"policy {policy_name!r} leaves all {self.matrices} matrices unquantized (the largest "
+                f"has {self.largest:,} elements, under its size threshold); for a small model try "
+                "'record_small'",
+                NothingQuantizedWarning,
+                stacklevel=3,
+            )
 
 
 def _hashable(spec: TensorSpec) -> TensorSpec:
