@@ -87,7 +87,7 @@ def test_internal_errors_exit_3(monkeypatch, capsys):
     args = parser.parse_args(["info", "--list"])
     args.func = boom
     monkeypatch.setattr(
-        "qlab.cli.build_parser", lambda: type("P", (), {"parse_args": lambda self, a: args})()
+        "qlab.cli.build_parser", lambda only=None: type("P", (), {"parse_args": lambda self, a: args})()
     )
     assert main(["info", "--list"]) == 3
     assert "internal error" in capsys.readouterr().err
@@ -126,3 +126,14 @@ def test_hostile_model_sizes_are_refused_before_allocation(field, value):
     with pytest.raises(ConfigError, match=field if field != "model_dim" else "model_dim|heads"):
         ModelConfig.from_dict(d)
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_files_are_written_with_the_users_umask(tmp_path):
+    import stat
+
+    from qlab.io.atomic import _UMASK, atomic_write_bytes
+
+    path = atomic_write_bytes(tmp_path / "table.csv", b"a,b\n")
+    plain = tmp_path / "plain.csv"
+    plain.write_bytes(b"a,b\n")  # what open() gives under the same umask
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~_UMASK
