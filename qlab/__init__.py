@@ -1,3 +1,38 @@
-"""qlab — a quantization and compression analysis workbench for small language models."""
+"""qlab — a quantization and compression analysis workbench for small language models.
+
+``import qlab`` is light: the functions below load their modules on first use.
+
+    report = qlab.entropy("model.safetensors")    # per-tensor entropy, predicted bytes
+    table = qlab.analyze("model.safetensors")     # per-matrix spectra, like ww.analyze
+    state = qlab.quantize("model.safetensors", policy="record_small", out="m.qlab")
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["load", "entropy", "analyze", "quantize", "sweep", "Workspace", "__version__"]
+
+_LAZY = {
+    "load": "qlab.api",
+    "entropy": "qlab.api",
+    "analyze": "qlab.api",
+    "quantize": "qlab.api",
+    "sweep": "qlab.api",
+    "Workspace": "qlab.figures.workspace",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'qlab' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -124,3 +124,23 @@ def test_cli_version_and_help_without_importing_the_commands(capsys):
     probe = "import sys; from qlab.cli import build_parser; build_parser(''); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_top_level_api_in_one_import(checkpoint, tmp_path):
+    import qlab
+    from qlab.quant.tensor import QuantizedTensor
+
+    scheme, path = checkpoint
+    assert set(qlab.__all__) <= set(dir(qlab))
+    state = qlab.load(path)
+    assert set(state) == set(_state(scheme))
+    report = qlab.entropy(path, policy="record_small")
+    assert report.totals["predicted_bytes"] > 0 and len(report.table) == len(state)
+    table = qlab.analyze(path)
+    assert set(table["family"]) - {"other"} == EXPECTED[scheme]
+    quantized = qlab.quantize(path, policy="record_small", out=tmp_path / "m.qlab", codec="ans")
+    assert any(isinstance(v, QuantizedTensor) for v in quantized.values())
+    assert set(qlab.load(tmp_path / "m.qlab")) == set(state)
+    assert {"bits", "k", "entropy"} <= set(qlab.sweep(path, bits=[6], ks=[12.0]).columns)
+    with pytest.raises(AttributeError):
+        _ = qlab.no_such_function
