@@ -54,3 +54,17 @@ def test_info_list(capsys):
 def test_info_unknown_preset():
     with pytest.raises(ConfigError, match="baseline, record, tiny"):
         run_info(["--preset", "nope"])
+
+
+def test_info_lists_policies_and_regularizers(capsys):
+    from qlab.quant.policy import POLICIES
+    from qlab.train.config import REGULARIZERS
+
+    assert run_info(["--policies"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in POLICIES)
+    assert "record         tok_emb.weight: gptq int8 sdclip k=20; * (>65,536 el.): gptq int6" in out
+    assert run_info(["--regularizers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert {line.split()[0] for line in lines} == set(REGULARIZERS)
+    assert all(len(line.split()) > 1 for line in lines)  # each with its one-line description

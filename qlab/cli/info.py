@@ -1,4 +1,5 @@
-"""``qlab info``: show a model preset's configuration and exact parameter count."""
+"""``qlab info``: a model preset's configuration and exact parameter count, or the lists
+of presets, quantization policies and training regularizers qlab knows by name."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--preset", metavar="NAME", help=f"preset to describe ({', '.join(PRESETS)})")
     what.add_argument("--list", action="store_true", help="list the preset names with their sizes")
+    what.add_argument(
+        "--policies", action="store_true", help="list the quantization policies (--policy NAME)"
+    )
+    what.add_argument(
+        "--regularizers", action="store_true", help="list the training regularizers (qlab train --reg NAME=λ)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -47,7 +54,47 @@ def describe(config: ModelConfig) -> list[str]:
     return lines
 
 
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
+
+
+def _print_policies() -> None:
+    from qlab.quant.policy import POLICIES, get_policy
+
+    for name in POLICIES:
+        rules = get_policy(name).rules
+        summary = "; ".join(f"{r.pattern}{_floor(r.min_numel)}: {_spec_text(r.spec)}" for r in rules)
+        print(f"{name:<14} {summary}")
+
+
+def _floor(min_numel: int | None) -> str:
+    return "" if min_numel is None else f" (>{min_numel - 1:,} el.)"
+
+
+def _spec_text(spec) -> str:
+    if spec.method == "passthrough":
+        return f"passthrough {spec.passthrough_dtype}"
+    k = (spec.clip_params or {}).get("k")
+    return f"{spec.method} int{spec.bits} {spec.clip}" + (f" k={k:g}" if k is not None else "")
+
+
+def _print_regularizers() -> None:
+    import importlib
+
+    from qlab.train.config import REGULARIZERS
+
+    importlib.import_module("qlab.train.regularizers")  # registers them
+    for name, fn in sorted(REGULARIZERS.items()):
+        print(f"{name:<12} {_first_line(fn.__doc__)}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.policies:
+        _print_policies()
+        return 0
+    if args.regularizers:
+        _print_regularizers()
+        return 0
     if args.list:
         for name in PRESETS:
             total = _meta_model(get_preset(name)).num_parameters()
