@@ -51,3 +51,15 @@ def test_demo_runs_every_step_and_reports(tmp_path):
 def test_unknown_step_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="unknown demo step"):
         run_demo(tmp_path, skip=("nope",))
+
+
+def test_quick_demo_prints_each_number_as_it_is_measured(tmp_path, capsys):
+    from qlab.cli import main
+
+    out = tmp_path / "quick"
+    assert main(["demo", "--quick", "--iterations", "3", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "[demo] tiny model trained" in text and "3 steps" in text
+    assert "[demo] validation bpb measured" in text and "val_bpb " in text
+    assert "quantized val_bpb" in text and "rate-distortion sweep" not in text
+    assert (out / "model.qlab").is_file() and not (out / "sweep.csv").exists()

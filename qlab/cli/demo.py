@@ -30,16 +30,52 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--fresh", action="store_true", help="retrain and rebuild instead of reusing earlier results"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="train, evaluate, quantize and the entropy report only (about 2 minutes on 2 cores); "
+        "a later full demo reuses the checkpoint",
+    )
     p.set_defaults(func=main)
 
 
+QUICK_SKIPS = ("sweep", "fingerprint", "matrix", "figures")
+
+
+def _headline(name: str, n: dict) -> str:
+    """The number a step measured, printed as soon as it is known."""
+    if name == "train" and "train_steps" in n:
+        return (
+            f"{n['train_steps']} steps, {n['train_tokens_per_s']:,.0f} tokens/s, loss {n['train_loss']:.3f}"
+        )
+    if name == "evaluate":
+        return f"val_bpb {n['val_bpb']:.4f} (unigram {n['unigram_bpb']:.4f})"
+    if name == "quantize" and "quantized_bpb" in n:
+        tax = n["quant_tax_mbpb"]
+        return f"quantized val_bpb {n['quantized_bpb']:.4f} ({tax:+.2f} mBPB), {n['artifact_bytes']:,} B"
+    totals = n.get("entropy_totals", {})
+    if name == "entropy" and "prediction_error" in totals:
+        err = 100 * totals["prediction_error"]
+        return f"predicted {totals['predicted_bytes']:,.0f} B, {err:+.2f} % vs brotli-11"
+    return ""
+
+
 def _on_step(name: str, state: DemoState) -> None:
-    print(f"[demo] {LABELS.get(name, name)} ({state.timings[name]:.1f} s)", flush=True)
+    number = _headline(name, state.numbers)
+    line = f"[demo] {LABELS.get(name, name)} ({state.timings[name]:.1f} s)" + (
+        f": {number}" if number else ""
+    )
+    print(line, flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
     state = run_demo(
-        args.out, iterations=args.iterations, fresh=args.fresh, progress=not args.quiet, on_step=_on_step
+        args.out,
+        iterations=args.iterations,
+        fresh=args.fresh,
+        progress=not args.quiet,
+        on_step=_on_step,
+        skip=QUICK_SKIPS if args.quick else (),
     )
     n = state.numbers
     print()
