@@ -132,3 +132,19 @@ def test_quantize_codec_ans_writes_the_symbol_coded_artifact(run_dir, tiny_datas
     assert all(torch.equal(a[n].codes, b[n].codes) for n in a if hasattr(a[n], "codes"))
     assert "order-0" in text
     assert main(["eval", str(outs["ans"]), "--data", str(tiny_dataset.root), "--max-tokens", "300"]) == 0
+
+
+def test_quantize_gptq_arithmetic_flag(run_dir, tiny_dataset, tmp_path, capsys):
+    from qlab.compress.container import read_artifact
+
+    out = tmp_path / "fast.qlab"
+    args = ["quantize", str(run_dir), "--policy", str(run_dir / "policy.json"), "--out", str(out),
+            "--data", str(tiny_dataset.root), "--calib-batches", "1", "--calib-batch-seqs", "2",
+            "--eval-tokens", "300", "--stride", "0", "--gptq-arithmetic", "fast"]  # fmt: skip
+    assert main(args) == 0
+    entries, header = read_artifact(out)
+    gptq = [v for v in entries.values() if hasattr(v, "codes") and v.meta.get("method") == "gptq"]
+    assert gptq and all(v.meta["arithmetic"] == "fast" for v in gptq)
+    with pytest.raises(SystemExit):  # not a choice: argparse refuses it
+        main([*args[:-1], "quick", "--force"])
+    assert "invalid choice" in capsys.readouterr().err

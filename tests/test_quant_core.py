@@ -22,6 +22,7 @@ from qlab.quant.gptq import gptq_quantize_many
 from qlab.quant.hessian import collect_hessians
 from qlab.quant.policy import (
     Passthrough,
+    TensorSpec,
     dequantize_state_dict,
     get_policy,
     policy_from_dict,
@@ -442,3 +443,20 @@ def test_gptq_factorises_a_shared_hessian_once(monkeypatch):
     for n in ws:  # sharing changes nothing: each matrix alone gives the same codes
         hs = {"q": h_in, "k": h_in.clone(), "v": h_in.clone(), "o": h_other}
         assert torch.equal(out[n].codes, gptq_quantize_many({n: ws[n]}, {n: hs[n]})[n].codes)
+
+
+def test_gptq_arithmetic_is_part_of_the_policy():
+    from qlab.quant.policy import with_gptq_arithmetic
+
+    fast = with_gptq_arithmetic(get_policy("record_small"), "fast")
+    assert {r.spec.gptq_arithmetic for r in fast.rules if r.spec.method == "gptq"} == {"fast"}
+    assert all(r.spec == s.spec for r, s in zip(fast.rules, get_policy("record_small").rules, strict=True)
+               if r.spec.method != "gptq")  # fmt: skip
+    assert policy_from_dict(fast.to_dict()).rules == fast.rules  # round-trips through JSON
+    with pytest.raises(ConfigError, match="gptq_arithmetic"):
+        TensorSpec(gptq_arithmetic="quick")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 96, generator=g)
+    sd = {"blocks.0.mlp.fc.weight": torch.randn(64, 96, generator=g)}
+    out = quantize_state_dict(sd, fast, hessians={"blocks.0.mlp.fc.weight": x.T @ x})
+    assert out["blocks.0.mlp.fc.weight"].meta["arithmetic"] == "fast"

@@ -126,7 +126,7 @@ def store_tensor(
     if spec.method == "gptq" and hessian is not None:
         q = gptq_quantize(
             t.to(torch.float32), hessian, bits=spec.bits, clip_rule=spec.clip,
-            clip_params=dict(spec.clip_params), name=name,
+            clip_params=dict(spec.clip_params), arithmetic=spec.gptq_arithmetic, name=name,
         )  # fmt: skip
         return q, "gptq"
     q = quantize_rtn(

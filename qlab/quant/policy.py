@@ -13,6 +13,7 @@ same structure from JSON/YAML.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from qlab.checks import is_int as _is_int
 from qlab.errors import ConfigError, QuantError
 from qlab.io.formats import dtype_from_name
 from qlab.quant.clip import CLIP_RULES
-from qlab.quant.gptq import gptq_quantize_many
+from qlab.quant.gptq import ARITHMETIC, gptq_quantize_many
 from qlab.quant.rtn import GRANULARITIES, quantize_rtn
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
@@ -54,6 +55,9 @@ class TensorSpec:
     group_size: int | None = None
     symmetric: bool = True
     passthrough_dtype: str = "fp16"
+    # GPTQ only: "record" computes exactly what the record computes (bit-identical codes),
+    # "fast" takes the cheaper Hinv route and lazy updates (see qlab.quant.gptq)
+    gptq_arithmetic: str = "record"
 
     def __post_init__(self) -> None:
         def need(ok: bool, field_: str, want: str) -> None:
@@ -72,6 +76,7 @@ class TensorSpec:
         need(self.group_size is None or (_is_int(self.group_size) and self.group_size > 0), "group_size",
              "a positive integer or null")  # fmt: skip
         need(isinstance(self.symmetric, bool), "symmetric", "true or false")
+        need(self.gptq_arithmetic in ARITHMETIC, "gptq_arithmetic", f"one of {ARITHMETIC}")
         need(
             isinstance(self.clip_params, Mapping)
             and all(isinstance(k, str) and _is_param(v) for k, v in self.clip_params.items()),
@@ -209,6 +214,17 @@ class Policy:
             "rules": [{**asdict(r), "spec": _spec_dict(r.spec)} for r in self.rules],
             "default": _spec_dict(self.default),
         }
+
+
+def with_gptq_arithmetic(policy: Policy, arithmetic: str) -> Policy:
+    """The same policy with every GPTQ rule's ``gptq_arithmetic`` set to ``arithmetic``."""
+    rules = [
+        dataclasses.replace(r, spec=dataclasses.replace(r.spec, gptq_arithmetic=arithmetic))
+        if r.spec.method == "gptq"
+        else r
+        for r in policy.rules
+    ]
+    return Policy(policy.name, rules, policy.default)
 
 
 def _spec_dict(spec: TensorSpec) -> dict:
@@ -437,6 +453,7 @@ def quantize_state_dict(
             bits=spec.bits,
             clip_rule=spec.clip,
             clip_params=dict(spec.clip_params),
+            arithmetic=spec.gptq_arithmetic,
             progress=progress,
         )
         out.update(res)
