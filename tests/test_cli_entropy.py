@@ -45,6 +45,36 @@ def test_entropy_cli_table_json_csv(ckpt, tmp_path, capsys):
     assert len(table) == 4 and set(table.loc[table["numel"] > 65536, "bits"]) == {6}
 
 
+def test_entropy_cli_top_sort_and_families(ckpt, capsys):
+    assert (
+        main(
+            [
+                "entropy",
+                str(ckpt),
+                "--policy",
+                "rtn_int6",
+                "--top",
+                "2",
+                "--sort",
+                "predicted",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    table = out.split("\n\n")[0].splitlines()
+    assert [line.split()[0] for line in table[1:3]] == ["tok_emb.weight", "blocks.0.mlp.fc.weight"]
+    assert "... 2 more tensors" in table[3]
+    assert "methods: rtn 3, fp16 1" in out
+    assert main(["entropy", str(ckpt), "--policy", "rtn_int6", "--by-family", "--no-progress"]) == 0
+    rows = {
+        line.split()[0]: line.split() for line in capsys.readouterr().out.split("\n\n")[0].splitlines()[1:]
+    }
+    assert set(rows) == {"embedding", "mlp", "attention", "control"} and rows["attention"][1] == "1"
+    assert main(["entropy", str(ckpt), "--top", "0"]) == 2
+
+
 def test_entropy_cli_errors(tmp_path, capsys):
     (tmp_path / "x.txt").write_text("not a checkpoint")
     assert main(["entropy", str(tmp_path / "x.txt"), "--no-progress"]) == 2

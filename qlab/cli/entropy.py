@@ -32,7 +32,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches for --calib-data")
     p.add_argument("--force", action="store_true", help="replace existing --json/--csv outputs")
+    p.add_argument("--top", type=int, metavar="N", help="list only the N largest tensors (the rest summed)")
+    p.add_argument(
+        "--sort", choices=SORT_KEYS, default="storage", help="table order (default: storage order)"
+    )
+    p.add_argument(
+        "--by-family", action="store_true", help="one row per weight family (embedding, attention, mlp, ...)"
+    )
     p.set_defaults(func=run)
+
+
+SORT_KEYS = ("storage", "name", "predicted", "h0", "bits_per_param")
 
 
 def human_bytes(n: float) -> str:
@@ -45,9 +55,53 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def format_table(report: EntropyReport) -> str:
+def _ordered(t: pd.DataFrame, sort: str, top: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows to list, rows left out) under ``--sort`` and ``--top``."""
+    if sort != "storage":
+        key = {"predicted": "predicted_bytes"}.get(sort, sort)
+        t = t.sort_values(key, ascending=sort == "name", kind="stable")
+    if top is None or top >= len(t):
+        return t, t.iloc[:0]
+    largest = t.nlargest(top, "predicted_bytes").index
+    return t.loc[t.index.isin(largest)], t.loc[~t.index.isin(largest)]
+
+
+def family_table(report: EntropyReport) -> pd.DataFrame:
+    """One row per weight family: tensors, parameters, predicted bytes, share, bits/param."""
+    from qlab.analysis.rd import tensor_family
+
+    t = report.table.assign(family=report.table["name"].map(tensor_family))
+    g = t.groupby("family", sort=False).agg(
+        tensors=("name", "size"), numel=("numel", "sum"), predicted_bytes=("predicted_bytes", "sum")
+    )
+    g["share"] = g["predicted_bytes"] / g["predicted_bytes"].sum()
+    g["bits_per_param"] = 8 * g["predicted_bytes"] / g["numel"]
+    return g.sort_values("predicted_bytes", ascending=False).reset_index()
+
+
+def format_family_table(report: EntropyReport) -> str:
+    g = family_table(report)
+    return pd.DataFrame(
+        {
+            "family": g["family"],
+            "tensors": g["tensors"],
+            "params": g["numel"].map("{:,}".format),
+            "predicted": g["predicted_bytes"].map(human_bytes),
+            "share": g["share"].map("{:.1%}".format),
+            "bits/param": g["bits_per_param"].map("{:.3f}".format),
+        }
+    ).to_string(index=False)
+
+
+def method_counts(report: EntropyReport) -> str:
+    """``gptq 28, passthrough:fp16 15``: how many tensors each storage method took."""
+    counts = report.table["method"].value_counts()
+    return ", ".join(f"{m} {n}" for m, n in counts.items())
+
+
+def format_table(report: EntropyReport, sort: str = "storage", top: int | None = None) -> str:
     """The per-tensor table as aligned text with human-readable sizes."""
-    t = report.table
+    t, rest = _ordered(report.table, sort, top)
     out = pd.DataFrame(
         {
             "tensor": t["name"],
@@ -67,7 +121,10 @@ def format_table(report: EntropyReport) -> str:
     if col in t:
         out["real"] = t[col].map(human_bytes)
         out["error"] = t["prediction_error"].map(lambda v: "-" if pd.isna(v) else f"{100 * v:+.2f}%")
-    return out.to_string(index=False)
+    text = out.to_string(index=False)
+    if len(rest):
+        text += f"\n... {len(rest)} more tensors: {human_bytes(rest['predicted_bytes'].sum())} predicted"
+    return text
 
 
 def format_totals(report: EntropyReport) -> str:
@@ -122,8 +179,11 @@ def run(args: argparse.Namespace) -> int:
         args.ckpt, args.policy, measure=args.measure, codecs=codecs, code_bytes=args.code_bytes,
         progress=not args.no_progress, hessians=_hessians(args) if args.calib_data else None,
     )  # fmt: skip
-    print(format_table(report))
+    if args.top is not None and args.top < 1:
+        raise ConfigError(f"--top must be >= 1, got {args.top}")
+    print(format_family_table(report) if args.by_family else format_table(report, args.sort, args.top))
     print()
+    print(f"methods: {method_counts(report)}")
     print(format_totals(report))
     if args.json:
         report.to_json(args.json)
