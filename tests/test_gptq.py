@@ -197,3 +197,52 @@ def test_record_arithmetic_is_exact_across_many_hessians():
     many = gptq_quantize_many(ws, hs, clip_params={"k": 12.85, "correction": 1})
     for n in ws:
         assert torch.equal(many[n].codes, record_gptq(ws[n], hs[n])[0]), n
+
+
+# ---------------------------------------------------------------- rate-aware GPTQ
+
+
+def _entropy_bits(codes: torch.Tensor) -> float:
+    p = torch.bincount(codes.reshape(-1).to(torch.int64) + 128).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log2()).sum())
+
+
+@pytest.mark.parametrize("arithmetic", ["record", "fast"])
+def test_rate_lambda_zero_is_plain_gptq(arithmetic):
+    W, H = _problem(96, 300)
+    plain = gptq_quantize(W, H, arithmetic=arithmetic)
+    zero = gptq_quantize(W, H, arithmetic=arithmetic, rate_lambda=0.0)
+    assert torch.equal(plain.codes, zero.codes) and "rate_lambda" not in zero.meta
+
+
+def test_rate_term_lowers_the_entropy_monotonically():
+    W, H = _problem(256, 384, n_x=2000, dead=())
+    entropies, errors = [], []
+    for lam in (0.0, 0.03, 0.1, 0.3, 1.0):
+        q = gptq_quantize(W, H, rate_lambda=lam)
+        entropies.append(_entropy_bits(q.codes))
+        d = W - dequantize(q)
+        errors.append(float(torch.einsum("ij,jk,ik->", d, H, d)))  # tr(ΔW H ΔWᵀ)
+    assert all(a > b for a, b in zip(entropies, entropies[1:], strict=False)), entropies
+    assert all(a < b for a, b in zip(errors, errors[1:], strict=False)), errors  # bits bought with error
+    assert entropies[0] - entropies[-1] > 0.05
+
+
+def test_rate_aware_rounding_picks_the_cheaper_level_by_hand():
+    from qlab.quant.rounding import RateAwareRounding
+
+    w_t = torch.tensor([[[0.0, 0.0, 0.0, 0.0]]])  # one matrix, one column, 4 rows, all at code 0
+    s = torch.ones(1, 4)
+    r = RateAwareRounding(2, lam=1.0, w_t=w_t, s=s)
+    r.start_block(0, 1)
+    # counts (+½): level 0 has 4.5, the others 0.5 → bits(0) = log2(6.5/4.5), bits(±1) = log2(6.5/0.5)
+    w = torch.tensor([[0.45, 0.55, -0.9, 1.4]])
+    q = r(w, s, torch.ones(1, 1))
+    # 0.55: error² 0.3025 + 0.53 bits beats 0.2025 + 3.70 bits at 1; -0.9: 0.81 + 0.53 < 0.01 + 3.70;
+    # 1.4: 0 costs 1.96 + 0.53 = 2.49 < 1 costs 0.16 + 3.70 = 3.86
+    assert q.tolist() == [[0.0, 0.0, 0.0, 0.0]]
+    r.lam = 0.1  # cheaper bits: 0.55 still rounds to 0 (0.30 + 0.05 < 0.20 + 0.37), the others to nearest
+    assert r(w, s, torch.ones(1, 1)).tolist() == [[0.0, 0.0, -1.0, 1.0]]
+    with pytest.raises(QuantError, match="rate_lambda"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(8), rate_lambda=-1.0)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from qlab.errors import NumericalError, QuantError
 from qlab.quant.clip import ClipRule, clip_to_scale, compute_clip
+from qlab.quant.rounding import NearestRounding, RateAwareRounding
 from qlab.quant.tensor import QuantizedTensor, check_bits, check_finite, qmax_symmetric
 
 DEFAULT_CLIP_PARAMS = {"k": 12.85}
@@ -53,6 +54,7 @@ class _Options:
     scale_dtype: torch.dtype
     max_tries: int
     arithmetic: str = "record"
+    rate_lambda: float = 0.0
 
     def check(self, name: str | None) -> None:
         check_bits(self.bits, name)
@@ -62,6 +64,8 @@ class _Options:
             raise QuantError(f"tensor {name!r}: damp must be ≥ 0, got {self.damp}")
         if self.max_tries < 1:
             raise QuantError(f"tensor {name!r}: max_tries must be ≥ 1")
+        if not (isinstance(self.rate_lambda, (int, float)) and self.rate_lambda >= 0):
+            raise QuantError(f"tensor {name!r}: rate_lambda must be a number ≥ 0, got {self.rate_lambda!r}")
         if self.arithmetic not in ARITHMETIC:
             raise QuantError(
                 f"tensor {name!r}: arithmetic must be one of {ARITHMETIC}, got {self.arithmetic!r}"
@@ -245,6 +249,7 @@ def _prepare(names: list[str], ws: list[torch.Tensor], factors: list[_Factor], o
             "act_order": o.act_order,
             "block_size": o.block_size,
             "arithmetic": o.arithmetic,
+            **({"rate_lambda": o.rate_lambda} if o.rate_lambda else {}),
         }
         for f in factors
     ]
@@ -252,7 +257,9 @@ def _prepare(names: list[str], ws: list[torch.Tensor], factors: list[_Factor], o
     return _Prepared(names, w.transpose(1, 2).contiguous(), hinv, scale, perm, metas)
 
 
-def _record_loop(w_t: torch.Tensor, hinv: torch.Tensor, s: torch.Tensor, qmax: int, block: int):
+def _record_loop(
+    w_t: torch.Tensor, hinv: torch.Tensor, s: torch.Tensor, rounding: NearestRounding, block: int
+):
     """The record's sweep, batched: within a block every column's error updates the
     block's remaining columns at once (rank-1), then one product per block updates the
     later columns, in the record's orientation (errors rows × B times Hinv B × rest).
@@ -266,19 +273,23 @@ def _record_loop(w_t: torch.Tensor, hinv: torch.Tensor, s: torch.Tensor, qmax: i
         wb = w_t[:, b1:b2].clone()
         hb = hinv[:, b1:b2, b1:b2]
         err = torch.zeros(n_mat, b2 - b1, rows, dtype=w_t.dtype, device=w_t.device)
+        rounding.start_block(b1, b2)
         for j in range(b2 - b1):
             w = wb[:, j]
-            q = torch.clamp(torch.round(w / s), -qmax, qmax)
+            q = rounding(w, s, hb[:, j, j, None])
             codes[:, b1 + j] = q
             e = (w - q * s) / hb[:, j, j, None]
             err[:, j] = e
             wb[:, j:] -= hb[:, j, j:, None] * e[:, None, :]
+        rounding.end_block(codes[:, b1:b2])
         if b2 < cols:
             w_t[:, b2:] -= torch.bmm(err.transpose(1, 2), hinv[:, b1:b2, b2:]).transpose(1, 2)
     return codes
 
 
-def _column_loop(w_t: torch.Tensor, hinv: torch.Tensor, s: torch.Tensor, qmax: int, block: int, sub: int):
+def _column_loop(
+    w_t: torch.Tensor, hinv: torch.Tensor, s: torch.Tensor, rounding: NearestRounding, block: int, sub: int
+):
     """The GPTQ sweep on transposed weights w_t (N, cols, rows), modified in place.
 
     Returns float codes (N, cols, rows) in the permuted column order.
@@ -289,11 +300,12 @@ def _column_loop(w_t: torch.Tensor, hinv: torch.Tensor, s: torch.Tensor, qmax: i
     for b1 in range(0, cols, block):
         b2 = min(b1 + block, cols)
         err = torch.empty(n_mat, b2 - b1, rows, dtype=w_t.dtype, device=w_t.device)
+        rounding.start_block(b1, b2)
         for s1 in range(b1, b2, sub):
             s2 = min(s1 + sub, b2)
             for j in range(s1, s2):
                 w = w_t[:, j]
-                q = torch.round(w / s).clamp_(-qmax, qmax)
+                q = rounding(w, s, diag[:, j])
                 codes[:, j] = q
                 e = torch.addcmul(w, q, s, value=-1.0).div_(diag[:, j])
                 err[:, j - b1] = e
@@ -303,6 +315,7 @@ def _column_loop(w_t: torch.Tensor, hinv: torch.Tensor, s: torch.Tensor, qmax: i
                 w_t[:, s2:b2].baddbmm_(
                     hinv[:, s1:s2, s2:b2].transpose(1, 2), err[:, s1 - b1 : s2 - b1], alpha=-1.0
                 )
+        rounding.end_block(codes[:, b1:b2])
         if b2 < cols:
             w_t[:, b2:].baddbmm_(hinv[:, b1:b2, b2:].transpose(1, 2), err, alpha=-1.0)
     return codes
@@ -332,9 +345,12 @@ def _finish(p: _Prepared, codes_t: torch.Tensor, bits: int) -> dict[str, Quantiz
 def _sweep(p: _Prepared, o: _Options) -> torch.Tensor:
     scale = p.scale.to(torch.float32)
     qmax = qmax_symmetric(o.bits)
+    rounding = (
+        RateAwareRounding(qmax, o.rate_lambda, p.w_t, scale) if o.rate_lambda else NearestRounding(qmax)
+    )
     if o.arithmetic == "record":
-        return _record_loop(p.w_t, p.hinv, scale, qmax, o.block_size)
-    return _column_loop(p.w_t, p.hinv, scale, qmax, o.block_size, o.sub_block)
+        return _record_loop(p.w_t, p.hinv, scale, rounding, o.block_size)
+    return _column_loop(p.w_t, p.hinv, scale, rounding, o.block_size, o.sub_block)
 
 
 def _timed(timings: dict | None, key: str, on_cuda: bool, fn, *args):
@@ -387,21 +403,11 @@ def _run_group(
 
 
 def _options(bits, clip_rule, clip_params, block_size, sub_block, damp, act_order, scale_dtype, max_tries,
-             arithmetic):  # fmt: skip
+             arithmetic, rate_lambda=0.0):  # fmt: skip
     if clip_params is None and clip_rule == "sdclip":
         clip_params = DEFAULT_CLIP_PARAMS
-    return _Options(
-        bits,
-        clip_rule,
-        clip_params,
-        block_size,
-        sub_block,
-        damp,
-        act_order,
-        scale_dtype,
-        max_tries,
-        arithmetic,
-    )
+    return _Options(bits, clip_rule, clip_params, block_size, sub_block, damp, act_order, scale_dtype,
+                    max_tries, arithmetic, rate_lambda)  # fmt: skip
 
 
 def gptq_quantize(
@@ -418,6 +424,7 @@ def gptq_quantize(
     scale_dtype: torch.dtype = torch.float16,
     max_tries: int = 5,
     arithmetic: str = "record",
+    rate_lambda: float = 0.0,
     name: str | None = None,
     timings: dict | None = None,
 ) -> QuantizedTensor:
@@ -426,7 +433,9 @@ def gptq_quantize(
     ``clip_params`` default to SDClip's k = 12.85 when ``clip_rule`` is ``"sdclip"``.
     ``arithmetic="record"`` computes exactly what the record computes (bit-identical
     codes); ``"fast"`` takes the cheaper Hinv route and lazy updates (``sub_block``), the
-    same maths with other float rounding, so rare rounding ties differ. Runs on the device
+    same maths with other float rounding, so rare rounding ties differ. ``rate_lambda`` > 0
+    prices each code's bits (:class:`qlab.quant.rounding.RateAwareRounding`); 0 is plain
+    GPTQ. Runs on the device
     of ``w``. If ``timings`` is a dict, seconds spent preparing (scales, act-order, Hinv)
     and sweeping columns are added to it. Raises QuantError for bad input and
     NumericalError when the damped Hessian never factorises.
@@ -435,7 +444,7 @@ def gptq_quantize(
     return gptq_quantize_many(
         {label: w}, {label: H}, bits=bits, clip_rule=clip_rule, clip_params=clip_params,
         block_size=block_size, sub_block=sub_block, damp=damp, act_order=act_order, scale_dtype=scale_dtype,
-        max_tries=max_tries, arithmetic=arithmetic, timings=timings,
+        max_tries=max_tries, arithmetic=arithmetic, rate_lambda=rate_lambda, timings=timings,
     )[label]  # fmt: skip
 
 
@@ -453,6 +462,7 @@ def gptq_quantize_many(
     scale_dtype: torch.dtype = torch.float16,
     max_tries: int = 5,
     arithmetic: str = "record",
+    rate_lambda: float = 0.0,
     max_batch: int | None = None,
     progress: bool = False,
     timings: dict | None = None,
@@ -467,7 +477,7 @@ def gptq_quantize_many(
     order of ``weights``.
     """
     o = _options(bits, clip_rule, clip_params, block_size, sub_block, damp, act_order, scale_dtype, max_tries,
-                 arithmetic)  # fmt: skip
+                 arithmetic, rate_lambda)  # fmt: skip
     for name, w in weights.items():
         o.check(name)
         if name not in hessians:
