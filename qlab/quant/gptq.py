@@ -345,9 +345,10 @@ def _finish(p: _Prepared, codes_t: torch.Tensor, bits: int) -> dict[str, Quantiz
 def _sweep(p: _Prepared, o: _Options) -> torch.Tensor:
     scale = p.scale.to(torch.float32)
     qmax = qmax_symmetric(o.bits)
-    rounding = (
-        RateAwareRounding(qmax, o.rate_lambda, p.w_t, scale) if o.rate_lambda else NearestRounding(qmax)
-    )
+    rounding = NearestRounding(qmax)
+    if o.rate_lambda:
+        d_mean_sq = p.hinv.diagonal(dim1=-2, dim2=-1).pow(2).mean(-1, keepdim=True)
+        rounding = RateAwareRounding(qmax, o.rate_lambda, p.w_t, scale, d_mean_sq)
     if o.arithmetic == "record":
         return _record_loop(p.w_t, p.hinv, scale, rounding, o.block_size)
     return _column_loop(p.w_t, p.hinv, scale, rounding, o.block_size, o.sub_block)

@@ -58,6 +58,8 @@ class TensorSpec:
     # GPTQ only: "record" computes exactly what the record computes (bit-identical codes),
     # "fast" takes the cheaper Hinv route and lazy updates (see qlab.quant.gptq)
     gptq_arithmetic: str = "record"
+    # GPTQ only: the price of a bit in rate-aware rounding (qlab.quant.rounding); 0 = plain GPTQ
+    gptq_rate_lambda: float = 0.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, field_: str, want: str) -> None:
@@ -77,6 +79,8 @@ class TensorSpec:
              "a positive integer or null")  # fmt: skip
         need(isinstance(self.symmetric, bool), "symmetric", "true or false")
         need(self.gptq_arithmetic in ARITHMETIC, "gptq_arithmetic", f"one of {ARITHMETIC}")
+        need(is_finite_number(self.gptq_rate_lambda) and self.gptq_rate_lambda >= 0, "gptq_rate_lambda",
+             "a finite number ≥ 0")  # fmt: skip
         need(
             isinstance(self.clip_params, Mapping)
             and all(isinstance(k, str) and _is_param(v) for k, v in self.clip_params.items()),
@@ -454,6 +458,7 @@ def quantize_state_dict(
             clip_rule=spec.clip,
             clip_params=dict(spec.clip_params),
             arithmetic=spec.gptq_arithmetic,
+            rate_lambda=spec.gptq_rate_lambda,
             progress=progress,
         )
         out.update(res)
