@@ -41,14 +41,88 @@ def fig(figure_id: str) -> str:
     return f'FIGURES["{figure_id}"].build(ws)'
 
 
-def _cells(title: str, intro: str, body: list[tuple[str, str]]) -> list:
+PR_URL = "https://github.com/openai/parameter-golf/pull/{n}"
+SCALE_NOTE = (
+    "**Why this checkpoint may differ from the PR.** The default checkpoint is the `tiny` preset "
+    "(723,984 parameters, 4 layers of width 128) trained for minutes on the embedded corpus; the PRs "
+    "measured 36M-parameter models trained for 10 minutes on 8×H100 on FineWeb. Effects that depend "
+    "on scale, data or training length can shrink, vanish or change sign here, and differences "
+    "smaller than the spread over seeds (or the band drawn in a figure) are noise. Run with "
+    '`scale = "full"` and a record checkpoint to compare like with like.'
+)
+
+# name: (PR number, what to read in the figures against the PR's claim)
+READING = {
+    "01_pr1394_sdclip": (
+        1394,
+        (
+            "**Reading it against the PR.** The entropy-vs-k figure should put the measured points on the "
+            "Gaussian line H ≈ b − log₂k + ½log₂(πe/2) wherever the rows are near-Gaussian; points below "
+            "the line mean heavier tails than Gaussian. The b/k-equivalence table tests (b, k) ≈ (b+1, 2k): "
+            "its `entropy_gap` column is the cost of the extra bit. The PR's std-vs-ratio R² of 0.995 came "
+            "from the record's matrices; a small model has fewer matrices over a narrower std range, so "
+            "expect a lower, noisier R². Where SDClip and quantile search differ in bytes at equal error, "
+            "SDClip's fixed k is what makes the artifact size predictable."
+        ),
+    ),
+    "02_pr639_gptq_ttt": (
+        639,
+        (
+            "**Reading it against the PR.** The PR's claim is that full GPTQ halves the quantization gap "
+            "of a clip search (0.008 → 0.004 bpb) and that AdamW TTT damages GPTQ-calibrated weights "
+            "(+0.076 bpb) "
+            "where SGD TTT does not. Compare the ratio of the GPTQ and clip-search gaps here with ½, and "
+            "the sign of the AdamW-minus-SGD final bpb with the PR's; a tiny model's gaps are smaller in "
+            "absolute terms, so read the ratio and the sign, not the magnitude."
+        ),
+    ),
+    "03_pr1818_damage_gap": (
+        1818,
+        (
+            "**Reading it against the PR.** PR #1818's +2.36 bpb damage gap came from its own stack "
+            "(freeze-dry, 2:4 packing, a curriculum) on top of int6 GPTQ; the record stack here has no "
+            "such damage, so expect a quantization gap of a few mBPB, not bits. The TTT recovery curve "
+            "shows how much of the gap score-first TTT wins back chunk by chunk; a spike that also "
+            "appears without TTT is the data, not TTT."
+        ),
+    ),
+    "04_pr1718_eval_levers": (
+        1718,
+        (
+            "**Reading it against the PR.** PR #1718 found most eval-time levers inside the noise "
+            "(TTT epochs 4: −0.00009) and a longer eval window helping pre-quant but hurting sliding "
+            "(+0.00555). Read the levers here the same way: a difference smaller than the seed-to-seed "
+            "spread is no finding. Path A's claim is bytes at no bpb cost (16.06 → 15.99 MB): check the "
+            "bytes column moves and the bpb column does not."
+        ),
+    ),
+    "05_pr2011_cross_base_regularizers": (
+        2011,
+        (
+            "**Reading it against the PR.** The headline is that regularizer effects do not transfer: QAHSP "
+            "−1.55 mBPB on base A but +2.25 on base B. The small matrix here asks the same question on two "
+            "CPU-sized bases; a sign that flips between bases, or an effect inside its paired interval, "
+            "supports the PR's caution rather than any one regularizer. The spectra, CKA and hidden-state "
+            "figures describe this checkpoint; the paper's own figures above are its published numbers."
+        ),
+    ),
+}
+
+
+def _cells(name: str, title: str, intro: str, body: list[tuple[str, str]]) -> list:
+    header = f"# {title}\n\n{intro}"
+    if name in READING:
+        n = READING[name][0]
+        header += f"\n\nSource: [openai/parameter-golf PR #{n}]({PR_URL.format(n=n)})."
     cells = [
-        new_markdown_cell(f"# {title}\n\n{intro}"),
+        new_markdown_cell(header),
         new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}),
         new_code_cell(SETUP),
     ]
     for kind, text in body:
         cells.append(new_markdown_cell(text) if kind == "md" else new_code_cell(text))
+    if name in READING:
+        cells.append(new_markdown_cell(f"## What to conclude\n\n{READING[name][1]}\n\n{SCALE_NOTE}"))
     return cells
 
 
@@ -84,6 +158,14 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
             ),
             ("md", "## One fingerprint\nSingular-value spectra of the weights next to their GPTQ copy."),
             ("code", 'display(T.fingerprint(ws, "family_summary"))\n' + fig("pr2011_svd_spectrum")),
+            (
+                "md",
+                "## The same on any checkpoint, in one call each\n`qlab.entropy(path)`, "
+                "`qlab.analyze(path)` (per-matrix spectra), `qlab.quantize(path, policy=…, out=…)` and "
+                "`qlab.sweep(path)` take any checkpoint qlab reads — Parameter Golf, GPT-2, BERT or Llama "
+                "names — and return plain tables.",
+            ),
+            ("code", "import qlab\n\nqlab.analyze(ws.state_dict).head()"),
         ],
     ),
     "01_pr1394_sdclip": (
@@ -233,7 +315,7 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
 
 def build(name: str) -> nbformat.NotebookNode:
     title, intro, body = NOTEBOOKS[name]
-    nb = new_notebook(cells=_cells(title, intro, body))
+    nb = new_notebook(cells=_cells(name, title, intro, body))
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     return nb

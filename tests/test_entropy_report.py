@@ -288,6 +288,7 @@ def test_unknown_and_unsafe_formats(tmp_path):
         entropy_report({})
 
 
+@pytest.mark.filterwarnings("ignore::qlab.quant.policy.NothingQuantizedWarning")  # small on purpose
 def test_wide_symbol_entropies_and_order1_cutoff(monkeypatch):
     import qlab.analysis.entropy_report as er
 

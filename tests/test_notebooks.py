@@ -67,3 +67,13 @@ def test_notebook_runs_at_smoke_scale(name, kernel_env, tmp_path_factory):
     )
     shown = sum('FIGURES["' in c.source for c in nb.cells if c.cell_type == "code")
     assert images >= shown > 0, (name, images, shown)
+    warned = [
+        (i, out.get("text", "")[:200])
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "code"
+        for out in c.outputs
+        if out.get("output_type") == "stream"
+        and out.get("name") == "stderr"
+        and "Warning" in out.get("text", "")
+    ]
+    assert not warned, (name, warned)  # a notebook a researcher keeps open prints no warnings

@@ -266,6 +266,7 @@ def test_quantize_state_dict_round_trip():
     assert isinstance(qsd["skip_gates"], Passthrough) and qsd["skip_gates"].data.dtype == torch.float16
 
 
+@pytest.mark.filterwarnings("ignore::qlab.quant.policy.NothingQuantizedWarning")  # small on purpose
 def test_pathA_int8_passthrough_values():
     t = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
     qsd = quantize_state_dict({"m": t, "blocks.0.attn_scale": t[0]}, get_policy("record_pathA"))
