@@ -127,11 +127,7 @@ def evaluate_bpb(
         windows = sliding_windows(tokens.numel(), seq_len, stride)
     rank, world = _rank_world()
     mine = windows[rank::world]
-    local_tables = ByteTables(
-        base_bytes=byte_tables.base_bytes.to(device),
-        has_leading_space=byte_tables.has_leading_space.to(device),
-        is_boundary=byte_tables.is_boundary.to(device),
-    )
+    local_tables = _tables_on(byte_tables, device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
 
     was_training = model.training
@@ -150,6 +146,14 @@ def evaluate_bpb(
     )
 
 
+def _tables_on(tables: ByteTables, device: torch.device) -> ByteTables:
+    return ByteTables(
+        base_bytes=tables.base_bytes.to(device),
+        has_leading_space=tables.has_leading_space.to(device),
+        is_boundary=tables.is_boundary.to(device),
+    )
+
+
 def score_windows(
     model: torch.nn.Module,
     tokens: torch.Tensor,
@@ -158,6 +162,55 @@ def score_windows(
     device: torch.device,
     autocast: str | None,
 ) -> torch.Tensor:
+    """(Σ nll, scored tokens, Σ bytes) of a batch of windows (float64, on ``device``)."""
+    nll, nbytes, mask = _window_scores(model, tokens, windows, tables, device, autocast)
+    return torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum()])
+
+
+def token_scores(
+    model: torch.nn.Module,
+    val_tokens: torch.Tensor,
+    byte_tables: ByteTables,
+    *,
+    seq_len: int,
+    batch_seqs: int = 8,
+    max_tokens: int | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per scored token of the standard windows: (nll in nats, bytes, position of the
+    target in ``val_tokens``), float64/float64/int64 on the CPU — the same tokens and
+    values :func:`evaluate_bpb` sums, kept apart for paired comparisons."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    tokens = truncate_tokens(val_tokens.to(torch.int64), seq_len, max_tokens)
+    windows = standard_windows(tokens.numel(), seq_len)
+    tables = _tables_on(byte_tables, device)
+    out_nll, out_bytes, out_pos = [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(windows), batch_seqs):
+            batch = windows[i : i + batch_seqs]
+            with torch.no_grad():
+                nll, nbytes, mask = _window_scores(model, tokens, batch, tables, device, None)
+            pos = torch.stack([torch.arange(w.start + 1, w.start + 1 + nll.shape[1]) for w in batch])
+            keep = mask.cpu()
+            out_nll.append(nll.cpu()[keep])
+            out_bytes.append(nbytes.cpu()[keep])
+            out_pos.append(pos[keep])
+    finally:
+        model.train(was_training)
+    return torch.cat(out_nll), torch.cat(out_bytes), torch.cat(out_pos)
+
+
+def _window_scores(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    windows: list[Window],
+    tables: ByteTables,
+    device: torch.device,
+    autocast: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position of a batch of windows: nll (float64), bytes (float64), scored mask."""
     # Windows in one batch share a length except possibly the final, shorter sliding
     # window; pad it and mask the padding out of the score.
     length = max(w.end - w.start for w in windows)
@@ -172,6 +225,4 @@ def score_windows(
     x, y, mask = x.to(device), y.to(device), mask.to(device)
     with autocast_context(device, autocast):
         nll = model(x, y, reduction="none")
-    nll = nll.float().double()
-    nbytes = token_bytes(tables, x, y).double()
-    return torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum()])
+    return nll.float().double(), token_bytes(tables, x, y).double(), mask

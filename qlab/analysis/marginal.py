@@ -1,0 +1,215 @@
+"""What each bit costs: Δbytes and paired Δbpb of changing one tensor group's setting.
+
+For a checkpoint and a base policy, each group of quantized tensors (by family, by layer
+× family, or any name patterns) gets one change at a time — one bit more or less, a
+narrower or wider clip width k — and the whole model is quantized again (same code path
+as ``qlab quantize``, Hessians collected once and reused) and evaluated on the same
+validation tokens. Per row:
+
+* Δbytes: the real artifact (``codec``, default the symbol coder) minus the base's;
+* Δbpb, **paired** against the base on the same tokens, with a bootstrap interval over
+  documents (the validation stream cut at BOS tokens): resample documents, recompute
+  Σ Δnll / (ln 2 · Σ bytes);
+* ``resolved``: whether the interval excludes 0 — an unresolved effect is drawn as such;
+* mBPB per kB: Δbpb·1000 / (Δbytes/1000), the exchange rate between bytes and bits.
+
+One variant is quantized and evaluated at a time; with ``out`` every finished row is
+written at once and a rerun skips the rows already there (resume after a kill). A
+setting that changes nothing (one bit more on an int8 group: bits stay in 2..8) is
+skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from qlab.analysis.rd import tensor_family
+from qlab.analysis.spectra import layer_index
+from qlab.compress.container import encode_artifact
+from qlab.errors import ConfigError
+from qlab.io.atomic import atomic_write_text
+from qlab.quant.policy import Policy, Rule, TensorSpec
+from qlab.quant.tensor import QuantizedTensor
+
+__all__ = ["SETTINGS", "group_tensors", "document_sums", "paired_delta", "marginal_table"]
+
+# Relative changes of a group's spec: bits ± 1, clip width k × 0.8 / × 1.25.
+SETTINGS = ("bits+1", "bits-1", "k*0.8", "k*1.25")
+COLUMNS = ["group", "setting", "tensors", "numel", "base_bytes", "delta_bytes", "base_bpb", "delta_bpb",
+           "ci_lo", "ci_hi", "resolved", "mbpb_per_kb"]  # fmt: skip
+
+
+def group_tensors(
+    quantized_state: Mapping[str, Any], grouping: str | Mapping[str, Iterable[str]] = "family"
+) -> dict[str, list[str]]:
+    """Group the quantized tensors: ``"family"``, ``"layer_family"`` or {group: name patterns}."""
+    names = [n for n, v in quantized_state.items() if isinstance(v, QuantizedTensor)]
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        if grouping == "family":
+            key = tensor_family(name)
+        elif grouping == "layer_family":
+            layer = layer_index(name)
+            key = f"{'-' if layer is None else layer}:{tensor_family(name)}"
+        elif isinstance(grouping, Mapping):
+            key = next((g for g, pats in grouping.items() if any(fnmatchcase(name, p) for p in pats)), None)
+            if key is None:
+                continue
+        else:
+            raise ConfigError(f"grouping must be 'family', 'layer_family' or a mapping, got {grouping!r}")
+        groups.setdefault(key, []).append(name)
+    if not groups:
+        raise ConfigError("marginal table: the base policy quantizes no tensor of these groups")
+    return groups
+
+
+def document_sums(
+    nll: torch.Tensor, nbytes: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor, bos_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Σ nll and Σ bytes per document (the stream cut before each BOS token)."""
+    doc_of = torch.cumsum((tokens.to(torch.int64) == bos_id).to(torch.int64), 0)[positions]
+    doc_of = (doc_of - doc_of.min()).numpy()
+    n = int(doc_of.max()) + 1
+    return (np.bincount(doc_of, weights=nll.numpy(), minlength=n),
+            np.bincount(doc_of, weights=nbytes.numpy(), minlength=n))  # fmt: skip
+
+
+def paired_delta(
+    base_nll: np.ndarray, nll: np.ndarray, doc_bytes: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(Δbpb, 2.5 %, 97.5 % bootstrap quantiles) of ``nll`` against ``base_nll``, per document."""
+    diff = nll - base_nll
+    delta = float(diff.sum() / math.log(2) / doc_bytes.sum())
+    if n_boot <= 0 or diff.size < 2:
+        return delta, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, diff.size, size=(n_boot, diff.size))
+    boot = diff[idx].sum(1) / math.log(2) / doc_bytes[idx].sum(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return delta, float(lo), float(hi)
+
+
+_BITS = re.compile(r"^bits([+-]\d+)$")
+_K = re.compile(r"^k\*(\d+(?:\.\d+)?)$")
+
+
+def changed_spec(spec: TensorSpec, setting: str) -> TensorSpec:
+    """``spec`` with ``setting`` applied: ``bits+N`` / ``bits-N`` (kept in 2..8) or ``k*F``."""
+    if m := _BITS.match(setting):
+        return dataclasses.replace(spec, bits=min(8, max(2, spec.bits + int(m.group(1)))))
+    if m := _K.match(setting):
+        params = dict(spec.clip_params)
+        if "k" not in params:
+            raise ConfigError(f"setting {setting!r} needs a clip rule with a k (got {spec.clip})")
+        return dataclasses.replace(spec, clip_params={**params, "k": params["k"] * float(m.group(1))})
+    raise ConfigError(f"unknown setting {setting!r}; known forms: bits+N, bits-N, k*F")
+
+
+def variant_policy(
+    policy: Policy, names: Iterable[str], setting: str, shapes: Mapping[str, torch.Tensor]
+) -> Policy:
+    """``policy`` with ``setting`` applied to exactly ``names`` (rules put first)."""
+    rules = [Rule(name, changed_spec(policy.spec_for(name, shapes[name]), setting)) for name in names]
+    return Policy(f"{policy.name}:{setting}", rules + list(policy.rules), policy.default)
+
+
+def _measure(
+    model: nn.Module, policy: Policy, hessians: Mapping, ev: dict, codec: str
+) -> tuple[int, np.ndarray, dict]:
+    """(artifact bytes, Σ nll per document, quantized state) of ``model`` under ``policy``."""
+    from qlab.eval.bpb import token_scores
+    from qlab.quant.model_quant import quantize_model
+
+    qm = quantize_model(model, policy, hessians=hessians)
+    nbytes = len(encode_artifact(qm.quantized_state, policy=policy.to_dict(), codec=codec))
+    nll, tok_bytes, pos = token_scores(
+        qm.dequantized_model, ev["tokens"], ev["tables"], seq_len=ev["seq_len"], max_tokens=ev["max_tokens"]
+    )
+    doc_nll, doc_bytes = document_sums(nll, tok_bytes, pos, ev["tokens"], ev["bos"])
+    ev.setdefault("doc_bytes", doc_bytes)  # the same tokens every time: one byte count per document
+    return nbytes, doc_nll, qm.quantized_state
+
+
+def marginal_table(
+    model: nn.Module,
+    policy: Policy,
+    val_tokens: torch.Tensor,
+    byte_tables: Any,
+    hessians: Mapping[str, torch.Tensor],
+    *,
+    seq_len: int,
+    grouping: str | Mapping[str, Iterable[str]] = "family",
+    settings: Iterable[str] = SETTINGS,
+    codec: str = "ans",
+    bos_id: int = 1,
+    n_boot: int = 1000,
+    max_tokens: int | None = None,
+    out: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """One row per group × setting (see the module doc); ``out`` makes it resumable."""
+    from tqdm.auto import tqdm
+
+    ev = {
+        "tokens": val_tokens,
+        "tables": byte_tables,
+        "seq_len": seq_len,
+        "max_tokens": max_tokens,
+        "bos": bos_id,
+    }
+    base_bytes, base_nll, base_state = _measure(model, policy, hessians, ev, codec)
+    doc_bytes = ev["doc_bytes"]
+    base_bpb = float(base_nll.sum() / math.log(2) / doc_bytes.sum())
+    shapes = dict(model.state_dict())
+    groups = group_tensors(base_state, grouping)
+    done = _read_rows(out)
+    rows = list(done.values())
+    todo = [(g, s) for g in groups for s in settings
+            if (g, s) not in done and _changes(policy, groups[g], s, shapes)]  # fmt: skip
+    for group, setting in tqdm(todo, desc="marginal", disable=not progress):
+        names = groups[group]
+        nbytes, nll, _ = _measure(model, variant_policy(policy, names, setting, shapes), hessians, ev, codec)
+        delta, lo, hi = paired_delta(base_nll, nll, doc_bytes, n_boot)
+        rows.append({
+            "group": group, "setting": setting, "tensors": len(names),
+            "numel": int(sum(shapes[n].numel() for n in names)), "base_bytes": base_bytes,
+            "delta_bytes": nbytes - base_bytes, "base_bpb": base_bpb, "delta_bpb": delta,
+            "ci_lo": lo, "ci_hi": hi,
+            "resolved": bool(lo > 0 or hi < 0), "mbpb_per_kb": _rate(delta, nbytes - base_bytes),
+        })  # fmt: skip
+        if out is not None:
+            atomic_write_text(out, pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _changes(policy: Policy, names: list[str], setting: str, shapes: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``setting`` changes any of the group's specs (bits+1 on int8 does not: skipped)."""
+    return any(changed_spec(s, setting) != s for s in (policy.spec_for(n, shapes[n]) for n in names))
+
+
+def _rate(delta_bpb: float, delta_bytes: int) -> float:
+    return delta_bpb * 1000.0 / (delta_bytes / 1000.0) if delta_bytes else float("nan")
+
+
+def _read_rows(out: str | os.PathLike | None) -> dict[tuple[str, str], dict]:
+    """Rows a killed run already wrote (resume); nothing when ``out`` is absent."""
+    if out is None or not Path(out).is_file():
+        return {}
+    df = pd.read_csv(out, dtype={"group": str, "setting": str})
+    if list(df.columns) != COLUMNS:
+        raise ConfigError(
+            f"{out}: not a marginal table (columns {list(df.columns)}); remove it or pick another --out"
+        )
+    return {(r["group"], r["setting"]): r for r in df.to_dict("records")}

@@ -1,0 +1,107 @@
+"""The marginal table: per-token scores, document sums, paired bootstrap, resume, CLI."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qlab.analysis import marginal as M
+from qlab.cli import main
+from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
+from qlab.errors import ConfigError
+from qlab.eval.bpb import evaluate_bpb, token_scores
+from qlab.quant.policy import TensorSpec
+from tests.test_cli_quantize import POLICY, run_dir  # noqa: F401  (the module fixture)
+
+
+def test_paired_delta_by_hand():
+    base = np.array([10.0, 20.0, 30.0])
+    nll = np.array([11.0, 20.0, 33.0])
+    doc_bytes = np.array([5.0, 10.0, 15.0])
+    delta, lo, hi = M.paired_delta(base, nll, doc_bytes, n_boot=0)
+    assert delta == pytest.approx(4.0 / math.log(2) / 30.0) and math.isnan(lo) and math.isnan(hi)
+    delta, lo, hi = M.paired_delta(base, nll, doc_bytes, n_boot=2000)
+    assert lo <= delta <= hi and lo >= 0  # every document got worse or stayed: the interval is ≥ 0
+    assert M.paired_delta(base, base.copy(), doc_bytes, n_boot=200) == (0.0, 0.0, 0.0)
+
+
+def test_document_sums_cut_at_bos():
+    tokens = torch.tensor([1, 5, 6, 1, 7, 8, 9, 1, 4])  # documents start at BOS = 1
+    nll = torch.arange(1, 9, dtype=torch.float64)  # targets at positions 1..8
+    nbytes = torch.ones(8, dtype=torch.float64)
+    doc_nll, doc_bytes = M.document_sums(nll, nbytes, torch.arange(1, 9), tokens, bos_id=1)
+    # position 3 (a BOS target) opens document 2, as does position 7
+    assert doc_nll.tolist() == [1 + 2, 3 + 4 + 5 + 6, 7 + 8] and doc_bytes.tolist() == [2, 4, 2]
+
+
+def test_settings_change_the_spec():
+    spec = TensorSpec(bits=6, clip_params={"k": 12.0})
+    assert M.changed_spec(spec, "bits+1").bits == 7 and M.changed_spec(spec, "bits-3").bits == 3
+    assert M.changed_spec(TensorSpec(bits=8), "bits+1").bits == 8  # kept in 2..8
+    assert M.changed_spec(spec, "k*1.25").clip_params["k"] == pytest.approx(15.0)
+    with pytest.raises(ConfigError, match="unknown setting"):
+        M.changed_spec(spec, "bits*2")
+    with pytest.raises(ConfigError, match="needs a clip rule with a k"):
+        M.changed_spec(TensorSpec(clip="absmax"), "k*2")
+
+
+@pytest.fixture(scope="module")
+def setup(run_dir, tiny_dataset):  # noqa: F811
+    from qlab.eval.pipeline import resolve_model
+    from qlab.quant.model_quant import calibration_batches, model_hessians
+    from qlab.quant.policy import policy_from_dict
+
+    model, _ = resolve_model(run_dir)
+    policy = policy_from_dict(POLICY)
+    batches = calibration_batches(tiny_dataset, 2, seq_len=model.config.train_seq_len, batch_seqs=2)
+    hessians = model_hessians(model, policy, batches)
+    val = load_validation_tokens(tiny_dataset.val_files, model.config.eval_seq_len)
+    tables = build_byte_tables(load_tokenizer(tiny_dataset.tokenizer_path), model.config.vocab_size)
+    return model, policy, hessians, val[:2049], tables
+
+
+def test_token_scores_sum_to_evaluate_bpb(setup):
+    model, _, _, val, tables = setup
+    nll, nbytes, pos = token_scores(model, val, tables, seq_len=32)
+    ref = evaluate_bpb(model, val, tables, seq_len=32)
+    assert nll.numel() == ref.tokens and int(nbytes.sum()) == ref.bytes
+    assert float(nll.sum() / math.log(2) / nbytes.sum()) == pytest.approx(ref.val_bpb, rel=1e-9)
+    assert pos.unique().numel() == pos.numel()  # each target scored once
+
+
+def test_marginal_table_measures_and_resumes(setup, tmp_path, monkeypatch):
+    model, policy, hessians, val, tables = setup
+    out = tmp_path / "m.csv"
+    kw = dict(seq_len=32, settings=["bits-1", "bits+1"], n_boot=200, out=out)
+    table = M.marginal_table(model, policy, val, tables, hessians, **kw)
+    assert set(table["group"]) == {"embedding", "attention", "mlp"}
+    emb = table[table["group"] == "embedding"]
+    assert list(emb["setting"]) == ["bits-1"]  # bits+1 on int8 changes nothing: skipped
+    fewer = table[table["setting"] == "bits-1"]
+    assert (fewer["delta_bytes"] < 0).all() and (table[table["setting"] == "bits+1"]["delta_bytes"] > 0).all()
+    assert ((table["ci_lo"] <= table["delta_bpb"]) & (table["delta_bpb"] <= table["ci_hi"])).all()
+    assert (table["resolved"] == ((table["ci_lo"] > 0) | (table["ci_hi"] < 0))).all()
+    pd.testing.assert_frame_equal(pd.read_csv(out), table, check_dtype=False)
+    calls = []
+    real = M._measure
+    monkeypatch.setattr(M, "_measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = M.marginal_table(model, policy, val, tables, hessians, **kw)
+    assert len(calls) == 1  # the base only: every row came from the file
+    pd.testing.assert_frame_equal(again, table, check_dtype=False)
+
+
+def test_marginal_cli(run_dir, tiny_dataset, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "marg"
+    policy = str(run_dir / "policy.json")
+    args = ["marginal", str(run_dir), "--data", str(tiny_dataset.root), "--policy", policy,
+            "--settings", "bits-1", "--calib-batches", "1", "--boot", "100", "--eval-tokens", "1025",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "base:" in text and "bits-1" in text and (out / "marginal.png").is_file()
+    assert len(pd.read_csv(out / "marginal.csv")) == 3
+    assert main([*args[:-3], "--settings", "bits*2", "--out", str(out), "--no-progress"]) == 2
