@@ -38,6 +38,15 @@ def test_document_sums_cut_at_bos():
     assert doc_nll.tolist() == [1 + 2, 3 + 4 + 5 + 6, 7 + 8] and doc_bytes.tolist() == [2, 4, 2]
 
 
+def test_predictor_fit_by_hand():
+    table = pd.DataFrame({"delta_hessian_err": [1.0, 2.0, 3.0, 4.0], "delta_bpb": [0.5, 1.0, 1.5, 2.0]})
+    fit = M.fit_predictor(table)
+    assert fit["slope"] == pytest.approx(0.5) and fit["r2"] == pytest.approx(1.0)
+    assert fit["loo_r2"] == pytest.approx(1.0) and fit["n"] == 4
+    noisy = table.assign(delta_bpb=[0.5, 2.0, 1.0, 2.0])
+    assert M.fit_predictor(noisy)["loo_r2"] < M.fit_predictor(noisy)["r2"] < 1
+
+
 def test_settings_change_the_spec():
     spec = TensorSpec(bits=6, clip_params={"k": 12.0})
     assert M.changed_spec(spec, "bits+1").bits == 7 and M.changed_spec(spec, "bits-3").bits == 3
@@ -83,6 +92,7 @@ def test_marginal_table_measures_and_resumes(setup, tmp_path, monkeypatch):
     assert list(emb["setting"]) == ["bits-1"]  # bits+1 on int8 changes nothing: skipped
     fewer = table[table["setting"] == "bits-1"]
     assert (fewer["delta_bytes"] < 0).all() and (table[table["setting"] == "bits+1"]["delta_bytes"] > 0).all()
+    assert (fewer["delta_hessian_err"] > 0).all()  # a bit less: more Hessian-weighted error
     assert ((table["ci_lo"] <= table["delta_bpb"]) & (table["delta_bpb"] <= table["ci_hi"])).all()
     assert (table["resolved"] == ((table["ci_lo"] > 0) | (table["ci_hi"] < 0))).all()
     pd.testing.assert_frame_equal(pd.read_csv(out), table, check_dtype=False)

@@ -11,7 +11,10 @@ validation tokens. Per row:
   documents (the validation stream cut at BOS tokens): resample documents, recompute
   Σ Δnll / (ln 2 · Σ bytes);
 * ``resolved``: whether the interval excludes 0 — an unresolved effect is drawn as such;
-* mBPB per kB: Δbpb·1000 / (Δbytes/1000), the exchange rate between bytes and bits.
+* mBPB per kB: Δbpb·1000 / (Δbytes/1000), the exchange rate between bytes and bits;
+* Δ Hessian error: Σ over the group of tr(ΔW H ΔWᵀ) (variant minus base), the
+  second-order proxy ½·ΔwᵀHΔw of the loss change up to a constant, from which
+  :func:`fit_predictor` predicts Δbpb without evaluating (slope fitted on measured rows).
 
 One variant is quantized and evaluated at a time; with ``out`` every finished row is
 written at once and a rerun skips the rows already there (resume after a kill). A
@@ -35,20 +38,20 @@ import pandas as pd
 import torch
 from torch import nn
 
-from qlab.analysis.rd import tensor_family
+from qlab.analysis.rd import hessian_error, linear_fit, tensor_family
 from qlab.analysis.spectra import layer_index
 from qlab.compress.container import encode_artifact
 from qlab.errors import ConfigError
 from qlab.io.atomic import atomic_write_text
 from qlab.quant.policy import Policy, Rule, TensorSpec
-from qlab.quant.tensor import QuantizedTensor
+from qlab.quant.tensor import QuantizedTensor, dequantize
 
-__all__ = ["SETTINGS", "group_tensors", "document_sums", "paired_delta", "marginal_table"]
+__all__ = ["SETTINGS", "group_tensors", "document_sums", "paired_delta", "marginal_table", "fit_predictor"]
 
 # Relative changes of a group's spec: bits ± 1, clip width k × 0.8 / × 1.25.
 SETTINGS = ("bits+1", "bits-1", "k*0.8", "k*1.25")
 COLUMNS = ["group", "setting", "tensors", "numel", "base_bytes", "delta_bytes", "base_bpb", "delta_bpb",
-           "ci_lo", "ci_hi", "resolved", "mbpb_per_kb"]  # fmt: skip
+           "ci_lo", "ci_hi", "resolved", "mbpb_per_kb", "delta_hessian_err"]  # fmt: skip
 
 
 def group_tensors(
@@ -174,13 +177,17 @@ def marginal_table(
     base_bpb = float(base_nll.sum() / math.log(2) / doc_bytes.sum())
     shapes = dict(model.state_dict())
     groups = group_tensors(base_state, grouping)
+    base_err = _hessian_errors(shapes, base_state, hessians, [n for g in groups.values() for n in g])
     done = _read_rows(out)
     rows = list(done.values())
     todo = [(g, s) for g in groups for s in settings
             if (g, s) not in done and _changes(policy, groups[g], s, shapes)]  # fmt: skip
     for group, setting in tqdm(todo, desc="marginal", disable=not progress):
         names = groups[group]
-        nbytes, nll, _ = _measure(model, variant_policy(policy, names, setting, shapes), hessians, ev, codec)
+        nbytes, nll, state = _measure(
+            model, variant_policy(policy, names, setting, shapes), hessians, ev, codec
+        )
+        err = _hessian_errors(shapes, state, hessians, names)
         delta, lo, hi = paired_delta(base_nll, nll, doc_bytes, n_boot)
         rows.append({
             "group": group, "setting": setting, "tensors": len(names),
@@ -188,10 +195,44 @@ def marginal_table(
             "delta_bytes": nbytes - base_bytes, "base_bpb": base_bpb, "delta_bpb": delta,
             "ci_lo": lo, "ci_hi": hi,
             "resolved": bool(lo > 0 or hi < 0), "mbpb_per_kb": _rate(delta, nbytes - base_bytes),
+            "delta_hessian_err": sum(err[n] - base_err[n] for n in names),
         })  # fmt: skip
         if out is not None:
             atomic_write_text(out, pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _hessian_errors(
+    weights: Mapping[str, torch.Tensor], state: Mapping[str, Any], hessians: Mapping, names: Iterable[str]
+) -> dict[str, float]:
+    """tr(ΔW H ΔWᵀ) of each named quantized tensor that has a Hessian (0 for those without)."""
+    out = {}
+    for n in names:
+        q = state[n]
+        h = hessians.get(n)
+        out[n] = (
+            0.0
+            if h is None
+            else hessian_error(weights[n].float(), dequantize(q).reshape(weights[n].shape), h)
+        )
+    return out
+
+
+def fit_predictor(table: pd.DataFrame) -> dict[str, float]:
+    """Δbpb ≈ a · Δ Hessian error + b over the measured rows: slope, intercept, R² in sample
+    and R² of leave-one-out predictions (each row predicted by a fit on the others)."""
+    x, y = table["delta_hessian_err"].to_numpy(float), table["delta_bpb"].to_numpy(float)
+    fit = linear_fit(x, y)
+    loo = np.array([_loo(x, y, i) for i in range(len(x))]) if len(x) > 2 else np.full(len(x), np.nan)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    loo_r2 = 1.0 - float(((y - loo) ** 2).sum()) / ss_tot if ss_tot > 0 and len(x) > 2 else float("nan")
+    return {"slope": fit.slope, "intercept": fit.intercept, "r2": fit.r2, "loo_r2": loo_r2, "n": fit.n}
+
+
+def _loo(x: np.ndarray, y: np.ndarray, i: int) -> float:
+    keep = np.arange(len(x)) != i
+    fit = linear_fit(x[keep], y[keep])
+    return fit.intercept + fit.slope * x[i]
 
 
 def _changes(policy: Policy, names: list[str], setting: str, shapes: Mapping[str, torch.Tensor]) -> bool:

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from qlab.analysis.marginal import marginal_table
+    from qlab.analysis.marginal import fit_predictor, marginal_table
     from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
     from qlab.eval.pipeline import resolve_dataset, resolve_model
     from qlab.plots.allocation import plot_marginal
@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     save_figure(plot_marginal(table), out / "marginal.png")
     _print(table)
+    if len(table) > 2:
+        fit = fit_predictor(table)
+        print(f"predictor Δbpb ≈ a·Δtr(ΔW H ΔWᵀ) + b over {fit['n']} rows: R² {fit['r2']:.3f} "
+              f"(leave-one-out {fit['loo_r2']:.3f})")  # fmt: skip
     print(f"wrote {out / 'marginal.csv'} and {out / 'marginal.png'}")
     return 0
 
