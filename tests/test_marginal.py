@@ -115,3 +115,43 @@ def test_marginal_cli(run_dir, tiny_dataset, tmp_path, capsys):  # noqa: F811
     assert "base:" in text and "bits-1" in text and (out / "marginal.png").is_file()
     assert len(pd.read_csv(out / "marginal.csv")) == 3
     assert main([*args[:-3], "--settings", "bits*2", "--out", str(out), "--no-progress"]) == 2
+
+
+def test_choose_settings_by_hand():
+    table = pd.DataFrame(
+        {
+            "group": ["a", "a", "b", "b"],
+            "setting": ["up", "down", "up", "down"],
+            "delta_bytes": [100, -100, 50, -60],
+            "delta_bpb": [-0.003, 0.004, -0.001, 0.0005],
+        }
+    )
+    # budget 0: a up + b down is +40 B (over), so nothing inside it lowers the bpb
+    choice, bpb, nbytes = M.choose_settings(table, 0)
+    assert choice == {} and bpb == 0.0  # nothing inside the budget lowers the bpb
+    choice, bpb, nbytes = M.choose_settings(table, 40)
+    assert choice == {"a": "up", "b": "down"} and nbytes == 40 and bpb == pytest.approx(-0.0025)
+    choice, _, _ = M.choose_settings(table, 1000)
+    assert choice == {"a": "up", "b": "up"}
+    choice, bpb, nbytes = M.choose_settings(table, -100)  # must save 100 B: the cheapest way
+    assert choice == {"a": "down"} and nbytes == -100 and bpb == pytest.approx(0.004)
+    with pytest.raises(ConfigError, match="no combination"):
+        M.choose_settings(table, -1000)
+
+
+def test_marginal_cli_allocates_for_a_cap(run_dir, tiny_dataset, tmp_path, capsys):  # noqa: F811
+    from qlab.quant.policy import load_policy
+
+    out = tmp_path / "alloc"
+    policy = str(run_dir / "policy.json")
+    args = ["marginal", str(run_dir), "--data", str(tiny_dataset.root), "--policy", policy,
+            "--settings", "bits-1", "--calib-batches", "1", "--boot", "50", "--eval-tokens", "1025",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    table = pd.read_csv(out / "marginal.csv")
+    cap = int(table["base_bytes"].iloc[0] + table["delta_bytes"].max())  # must save the least any row saves
+    assert main([*args, "--cap", str(cap)]) == 0  # the table is resumed from the file
+    text = capsys.readouterr().out
+    assert f"allocation for {cap:,} B:" in text and "measured:" in text
+    chosen = load_policy(out / "allocated_policy.json")
+    assert any(r.spec.bits in (5, 7) for r in chosen.rules)  # one group a bit narrower

@@ -25,6 +25,7 @@ skipped.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -46,7 +47,10 @@ from qlab.io.atomic import atomic_write_text
 from qlab.quant.policy import Policy, Rule, TensorSpec
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
-__all__ = ["SETTINGS", "group_tensors", "document_sums", "paired_delta", "marginal_table", "fit_predictor"]
+__all__ = [
+    "SETTINGS", "group_tensors", "document_sums", "paired_delta", "marginal_table", "fit_predictor",
+    "choose_settings", "allocated_policy",
+]  # fmt: skip
 
 # Relative changes of a group's spec: bits ± 1, clip width k × 0.8 / × 1.25.
 SETTINGS = ("bits+1", "bits-1", "k*0.8", "k*1.25")
@@ -254,3 +258,69 @@ def _read_rows(out: str | os.PathLike | None) -> dict[tuple[str, str], dict]:
             f"{out}: not a marginal table (columns {list(df.columns)}); remove it or pick another --out"
         )
     return {(r["group"], r["setting"]): r for r in df.to_dict("records")}
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+def choose_settings(table: pd.DataFrame, budget_bytes: int) -> tuple[dict[str, str], float, int]:
+    """The per-group settings (at most one change per group, or none) that minimise the
+    predicted Σ Δbpb with Σ Δbytes ≤ ``budget_bytes``, effects taken as additive.
+
+    Exhaustive over the table's options (a handful per group); returns ({group: setting},
+    predicted Δbpb, predicted Δbytes). Unresolved effects count at their point estimate."""
+    options = {g: [(None, 0, 0.0)] + [(r["setting"], int(r["delta_bytes"]), float(r["delta_bpb"]))
+                                      for _, r in rows.iterrows()]
+               for g, rows in table.groupby("group", sort=False)}  # fmt: skip
+    best: tuple[float, int, dict[str, str]] | None = None
+    for combo in itertools.product(*options.values()):
+        nbytes = sum(c[1] for c in combo)
+        bpb = sum(c[2] for c in combo)
+        if nbytes <= budget_bytes and (best is None or (bpb, nbytes) < best[:2]):
+            best = (bpb, nbytes, {g: c[0] for g, c in zip(options, combo, strict=True) if c[0] is not None})
+    if best is None:
+        raise ConfigError(
+            f"no combination of the table's settings saves the {-budget_bytes:,} bytes asked for"
+        )
+    return best[2], best[0], best[1]
+
+
+def allocated_policy(
+    policy: Policy,
+    groups: Mapping[str, list[str]],
+    choice: Mapping[str, str],
+    shapes: Mapping[str, torch.Tensor],
+) -> Policy:
+    """``policy`` with each chosen group's setting applied to its tensors."""
+    rules = [Rule(name, changed_spec(policy.spec_for(name, shapes[name]), setting))
+             for group, setting in choice.items() for name in groups[group]]  # fmt: skip
+    label = ",".join(f"{g}:{s}" for g, s in choice.items()) or "base"
+    return Policy(f"{policy.name}+{label}", rules + list(policy.rules), policy.default)
+
+
+def compare_policies(
+    model: nn.Module,
+    base: Policy,
+    other: Policy,
+    val_tokens: torch.Tensor,
+    byte_tables: Any,
+    hessians: Mapping[str, torch.Tensor],
+    *,
+    seq_len: int,
+    codec: str = "ans",
+    bos_id: int = 1,
+    n_boot: int = 1000,
+    max_tokens: int | None = None,
+) -> dict[str, float]:
+    """Real bytes of both artifacts and ``other``'s paired Δbpb against ``base`` with its CI."""
+    ev = {
+        "tokens": val_tokens,
+        "tables": byte_tables,
+        "seq_len": seq_len,
+        "max_tokens": max_tokens,
+        "bos": bos_id,
+    }
+    base_bytes, base_nll, _ = _measure(model, base, hessians, ev, codec)
+    nbytes, nll, _ = _measure(model, other, hessians, ev, codec)
+    delta, lo, hi = paired_delta(base_nll, nll, ev["doc_bytes"], n_boot)
+    return {"base_bytes": base_bytes, "bytes": nbytes, "delta_bpb": delta, "ci_lo": lo, "ci_hi": hi}

@@ -34,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-tokens", type=int, help="score at most N validation tokens (default: all)")
     p.add_argument("--codec", default="ans", help="artifact codec the bytes are measured with (default ans)")
     p.add_argument("--out", default="marginal_out", help="output directory (default marginal_out)")
+    p.add_argument(
+        "--cap",
+        type=int,
+        help="also choose per-group settings for this artifact size (bytes) from the table, write "
+        "OUT/allocated_policy.json and measure it against the base policy",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -75,7 +81,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"predictor Δbpb ≈ a·Δtr(ΔW H ΔWᵀ) + b over {fit['n']} rows: R² {fit['r2']:.3f} "
               f"(leave-one-out {fit['loo_r2']:.3f})")  # fmt: skip
     print(f"wrote {out / 'marginal.csv'} and {out / 'marginal.png'}")
+    if args.cap is not None:
+        _allocate(args, model, policy, table, val, tables, hessians, out)
     return 0
+
+
+def _allocate(args, model, policy, table, val, tables, hessians, out: Path) -> None:
+    from qlab.analysis.marginal import allocated_policy, choose_settings, compare_policies, group_tensors
+    from qlab.io.atomic import atomic_write_json
+    from qlab.quant.model_quant import quantize_model
+
+    budget = args.cap - int(table["base_bytes"].iloc[0])
+    choice, pred_bpb, pred_bytes = choose_settings(table, budget)
+    groups = group_tensors(quantize_model(model, policy, hessians=hessians).quantized_state, args.group_by)
+    chosen = allocated_policy(policy, groups, choice, dict(model.state_dict()))
+    atomic_write_json(out / "allocated_policy.json", chosen.to_dict())
+    print(f"allocation for {args.cap:,} B: {', '.join(f'{g} {s}' for g, s in choice.items()) or 'no change'}"
+          f" (predicted {pred_bytes:+,} B, {1e3 * pred_bpb:+.2f} mBPB)")  # fmt: skip
+    if choice:
+        r = compare_policies(model, policy, chosen, val, tables, hessians, seq_len=model.config.eval_seq_len,
+                             codec=args.codec, n_boot=args.boot, max_tokens=args.eval_tokens)  # fmt: skip
+        moved = r["bytes"] - r["base_bytes"]
+        print(f"measured: {r['bytes']:,} B ({moved:+,}), Δ {1e3 * r['delta_bpb']:+.2f} mBPB "
+              f"[{1e3 * r['ci_lo']:+.2f}, {1e3 * r['ci_hi']:+.2f}] vs the base policy")  # fmt: skip
+    print(f"wrote {out / 'allocated_policy.json'} (qlab quantize --policy accepts it)")
 
 
 def _print(table) -> None:
