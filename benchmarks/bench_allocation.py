@@ -4,6 +4,9 @@
 k × 0.8 / × 1.25; bytes of the ``ans`` artifact; paired bootstrap over documents), then
 the second-order predictor Δbpb ≈ a·Δtr(ΔW H ΔWᵀ) + b: the row ``predictor R^2`` is its
 in-sample R², the notes give the leave-one-out R² and how many effects were resolved.
+Then the allocator for the base's own artifact size: ``allocator gain mBPB`` is the
+chosen policy's paired Δbpb against the uniform recipe (matrices' k solved to the same
+bytes), negative = better, with its bootstrap interval in the notes.
 Skipped, with a note, without ``runs/demo`` (``make bench`` runs the demo first).
 """
 
@@ -22,7 +25,7 @@ def run() -> list[Record]:
         return [
             Record("predictor R^2", "R^2", float("nan"), "", notes=f"skipped: {DEMO}/runs/tiny not found")
         ]
-    from qlab.analysis.marginal import fit_predictor, marginal_table
+    from qlab.analysis.marginal import allocate, fit_predictor, marginal_table
     from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
     from qlab.eval.pipeline import resolve_dataset, resolve_model
     from qlab.quant.model_quant import calibration_batches, model_hessians
@@ -38,6 +41,36 @@ def run() -> list[Record]:
     table = marginal_table(model, policy, val, tables, hessians, seq_len=cfg.eval_seq_len)
     fit = fit_predictor(table)
     resolved = int(table["resolved"].sum())
+    alloc = allocate(model, policy, table, int(table["base_bytes"].iloc[0]), val, tables, hessians,
+                     seq_len=cfg.eval_seq_len)  # fmt: skip
+    return _predictor_row(fit, resolved) + _allocator_rows(alloc)
+
+
+def _allocator_rows(alloc: dict) -> list[Record]:
+    if "vs_uniform" not in alloc:
+        return [Record("allocator gain mBPB", "mBPB", 0.0, "mBPB", notes="the table suggests no change")]
+    u = alloc["vs_uniform"]
+    picked = ", ".join(f"{g} {s}" for g, s in alloc["choice"].items())
+    resolved = u["ci_lo"] > 0 or u["ci_hi"] < 0
+    return [
+        Record(
+            name="allocator gain mBPB",
+            metric="paired Δ val_bpb",
+            value=1e3 * u["delta_bpb"],
+            unit="mBPB",
+            target="< 0 beyond its CI",
+            baseline="record_small with the matrices' k solved to equal bytes",
+            met=bool(u["ci_hi"] < 0),
+            notes=(
+                f"{picked}; {u['bytes']:,} B vs {u['base_bytes']:,} B (k = {alloc['uniform_k']:.3f}); "
+                f"95 % CI [{1e3 * u['ci_lo']:+.2f}, {1e3 * u['ci_hi']:+.2f}] mBPB "
+                f"({'resolved' if resolved else 'not resolved'})"
+            ),
+        )  # fmt: skip
+    ]
+
+
+def _predictor_row(fit: dict, resolved: int) -> list[Record]:
     return [
         Record(
             name="predictor R^2",

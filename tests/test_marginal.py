@@ -152,6 +152,7 @@ def test_marginal_cli_allocates_for_a_cap(run_dir, tiny_dataset, tmp_path, capsy
     cap = int(table["base_bytes"].iloc[0] + table["delta_bytes"].max())  # must save the least any row saves
     assert main([*args, "--cap", str(cap)]) == 0  # the table is resumed from the file
     text = capsys.readouterr().out
-    assert f"allocation for {cap:,} B:" in text and "measured:" in text
+    assert f"allocation for {cap:,} B:" in text and "measured vs the base policy" in text
+    assert "measured vs the uniform policy at equal bytes" in text
     chosen = load_policy(out / "allocated_policy.json")
     assert any(r.spec.bits in (5, 7) for r in chosen.rules)  # one group a bit narrower

@@ -324,3 +324,50 @@ def compare_policies(
     nbytes, nll, _ = _measure(model, other, hessians, ev, codec)
     delta, lo, hi = paired_delta(base_nll, nll, ev["doc_bytes"], n_boot)
     return {"base_bytes": base_bytes, "bytes": nbytes, "delta_bpb": delta, "ci_lo": lo, "ci_hi": hi}
+
+
+def allocate(
+    model: nn.Module,
+    policy: Policy,
+    table: pd.DataFrame,
+    cap: int,
+    val_tokens: torch.Tensor,
+    byte_tables: Any,
+    hessians: Mapping[str, torch.Tensor],
+    *,
+    seq_len: int,
+    grouping: str | Mapping[str, Iterable[str]] = "family",
+    codec: str = "ans",
+    n_boot: int = 1000,
+    max_tokens: int | None = None,
+    against_uniform: bool = True,
+) -> dict[str, Any]:
+    """Choose settings for ``cap`` from ``table``, then measure the chosen policy for real:
+    paired against the base policy and (``against_uniform``) against the base policy with
+    the matrices' k solved (``solve_k``) to the chosen policy's own artifact size — the
+    uniform record recipe at equal bytes."""
+    from qlab.compress.solver import solve_k
+    from qlab.quant.model_quant import quantize_model
+
+    choice, pred_bpb, pred_bytes = choose_settings(table, cap - int(table["base_bytes"].iloc[0]))
+    shapes = dict(model.state_dict())
+    groups = group_tensors(quantize_model(model, policy, hessians=hessians).quantized_state, grouping)
+    chosen = allocated_policy(policy, groups, choice, shapes)
+    kw = dict(seq_len=seq_len, codec=codec, n_boot=n_boot, max_tokens=max_tokens)
+    out: dict[str, Any] = {
+        "choice": choice,
+        "policy": chosen,
+        "predicted_bpb": pred_bpb,
+        "predicted_bytes": pred_bytes,
+    }
+    if not choice:
+        return out
+    out["vs_base"] = compare_policies(model, policy, chosen, val_tokens, byte_tables, hessians, **kw)
+    if against_uniform:
+        weights = {n: t.detach() for n, t in shapes.items()}
+        solved = solve_k(weights, policy, out["vs_base"]["bytes"], hessians=hessians, codec=codec)
+        out["uniform_k"] = solved.k
+        out["vs_uniform"] = compare_policies(
+            model, solved.policy, chosen, val_tokens, byte_tables, hessians, **kw
+        )
+    return out

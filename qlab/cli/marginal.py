@@ -87,23 +87,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _allocate(args, model, policy, table, val, tables, hessians, out: Path) -> None:
-    from qlab.analysis.marginal import allocated_policy, choose_settings, compare_policies, group_tensors
+    from qlab.analysis.marginal import allocate
     from qlab.io.atomic import atomic_write_json
-    from qlab.quant.model_quant import quantize_model
 
-    budget = args.cap - int(table["base_bytes"].iloc[0])
-    choice, pred_bpb, pred_bytes = choose_settings(table, budget)
-    groups = group_tensors(quantize_model(model, policy, hessians=hessians).quantized_state, args.group_by)
-    chosen = allocated_policy(policy, groups, choice, dict(model.state_dict()))
-    atomic_write_json(out / "allocated_policy.json", chosen.to_dict())
-    print(f"allocation for {args.cap:,} B: {', '.join(f'{g} {s}' for g, s in choice.items()) or 'no change'}"
-          f" (predicted {pred_bytes:+,} B, {1e3 * pred_bpb:+.2f} mBPB)")  # fmt: skip
-    if choice:
-        r = compare_policies(model, policy, chosen, val, tables, hessians, seq_len=model.config.eval_seq_len,
-                             codec=args.codec, n_boot=args.boot, max_tokens=args.eval_tokens)  # fmt: skip
-        moved = r["bytes"] - r["base_bytes"]
-        print(f"measured: {r['bytes']:,} B ({moved:+,}), Δ {1e3 * r['delta_bpb']:+.2f} mBPB "
-              f"[{1e3 * r['ci_lo']:+.2f}, {1e3 * r['ci_hi']:+.2f}] vs the base policy")  # fmt: skip
+    r = allocate(
+        model, policy, table, args.cap, val, tables, hessians, seq_len=model.config.eval_seq_len,
+        grouping=args.group_by, codec=args.codec, n_boot=args.boot, max_tokens=args.eval_tokens,
+    )  # fmt: skip
+    atomic_write_json(out / "allocated_policy.json", r["policy"].to_dict())
+    picked = ", ".join(f"{g} {s}" for g, s in r["choice"].items()) or "no change"
+    print(f"allocation for {args.cap:,} B: {picked} "
+          f"(predicted {r['predicted_bytes']:+,} B, {1e3 * r['predicted_bpb']:+.2f} mBPB)")  # fmt: skip
+    for key, what in (("vs_base", "the base policy"), ("vs_uniform", "the uniform policy at equal bytes")):
+        if key in r:
+            m = r[key]
+            extra = f", matrices k = {r['uniform_k']:.3f}" if key == "vs_uniform" else ""
+            ci = f"[{1e3 * m['ci_lo']:+.2f}, {1e3 * m['ci_hi']:+.2f}]"
+            print(f"measured vs {what} ({m['base_bytes']:,} B{extra}): {m['bytes']:,} B, "
+                  f"Δ {1e3 * m['delta_bpb']:+.2f} mBPB {ci}")  # fmt: skip
     print(f"wrote {out / 'allocated_policy.json'} (qlab quantize --policy accepts it)")
 
 
