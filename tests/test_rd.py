@@ -6,14 +6,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from qlab.analysis import rd, rd_compare, rd_theory
 from qlab.errors import ConfigError, QuantError
-from qlab.quant.policy import Policy, Rule, TensorSpec
 
 
 def gauss(rows: int, cols: int, sigma: float, seed: int) -> torch.Tensor:
@@ -176,22 +174,3 @@ def test_rd_curve_never_beats_the_shannon_bound(mats):
     assert (df["rate_with_scales"] > df["rate"]).all()
     grid = rd_compare.rd_bounds([0, 1, 2])
     assert list(grid["rd_bound"]) == [1.0, 0.25, 0.0625]
-
-
-def test_byte_allocation_ranks_groups():
-    model = TwoLayer()
-    fn = output_error_fn(model)
-    policy = Policy("t", [Rule("*", TensorSpec(method="rtn", bits=4, clip="sdclip", clip_params={"k": 8.0}))])
-    group_of = lambda n: n.split(".")[0]  # noqa: E731
-    df = rd_compare.byte_allocation(model, fn, policy, group_of=group_of)
-    assert set(df["group"]) == {"fc", "proj"}
-    assert (df["delta_bytes"] > 0).all() and (df["delta_bpb"] < 0).all()
-    assert list(df["bpb_per_kb"]) == sorted(df["bpb_per_kb"])
-    assert df["bpb_per_kb"].iloc[0] == pytest.approx(
-        df["delta_bpb"].iloc[0] / (df["delta_bytes"].iloc[0] / 1000)
-    )
-    k = rd_compare.byte_allocation(model, fn, policy, move="k", k_factor=0.7, group_of=group_of)
-    assert (k["delta_bytes"] > 0).all()
-    with pytest.raises(ConfigError):
-        rd_compare.byte_allocation(model, fn, policy, move="sideways", group_of=group_of)
-    assert isinstance(df, pd.DataFrame)

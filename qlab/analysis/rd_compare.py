@@ -1,41 +1,36 @@
-"""Cross-matrix rate–distortion views: std vs compression ratio, R–D curves against the
-Gaussian bound, and where the next kilobyte of the artifact is best spent.
+"""Cross-matrix rate–distortion views: std vs compression ratio and R–D curves against
+the Gaussian bound.
 
-Sweeps of single settings live in :mod:`qlab.analysis.rd`.
+Sweeps of single settings live in :mod:`qlab.analysis.rd`; where the next kilobyte of
+the artifact is best spent, measured with intervals, in :mod:`qlab.analysis.marginal`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from qlab.analysis.entropy_report import store_tensor
 from qlab.analysis.rd import (
-    EvalFn,
     Fit,
     linear_fit,
     load_matrices,
-    predicted_bytes,
     quantize_setting,
-    swapped_weights,
     tensor_family,
 )
 from qlab.compress import predict as P
 from qlab.compress.entropy import order0_entropy
 from qlab.errors import ConfigError
 from qlab.quant.codebook import quantize_lloyd_max, quantize_nf4
-from qlab.quant.policy import Passthrough, Policy, TensorSpec, resolve_policy
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
-__all__ = ["StdRatio", "std_vs_ratio", "rd_curve", "rd_bounds", "byte_allocation"]
+__all__ = ["StdRatio", "std_vs_ratio", "rd_curve", "rd_bounds"]
 
 PI_E_OVER_6 = math.pi * math.e / 6
 
@@ -170,91 +165,3 @@ def rd_bounds(rates: Iterable[float]) -> pd.DataFrame:
     """D(R) = 2^(−2R) and the ECSQ line (πe/6)·2^(−2R) (σ² = 1) on a rate grid, for plots."""
     r = np.asarray(list(rates), float)
     return pd.DataFrame({"rate": r, "rd_bound": 2.0 ** (-2 * r), "ecsq": PI_E_OVER_6 * 2.0 ** (-2 * r)})
-
-
-# --------------------------------------------------------------------------- byte allocation
-
-
-def _moved(spec: TensorSpec, move: str, k_factor: float) -> TensorSpec | None:
-    """The spec one step "up" (more bytes), or None where that step does not exist."""
-    from dataclasses import replace
-
-    if move == "bits":
-        return replace(spec, bits=spec.bits + 1) if spec.bits < 8 else None
-    if move == "k":
-        if "k" not in spec.clip_params:
-            return None
-        return replace(spec, clip_params={**spec.clip_params, "k": spec.clip_params["k"] * k_factor})
-    raise ConfigError(f"byte_allocation: move must be 'bits' or 'k', got {move!r}")
-
-
-def _dense(stored: object) -> torch.Tensor:
-    if isinstance(stored, Passthrough):
-        return stored.dequantize(torch.float32)
-    return dequantize(stored)
-
-
-def byte_allocation(
-    model: nn.Module,
-    eval_fn: EvalFn,
-    policy: str | Policy | Mapping = "record",
-    *,
-    move: str = "bits",
-    k_factor: float = 0.8,
-    group_of: Callable[[str], str] = tensor_family,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """Marginal Δval_bpb per kilobyte for each tensor group: where the next KB is best spent.
-
-    The whole model is stored as ``policy`` says (RTN codes, fp16 passthroughs) and
-    evaluated; then, one group at a time, every quantized tensor of the group moves one
-    step up — b → b+1 (``move="bits"``) or k → k·``k_factor`` (``move="k"``, a finer grid)
-    — and the model is evaluated again. Rows are sorted by ``bpb_per_kb`` = Δbpb per
-    1,000 predicted bytes, most negative (best use of bytes) first.
-    """
-    pol = resolve_policy(policy)
-    sd = {n: t.detach().cpu() for n, t in model.state_dict().items()}
-    base, specs, nbytes = {}, {}, {}
-    for name, t in sd.items():
-        if not t.is_floating_point():
-            continue
-        specs[name] = pol.spec_for(name, t)
-        stored, _ = store_tensor(name, t, specs[name])
-        base[name], nbytes[name] = _dense(stored), predicted_bytes(stored)
-    with swapped_weights(model, base):
-        base_bpb = eval_fn(model)
-    groups: dict[str, list[str]] = {}
-    for name, spec in specs.items():
-        if spec.method != "passthrough":
-            groups.setdefault(group_of(name), []).append(name)
-    rows = []
-    for group, names in tqdm(groups.items(), desc="allocation", disable=not progress):
-        rows.append(
-            _group_row((model, eval_fn, sd, base, specs, nbytes), group, names, move, k_factor, base_bpb)
-        )
-    out = pd.DataFrame(rows)
-    return out.sort_values("bpb_per_kb", na_position="last").reset_index(drop=True)
-
-
-def _group_row(ctx: tuple, group: str, names: list[str], move: str, k_factor: float, base_bpb: float) -> dict:
-    model, eval_fn, sd, base, specs, nbytes = ctx
-    new, delta_bytes, moved = {}, 0.0, 0
-    for name in names:
-        spec = _moved(specs[name], move, k_factor)
-        if spec is None:
-            continue
-        stored, _ = store_tensor(name, sd[name], spec)
-        new[name] = _dense(stored)
-        delta_bytes += predicted_bytes(stored) - nbytes[name]
-        moved += 1
-    bpb = math.nan
-    if new:
-        with swapped_weights(model, {**base, **new}):
-            bpb = eval_fn(model)
-    dbpb = bpb - base_bpb
-    return dict(
-        group=group, tensors=len(names), moved=moved, numel=sum(sd[n].numel() for n in names), move=move,
-        step="b → b+1" if move == "bits" else f"k → {k_factor:g}·k",
-        base_bytes=sum(nbytes[n] for n in names), delta_bytes=delta_bytes, base_bpb=base_bpb, new_bpb=bpb,
-        delta_bpb=dbpb, bpb_per_kb=dbpb / (delta_bytes / 1000) if delta_bytes else math.nan,
-    )  # fmt: skip

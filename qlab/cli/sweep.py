@@ -3,7 +3,7 @@
 Writes tidy CSVs (sweep, per-setting summary, SDClip vs quantile search, (b, k) vs
 (b+1, 2k), std vs ratio, R–D curves) and their figures to ``--out``. With ``--data``
 (and a qlab run directory as CKPT) every setting is also evaluated on validation data
-(Δval_bpb), and the byte-allocation view is added.
+(Δval_bpb). Where the next kilobyte is best spent, with intervals: ``qlab marginal``.
 """
 
 from __future__ import annotations
@@ -107,10 +107,5 @@ def run(args: argparse.Namespace) -> int:
     save_figure(plots.plot_std_vs_ratio(ratio.table), out / "std_vs_ratio.png")
     save_figure(plots.plot_rd_curves(curves), out / "rd_curves.png")
     save_figure(plots.plot_sdclip_vs_quantile(cmp), out / "sdclip_vs_quantile.png")
-    if model is not None:
-        # k → 0.8·k works for every SDClip tensor (b + 1 does not exist for the int8 embedding)
-        alloc = rd_compare.byte_allocation(model, eval_fn, move="k", progress=progress)
-        _save(out, "byte_allocation", alloc)
-        save_figure(plots.plot_byte_allocation(alloc), out / "byte_allocation.png")
     print(f"{len(df)} rows over {len(mats)} matrices; std vs ratio R² = {ratio.fit.r2:.4f}; wrote {out}/")
     return 0

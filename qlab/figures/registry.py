@@ -217,10 +217,10 @@ _FIGS: list[FigureSpec] = [
         "pr1394_byte_allocation",
         "PR #1394",
         "where the next byte goes (qlab extension)",
-        f"{_P}.rd.plot_byte_allocation",
+        f"{_P}.allocation.plot_marginal",
         "pr1394",
-        _plot(f"{_P}.rd.plot_byte_allocation", T.byte_allocation),
-        description="Δbpb per extra kB for each tensor family",
+        _plot(f"{_P}.allocation.plot_marginal", T.byte_allocation),
+        description="Δbytes and paired Δbpb (95 % CI) of one change per tensor family, embedding included",
     ),
     FigureSpec(
         "pr1394_train_curve_qlab",

@@ -130,14 +130,18 @@ def rd_curves(ws: Workspace) -> pd.DataFrame:
 
 
 def byte_allocation(ws: Workspace) -> pd.DataFrame:
-    """Δval_bpb per extra kB when each tensor family gets one more bit."""
+    """The marginal table: Δbytes and paired Δbpb (bootstrap CI over documents) of one
+    change (bits ± 1, k × 0.8 / × 1.25) to one tensor family at a time."""
 
     def build() -> pd.DataFrame:
-        from qlab.analysis.rd_compare import byte_allocation as alloc
+        from qlab.analysis.marginal import marginal_table
 
-        return alloc(ws.model, ws.eval_fn(), ws.policy, move="bits", progress=ws.progress)
+        return marginal_table(
+            ws.model, ws.policy, ws.val_tokens, ws.byte_tables, ws.hessians,
+            seq_len=ws.seq_len, max_tokens=ws.eval_tokens, progress=ws.progress,
+        )  # fmt: skip
 
-    return ws.table("byte_allocation", build)
+    return ws.table("marginal_table", build)
 
 
 # ---------------------------------------------------------------- pipeline stages (PR #1818, #639)

@@ -14,7 +14,6 @@ from matplotlib.figure import Figure
 from qlab.analysis import rd_theory
 from qlab.analysis.rd import linear_fit
 from qlab.analysis.rd_compare import rd_bounds
-from qlab.errors import DataError
 from qlab.plots.style import label_axes, new_figure, palette, require_columns, style_context
 
 __all__ = [
@@ -22,7 +21,6 @@ __all__ = [
     "plot_std_vs_ratio",
     "plot_rd_curves",
     "plot_sdclip_vs_quantile",
-    "plot_byte_allocation",
 ]
 
 
@@ -137,30 +135,4 @@ def plot_sdclip_vs_quantile(cmp: pd.DataFrame) -> Figure:
                 ax.set_yscale("log")
             label_axes(ax, "predicted model bytes (kB)", ylabel, "SDClip vs quantile search")
             ax.legend(fontsize=7)
-    return fig
-
-
-def plot_byte_allocation(alloc: pd.DataFrame) -> Figure:
-    """Δbpb per extra kilobyte for each tensor group (more negative: better use of bytes)."""
-    require_columns(alloc, ["group", "bpb_per_kb", "delta_bytes"], "plot_byte_allocation")
-    d = alloc.dropna(subset=["bpb_per_kb"]).sort_values("bpb_per_kb", ascending=False)
-    if d.empty:
-        raise DataError("plot_byte_allocation: no group could move a step (all bpb_per_kb are NaN)")
-    with style_context():
-        fig, axes = new_figure(1, 1, size=(7, 0.5 * len(d) + 2))
-        ax = axes[0, 0]
-        colors = [palette(2)[0] if v < 0 else palette(4)[3] for v in d["bpb_per_kb"]]
-        bars = ax.barh(d["group"], 1e3 * d["bpb_per_kb"], color=colors, edgecolor="black", lw=0.4)
-        for bar, db in zip(bars, d["delta_bytes"]):
-            w = bar.get_width()
-            right = w >= 0
-            ax.annotate(f"+{db / 1e3:.1f} kB", (w, bar.get_y() + bar.get_height() / 2),
-                        xytext=(3 if right else -3, 0), textcoords="offset points", va="center",
-                        ha="left" if right else "right", fontsize=7)  # fmt: skip
-        lo, hi = ax.get_xlim()
-        ax.set_xlim(lo - 0.15 * (hi - lo), hi + 0.15 * (hi - lo))  # room for the labels
-        ax.axvline(0, color="0.3", lw=0.8)
-        step = alloc["step"].iloc[0] if "step" in alloc else "one step"
-        title = f"Where the next kB goes (each group moved {step})"
-        label_axes(ax, "Δ val_bpb per extra kB (mBPB/kB)", "tensor group", title, unitless="y")
     return fig
