@@ -195,8 +195,16 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                 "from qlab.analysis.rd import compare_from_sweep\n\n"
                 "display(compare_from_sweep(sweep))\n" + fig("pr1394_sdclip_vs_quantile"),
             ),
-            ("md", "## Rate–distortion against the Gaussian bound, and where the next byte goes"),
+            ("md", "## Rate–distortion against the Gaussian bound"),
             ("code", fig("pr1394_rd_curves")),
+            (
+                "md",
+                "## Where the next byte goes\nThe question the records answer by hand: one change to one "
+                "tensor family at a time (one bit more or less, k × 0.8 or × 1.25), Δbytes of the real "
+                "artifact against the paired Δbpb on the same tokens, with a bootstrap 95 % interval over "
+                "documents. A hollow point's interval contains 0: it is not a finding. `qlab marginal` "
+                "computes the same table for any run and `--cap` chooses settings from it.",
+            ),
             ("code", "display(T.byte_allocation(ws))\n" + fig("pr1394_byte_allocation")),
             ("md", "## The PR's own numbers\nPer-seed stages and training curves from its logs."),
             ("code", fig("paper_pr1394_seed_stages")),
