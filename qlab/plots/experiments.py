@@ -88,16 +88,28 @@ def plot_quant_gap(df: pd.DataFrame) -> Figure:
     require_columns(df, ["source", "method", "gap_mbpb"], "plot_quant_gap")
     ours, paper = _split(df)
     parts = [(p, t) for p, t in ((ours, "qlab (this checkpoint)"), (paper, "PR #639 (published)")) if len(p)]
+    # one colour per kind of quantizer in both panels, and one y scale, so bars compare across them
+    colour_of = dict(zip(("rtn", "clip", "gptq"), palette(3), strict=True))
     with style_context():
-        fig, axes = new_figure(1, len(parts), size=(5.2 * len(parts), 4.0))
+        fig, axes = new_figure(1, len(parts), size=(5.2 * len(parts), 4.0), sharey=True)
         for ax, (part, title) in zip(axes[0], parts):
             labels = [m.replace(" (", "\n(") for m in part["method"]]
             if "artifact_bytes" in part and part["artifact_bytes"].notna().all():
                 labels = [f"{lab}\n{b / 1e3:,.0f} kB" for lab, b in zip(labels, part["artifact_bytes"])]
-            _bars(ax, labels, part["gap_mbpb"], palette(len(part)), "{:+.2f}", "//" if part is paper else "")
+            colours = [colour_of[_quantizer_kind(m)] for m in part["method"]]
+            _bars(ax, labels, part["gap_mbpb"], colours, "{:+.2f}", "//" if part is paper else "")
             label_axes(ax, "quantizer (int6)", "quantization gap (mBPB)", title, unitless="x")
+        values = pd.concat([p["gap_mbpb"] for p, _ in parts])
+        lo, hi = min(0.0, float(values.min())), max(0.0, float(values.max()))
+        pad = 0.2 * (hi - lo or 1.0)  # the shared scale holds every bar and its label
+        axes[0, 0].set_ylim(lo - (pad if lo < 0 else 0.3 * pad), hi + pad)
         fig.suptitle("Quantization gap: RTN vs clip search vs full GPTQ")
     return fig
+
+
+def _quantizer_kind(method: str) -> str:
+    m = method.lower()
+    return "rtn" if m.startswith("rtn") else "clip" if m.startswith("clip") else "gptq"
 
 
 def plot_ttt_optimizers(df: pd.DataFrame, paper_delta_bpb: float | None = None) -> Figure:
