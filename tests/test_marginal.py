@@ -156,3 +156,12 @@ def test_marginal_cli_allocates_for_a_cap(run_dir, tiny_dataset, tmp_path, capsy
     assert "measured vs the uniform policy at equal bytes" in text
     chosen = load_policy(out / "allocated_policy.json")
     assert any(r.spec.bits in (5, 7) for r in chosen.rules)  # one group a bit narrower
+
+
+def test_token_scores_with_a_stride_match_sliding_evaluate_bpb(setup):
+    model, _, _, val, tables = setup
+    nll, nbytes, pos = token_scores(model, val, tables, seq_len=32, stride=8)
+    ref = evaluate_bpb(model, val, tables, seq_len=32, stride=8)
+    assert nll.numel() == ref.tokens and int(nbytes.sum()) == ref.bytes
+    assert float(nll.sum() / math.log(2) / nbytes.sum()) == pytest.approx(ref.val_bpb, rel=1e-9)
+    assert pos.unique().numel() == pos.numel() == val.numel() - 1  # every target exactly once

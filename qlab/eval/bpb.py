@@ -174,15 +174,21 @@ def token_scores(
     *,
     seq_len: int,
     batch_seqs: int = 8,
+    stride: int | None = None,
     max_tokens: int | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per scored token of the standard windows: (nll in nats, bytes, position of the
-    target in ``val_tokens``), float64/float64/int64 on the CPU — the same tokens and
-    values :func:`evaluate_bpb` sums, kept apart for paired comparisons."""
+    """Per scored token: (nll in nats, bytes, position of the target in ``val_tokens``),
+    float64/float64/int64 on the CPU — the same tokens and values :func:`evaluate_bpb`
+    sums with the same ``stride``, kept apart for paired comparisons."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    tokens = truncate_tokens(val_tokens.to(torch.int64), seq_len, max_tokens)
-    windows = standard_windows(tokens.numel(), seq_len)
+    tokens = val_tokens.to(torch.int64)
+    if stride is None:
+        tokens = truncate_tokens(tokens, seq_len, max_tokens)
+        windows = standard_windows(tokens.numel(), seq_len)
+    else:
+        tokens = tokens[:max_tokens] if max_tokens is not None else tokens
+        windows = sliding_windows(tokens.numel(), seq_len, stride)
     tables = _tables_on(byte_tables, device)
     out_nll, out_bytes, out_pos = [], [], []
     was_training = model.training

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import torch
 
 from qlab.figures.workspace import Workspace
 from qlab.quant.policy import Policy, policy_from_dict
@@ -379,38 +380,46 @@ def sparsity(ws: Workspace) -> pd.DataFrame:
 # ---------------------------------------------------------------- PR #1718
 def eval_levers(ws: Workspace) -> pd.DataFrame:
     """val_bpb of the float model at eval length ½L, L, 2L (L = the training length), with
-    standard windows and sliding windows of stride L/2 and L/4 (NTK-scaled RoPE beyond L)."""
+    standard windows and sliding windows of stride L/2 and L/4 (NTK-scaled RoPE beyond L),
+    and each one's paired Δ against standard windows at L on the tokens both score, with a
+    bootstrap 95 % interval over documents."""
 
     def build() -> pd.DataFrame:
-        from qlab.eval.bpb import evaluate_bpb
+        from qlab.eval.bpb import token_scores
 
         train_len = int(ws.config.train_seq_len)
+        strides = (None, train_len // 2, train_len // 4)
+        configs = [(seq, stride) for seq in (train_len // 2, train_len, 2 * train_len)
+                   for stride in strides if stride is None or stride < seq]  # fmt: skip
+        scores = {c: token_scores(ws.model, ws.val_tokens, ws.byte_tables, seq_len=c[0], stride=c[1],
+                                  max_tokens=ws.eval_tokens) for c in configs}  # fmt: skip
+        ref = scores[(train_len, None)]
         rows = []
-        for seq in (train_len // 2, train_len, 2 * train_len):
-            for stride in (None, train_len // 2, train_len // 4):
-                if stride is not None and stride >= seq:
-                    continue
-                res = evaluate_bpb(
-                    ws.model,
-                    ws.val_tokens,
-                    ws.byte_tables,
-                    seq_len=seq,
-                    stride=stride,
-                    max_tokens=ws.eval_tokens,
-                )
-                rows.append(
-                    {
-                        "source": "qlab",
-                        "eval_seq_len": seq,
-                        "stride": stride or 0,
-                        "windows": "standard" if stride is None else f"sliding, stride {stride}",
-                        "val_bpb": res.val_bpb,
-                        "train_seq_len": train_len,
-                    }
-                )
+        for (seq, stride), score in scores.items():
+            delta, lo, hi = _paired_on_common_tokens(ref, score, ws.val_tokens)
+            nll, nbytes, _ = score
+            rows.append({
+                "source": "qlab", "eval_seq_len": seq, "stride": stride or 0,
+                "windows": "standard" if stride is None else f"sliding, stride {stride}",
+                "val_bpb": float(nll.sum() / math.log(2) / nbytes.sum()), "train_seq_len": train_len,
+                "delta_bpb": delta, "ci_lo": lo, "ci_hi": hi,
+            })  # fmt: skip
         return pd.DataFrame(rows)
 
-    return ws.table("eval_levers", build)
+    return ws.table("eval_levers_paired", build)
+
+
+def _paired_on_common_tokens(ref: tuple, other: tuple, tokens: torch.Tensor) -> tuple[float, float, float]:
+    """``other``'s paired Δbpb against ``ref`` on the targets both scored, CI over documents."""
+    from qlab.analysis.marginal import document_sums, paired_delta
+
+    ref_nll = torch.full((tokens.numel(),), float("nan"), dtype=torch.float64)
+    ref_nll[ref[2]] = ref[0]
+    nll, nbytes, pos = other
+    keep = torch.isfinite(ref_nll[pos])
+    base_docs, doc_bytes = document_sums(ref_nll[pos][keep], nbytes[keep], pos[keep], tokens, 1)
+    docs, _ = document_sums(nll[keep], nbytes[keep], pos[keep], tokens, 1)
+    return paired_delta(base_docs, docs, doc_bytes)
 
 
 def passthrough(ws: Workspace) -> pd.DataFrame:

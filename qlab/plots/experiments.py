@@ -305,17 +305,22 @@ def plot_sparsity_budget(df: pd.DataFrame) -> Figure:
 
 
 def plot_eval_levers(ours: pd.DataFrame, paper: pd.DataFrame | None = None) -> Figure:
-    """val_bpb vs evaluation length, standard vs sliding windows (left); PR #1718's published
-    Δ per eval-time lever and stage (right, mBPB)."""
-    require_columns(ours, ["eval_seq_len", "windows", "val_bpb"], "plot_eval_levers")
+    """Paired Δ val_bpb against standard windows at the training length, per evaluation
+    length and window kind, with bootstrap 95 % intervals (left, mBPB); PR #1718's
+    published Δ per eval-time lever and stage (right, mBPB): both panels relative."""
+    require_columns(ours, ["eval_seq_len", "windows", "delta_bpb", "ci_lo", "ci_hi"], "plot_eval_levers")
     n = 2 if paper is not None and len(paper) else 1
     with style_context():
         fig, axes = new_figure(1, n, size=(6 * n, 4.4))
         ax = axes[0, 0]
         kinds = list(dict.fromkeys(ours["windows"]))
-        for color, kind in zip(palette(len(kinds)), kinds):
+        for i, (color, kind) in enumerate(zip(palette(len(kinds)), kinds)):
             g = ours[ours["windows"] == kind].sort_values("eval_seq_len")
-            ax.plot(g["eval_seq_len"], g["val_bpb"], "-o", color=color, label=kind)
+            x = g["eval_seq_len"] * 2 ** (0.04 * (i - (len(kinds) - 1) / 2))  # side by side, not on top
+            y = 1e3 * g["delta_bpb"]
+            err = [(y - 1e3 * g["ci_lo"]).clip(lower=0), (1e3 * g["ci_hi"] - y).clip(lower=0)]
+            ax.errorbar(x, y, yerr=err, fmt="-o", color=color, label=kind, capsize=3, markersize=5)
+        ax.axhline(0, color="0.3", lw=0.8)
         if "train_seq_len" in ours:
             ax.axvline(float(ours["train_seq_len"].iloc[0]), color="0.5", ls=":", label="training length")
         ax.set_xscale("log", base=2)
@@ -323,7 +328,8 @@ def plot_eval_levers(ours: pd.DataFrame, paper: pd.DataFrame | None = None) -> F
             sorted(ours["eval_seq_len"].unique()), [str(v) for v in sorted(ours["eval_seq_len"].unique())]
         )
         ax.legend(fontsize=7.5)
-        label_axes(ax, "evaluation length (tokens)", "val_bpb (bpb)", "qlab: eval length and stride")
+        label_axes(ax, "evaluation length (tokens)", "Δ val_bpb vs standard windows at L (mBPB)",
+                   "qlab: eval length and stride (95 % CI)")  # fmt: skip
         if n == 2:
             ax = axes[0, 1]
             p = paper.dropna(subset=["delta_bpb"])
