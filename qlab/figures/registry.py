@@ -83,8 +83,9 @@ def _ttt_recovery(ws: Workspace) -> Figure:
 
     runs = T.ttt_optimizers(ws)
     sgd = runs[runs["optimizer"].str.startswith("SGD")]
+    reference = runs[runs["optimizer"].str.startswith("no TTT")]
     row = T.stages(ws).iloc[0]
-    return plot_ttt_recovery(sgd, float(row["pre_quant_bpb"]), float(row["quantized_bpb"]))
+    return plot_ttt_recovery(sgd, float(row["pre_quant_bpb"]), float(row["quantized_bpb"]), reference)
 
 
 def _damage_gap(ws: Workspace) -> Figure:
@@ -285,7 +286,7 @@ _FIGS: list[FigureSpec] = [
         f"{_P}.experiments.plot_ttt_recovery",
         "pr1818",
         _ttt_recovery,
-        description="running bpb over score-first TTT chunks",
+        description="running bpb over score-first TTT chunks, beside the same chunks without TTT",
     ),
     FigureSpec(
         "pr1818_curriculum_schedule",

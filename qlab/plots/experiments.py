@@ -146,19 +146,27 @@ def plot_ttt_optimizers(df: pd.DataFrame, paper_delta_bpb: float | None = None) 
     return fig
 
 
-def plot_ttt_recovery(per_chunk: pd.DataFrame, pre_quant_bpb: float, quantized_bpb: float) -> Figure:
+def plot_ttt_recovery(
+    per_chunk: pd.DataFrame, pre_quant_bpb: float, quantized_bpb: float, no_ttt: pd.DataFrame | None = None
+) -> Figure:
     """PR #1818's TTT recovery curve: running bpb over TTT chunks, with the pre-quant and
-    post-quant (before TTT) levels as reference lines."""
+    post-quant (before TTT) levels as reference lines and, when given, the same chunks
+    scored without adaptation (``no_ttt``): what the data alone does to the running bpb,
+    so a hard chunk is not read as TTT damage."""
     require_columns(per_chunk, ["chunk", "running_bpb"], "plot_ttt_recovery")
     g = per_chunk.sort_values("chunk")
     with style_context():
         fig, axes = new_figure(1, 1, size=(7.6, 4.2))
         ax = axes[0, 0]
-        c = palette(3)
+        c = palette(4)
         final = float(g["running_bpb"].iloc[-1])
         ax.plot(
             g["chunk"], g["running_bpb"], "-", marker=".", color=c[0], label=f"score-first TTT → {final:.4f}"
         )
+        if no_ttt is not None and len(no_ttt):
+            r = no_ttt.sort_values("chunk")
+            ax.plot(r["chunk"], r["running_bpb"], "--", marker=".", color="0.45",
+                    label=f"same chunks, no TTT → {float(r['running_bpb'].iloc[-1]):.4f}")  # fmt: skip
         ax.axhline(
             quantized_bpb,
             color=c[1],
