@@ -42,8 +42,11 @@ from torch import nn
 from qlab.analysis.rd import hessian_error, linear_fit, tensor_family
 from qlab.analysis.spectra import layer_index
 from qlab.compress.container import encode_artifact
+from qlab.compress.solver import solve_k
 from qlab.errors import ConfigError
+from qlab.eval.bpb import token_scores
 from qlab.io.atomic import atomic_write_text
+from qlab.quant.model_quant import quantize_model
 from qlab.quant.policy import Policy, Rule, TensorSpec
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
@@ -136,8 +139,6 @@ def _measure(
     model: nn.Module, policy: Policy, hessians: Mapping, ev: dict, codec: str
 ) -> tuple[int, np.ndarray, dict]:
     """(artifact bytes, Σ nll per document, quantized state) of ``model`` under ``policy``."""
-    from qlab.eval.bpb import token_scores
-    from qlab.quant.model_quant import quantize_model
 
     qm = quantize_model(model, policy, hessians=hessians)
     nbytes = len(encode_artifact(qm.quantized_state, policy=policy.to_dict(), codec=codec))
@@ -346,8 +347,6 @@ def allocate(
     paired against the base policy and (``against_uniform``) against the base policy with
     the matrices' k solved (``solve_k``) to the chosen policy's own artifact size — the
     uniform record recipe at equal bytes."""
-    from qlab.compress.solver import solve_k
-    from qlab.quant.model_quant import quantize_model
 
     choice, pred_bpb, pred_bytes = choose_settings(table, cap - int(table["base_bytes"].iloc[0]))
     shapes = dict(model.state_dict())

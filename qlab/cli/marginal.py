@@ -10,10 +10,18 @@ kill) and OUT/marginal.png. Effects whose interval contains 0 are marked not res
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from qlab.analysis.marginal import allocate, fit_predictor, marginal_table
+from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
 from qlab.errors import ConfigError
-from qlab.io.atomic import check_output
+from qlab.eval.pipeline import resolve_dataset, resolve_model
+from qlab.io.atomic import atomic_write_json, check_output
+from qlab.plots.allocation import plot_marginal
+from qlab.plots.style import save_figure
+from qlab.quant.model_quant import calibration_batches, model_hessians
+from qlab.quant.policy import load_policy
 
 HELP = "Δbytes and paired Δbpb of changing one tensor group's bits or clip width"
 
@@ -45,16 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from qlab.analysis.marginal import fit_predictor, marginal_table
-    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
-    from qlab.eval.pipeline import resolve_dataset, resolve_model
-    from qlab.plots.allocation import plot_marginal
-    from qlab.plots.style import save_figure
-    from qlab.quant.model_quant import calibration_batches, model_hessians
-    from qlab.quant.policy import load_policy
-
     if args.calib_batches < 1 or args.boot < 0:
         raise ConfigError("--calib-batches must be ≥ 1 and --boot ≥ 0")
     out = Path(args.out)
@@ -87,9 +85,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _allocate(args, model, policy, table, val, tables, hessians, out: Path) -> None:
-    from qlab.analysis.marginal import allocate
-    from qlab.io.atomic import atomic_write_json
-
     r = allocate(
         model, policy, table, args.cap, val, tables, hessians, seq_len=model.config.eval_seq_len,
         grouping=args.group_by, codec=args.codec, n_boot=args.boot, max_tokens=args.eval_tokens,
