@@ -8,9 +8,13 @@ import math
 import pandas as pd
 
 from qlab.analysis.entropy_report import DEFAULT_CODECS, EntropyReport, entropy_report
+from qlab.analysis.rd import tensor_family
 from qlab.compress.predict import RECORD_CODEC
 from qlab.errors import ConfigError
+from qlab.eval.pipeline import resolve_dataset, resolve_model
 from qlab.io.atomic import check_output
+from qlab.quant.model_quant import calibration_batches, model_hessians
+from qlab.quant.policy import load_policy
 
 HELP = "entropy and predicted compressed size of a checkpoint"
 
@@ -68,7 +72,6 @@ def _ordered(t: pd.DataFrame, sort: str, top: int | None) -> tuple[pd.DataFrame,
 
 def family_table(report: EntropyReport) -> pd.DataFrame:
     """One row per weight family: tensors, parameters, predicted bytes, share, bits/param."""
-    from qlab.analysis.rd import tensor_family
 
     t = report.table.assign(family=report.table["name"].map(tensor_family))
     g = t.groupby("family", sort=False).agg(
@@ -158,9 +161,6 @@ def format_totals(report: EntropyReport) -> str:
 
 def _hessians(args: argparse.Namespace) -> dict:
     """Hessians of the policy's GPTQ tensors from the calibration dataset (a cheap GPTQ pass)."""
-    from qlab.eval.pipeline import resolve_dataset, resolve_model
-    from qlab.quant.model_quant import calibration_batches, model_hessians
-    from qlab.quant.policy import load_policy
 
     model, _ = resolve_model(args.ckpt)
     data = resolve_dataset(args.calib_data, model.config.vocab_size)

@@ -10,7 +10,10 @@ import argparse
 import sys
 
 from qlab.cli._args import add_model_checkpoint
+from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
 from qlab.errors import ConfigError
+from qlab.eval.bpb import evaluate_bpb
+from qlab.eval.pipeline import resolve_dataset, resolve_model
 
 HELP = "val_loss and val_bpb of a checkpoint or artifact"
 
@@ -28,9 +31,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
-    from qlab.eval.bpb import evaluate_bpb
-    from qlab.eval.pipeline import resolve_dataset, resolve_model
 
     for name in ("stride", "seq_len", "max_tokens", "batch_seqs"):
         value = getattr(args, name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from qlab.figures import figure_table, generate_figures
 from qlab.figures.scale import SCALES
 
 HELP = "regenerate every paper figure and qlab's own measurements of them"
@@ -30,7 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from qlab.figures import figure_table, generate_figures
 
     if args.list:
         table = figure_table()

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from qlab.analysis.fingerprint import fingerprint, write_fingerprint
 from qlab.errors import ConfigError
+from qlab.plots.fingerprints import render_fingerprint_figures
+from qlab.quant.policy import load_policy
 
 HELP = "SVD spectra, CKA, depth and hidden-state geometry of a checkpoint"
 
@@ -48,13 +51,11 @@ def register(subparsers) -> None:
 def _policy(spec: str):
     if spec.lower() == "none":
         return None
-    from qlab.quant.policy import load_policy
 
     return load_policy(spec)
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlab.analysis.fingerprint import fingerprint, write_fingerprint
 
     if args.tokens < 8 or args.calib_batches < 0:
         raise ConfigError("--tokens must be ≥ 8 and --calib-batches ≥ 0")
@@ -72,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
     tables = write_fingerprint(results, out)
     figures = []
     if not args.no_figures:
-        from qlab.plots.fingerprints import render_fingerprint_figures
-
         figures = render_fingerprint_figures(results, out)
     _summary(results, out, len(tables), len(figures))
     return 0

@@ -12,8 +12,8 @@ import torch
 from qlab.config import PRESETS, ModelConfig, get_preset
 from qlab.errors import ConfigError
 from qlab.model.gpt import GPT, parameter_table
-from qlab.quant.policy import RecordQuant
-from qlab.train.config import resolve_configs
+from qlab.quant.policy import POLICIES, RecordQuant, get_policy
+from qlab.train.config import REGULARIZERS, resolve_configs
 
 FAMILIES = ("embedding", "attention", "mlp", "control")
 
@@ -59,7 +59,6 @@ def _first_line(doc: str | None) -> str:
 
 
 def _print_policies() -> None:
-    from qlab.quant.policy import POLICIES, get_policy
 
     for name in POLICIES:
         rules = get_policy(name).rules
@@ -80,8 +79,6 @@ def _spec_text(spec) -> str:
 
 def _print_regularizers() -> None:
     import importlib
-
-    from qlab.train.config import REGULARIZERS
 
     importlib.import_module("qlab.train.regularizers")  # registers them
     for name, fn in sorted(REGULARIZERS.items()):

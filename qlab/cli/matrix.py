@@ -21,7 +21,25 @@ from pathlib import Path
 
 import pandas as pd
 
+from qlab.analysis.matrix import (
+    collect_results,
+    lambda_budget,
+    load_spec,
+    merge_results,
+    paired_deltas,
+    parse_shard,
+    plan_cells,
+    run_matrix,
+    seed_summary,
+    shard_cells,
+    sign_table,
+    with_overrides,
+)
+from qlab.analysis.papers import reg_quant_matrix
 from qlab.errors import ConfigError
+from qlab.plots.matrix import hidden_heatmap_rows, matrix_figures
+from qlab.plots.pr2011 import plot_reg_quant_heatmaps
+from qlab.plots.style import save_figure
 
 HELP = "reg × quant matrix: train a grid, merge, report"
 
@@ -70,7 +88,6 @@ def register(subparsers) -> None:
 
 
 def _spec(args: argparse.Namespace):
-    from qlab.analysis.matrix import load_spec, with_overrides
 
     return with_overrides(
         load_spec(args.spec), data=getattr(args, "data", None), device=getattr(args, "device", None)
@@ -78,7 +95,6 @@ def _spec(args: argparse.Namespace):
 
 
 def _list(args: argparse.Namespace) -> int:
-    from qlab.analysis.matrix import parse_shard, plan_cells, shard_cells
 
     cells = shard_cells(plan_cells(_spec(args)), *parse_shard(args.shard))
     for c in cells:
@@ -87,7 +103,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qlab.analysis.matrix import parse_shard, run_matrix
 
     status = run_matrix(
         _spec(args), args.out, shard=parse_shard(args.shard), cells=args.cell, progress=args.progress
@@ -98,7 +113,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from qlab.analysis.matrix import merge_results
 
     res = merge_results(args.dir)
     n = res.pipeline["cell_id"].nunique()
@@ -115,7 +129,6 @@ def _show(title: str, df: pd.DataFrame) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from qlab.analysis.matrix import collect_results, lambda_budget, paired_deltas, seed_summary, sign_table
 
     res = collect_results(args.dir)
     policy = args.policy or str(res.pipeline["policy"].iloc[0])
@@ -146,9 +159,6 @@ def _report(args: argparse.Namespace) -> int:
         _show("cross-base sign table", sign_table(pipe, args.metric))
     _show("λ budget: pairs vs their best single", lambda_budget(pipe, args.metric))
     if args.figures:
-        from qlab.plots.matrix import matrix_figures
-        from qlab.plots.style import save_figure
-
         for name, fig in matrix_figures(res, args.metric, policy).items():
             save_figure(fig, Path(args.figures) / f"{name}.png")
         print(f"\nfigures written to {args.figures}")
@@ -156,20 +166,13 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _paper(args: argparse.Namespace) -> int:
-    from qlab.analysis.papers import reg_quant_matrix
 
     table = reg_quant_matrix()
     if args.dir:
-        from qlab.analysis.matrix import collect_results
-        from qlab.plots.matrix import hidden_heatmap_rows
-
         table = pd.concat([table, hidden_heatmap_rows(collect_results(args.dir).hidden)], ignore_index=True)
     cols = ["source", "variant", "scheme", "l2_distortion", "cos_shift", "mean_abs_cos_post", "eff_rank_post"]
     _show("hidden-state reg × quant matrix", table[cols])
     if args.figures:
-        from qlab.plots.pr2011 import plot_reg_quant_heatmaps
-        from qlab.plots.style import save_figure
-
         metrics = ("l2_distortion", "cos_shift", "mean_abs_cos_post", "eff_rank_post")
         save_figure(plot_reg_quant_heatmaps(table, metrics), Path(args.figures) / "matrix_paper_heatmaps.png")
         print(f"\nfigure written to {Path(args.figures) / 'matrix_paper_heatmaps.png'}")

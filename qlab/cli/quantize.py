@@ -18,9 +18,12 @@ import pandas as pd
 from qlab.cli._args import add_model_checkpoint
 from qlab.compress.budget import CAP, budget_table, code_bytes
 from qlab.compress.container import SYMBOL_CODEC
+from qlab.compress.solver import solve_k
 from qlab.errors import ConfigError
+from qlab.eval.pipeline import resolve_dataset, resolve_model, run_pipeline
 from qlab.io.atomic import atomic_write_bytes, check_output
 from qlab.quant.gptq import ARITHMETIC
+from qlab.quant.model_quant import calibration_batches, model_extra, model_hessians
 from qlab.quant.policy import (
     RECORD_POLICIES,
     Policy,
@@ -108,9 +111,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlab.compress.solver import solve_k
-    from qlab.eval.pipeline import resolve_dataset, resolve_model, run_pipeline
-    from qlab.quant.model_quant import calibration_batches, model_extra, model_hessians
 
     _env_defaults(args, os.environ)
     _check_args(args)

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from qlab.analysis import rd, rd_compare
+from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens, open_dataset
 from qlab.errors import ConfigError
 from qlab.io.atomic import atomic_write_text
+from qlab.io.checkpoint import load_model
 from qlab.plots import rd as plots
 from qlab.plots.style import save_figure
 
@@ -64,8 +66,6 @@ def parse_ks(text: str) -> list[float]:
 
 
 def _evaluator(ckpt: str, data: str, eval_tokens: int):
-    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens, open_dataset
-    from qlab.io.checkpoint import load_model
 
     model, cfg = load_model(ckpt)
     ds = open_dataset(data, vocab_size=cfg.vocab_size)

@@ -14,9 +14,12 @@ import sys
 from typing import Any
 
 from qlab.config import ModelConfig
+from qlab.data import open_dataset
 from qlab.errors import ConfigError
 from qlab.io import checkpoint as ckpt
+from qlab.train import distributed as D
 from qlab.train.config import MODEL_ENV, TrainConfig, resolve_configs
+from qlab.train.trainer import train
 
 # flag dest -> TrainConfig field (None values are "not given")
 _TRAIN_FLAGS = {
@@ -153,15 +156,12 @@ def _adopt_dataset_vocab(train: TrainConfig, model: ModelConfig) -> ModelConfig:
     # A dataset directory fixes the vocabulary; use it unless the user chose one.
     if train.data == "embedded":
         return model
-    from qlab.data import open_dataset
 
     info = open_dataset(train.data)
     return model.replace(vocab_size=info.vocab_size) if info.vocab_size != model.vocab_size else model
 
 
 def _train(args: argparse.Namespace) -> int:
-    from qlab.train import distributed as D
-    from qlab.train.trainer import train
 
     train_cfg, model_cfg, resume = build_configs(args)
     result = train(train_cfg, model_cfg, resume=resume, progress=not args.no_progress and sys.stderr.isatty())
