@@ -26,8 +26,7 @@ def run() -> list[Record]:
             Record("predictor R^2", "R^2", float("nan"), "", notes=f"skipped: {DEMO}/runs/tiny not found")
         ]
     from qlab.analysis.marginal import allocate, fit_predictor, marginal_table
-    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
-    from qlab.eval.pipeline import resolve_dataset, resolve_model
+    from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
     from qlab.quant.model_quant import calibration_batches, model_hessians
     from qlab.quant.policy import get_policy
 
@@ -36,8 +35,7 @@ def run() -> list[Record]:
     data = resolve_dataset(DEMO / "data" / f"embedded_sp{cfg.vocab_size}", cfg.vocab_size)
     policy = get_policy("record_small")
     hessians = model_hessians(model, policy, calibration_batches(data, 64, seq_len=cfg.train_seq_len))
-    val = load_validation_tokens(data.val_files, cfg.eval_seq_len, vocab_size=data.vocab_size)
-    tables = build_byte_tables(load_tokenizer(data.tokenizer_path), cfg.vocab_size)
+    val, tables = validation_inputs(data, cfg.eval_seq_len, cfg.vocab_size)
     table = marginal_table(model, policy, val, tables, hessians, seq_len=cfg.eval_seq_len)
     fit = fit_predictor(table)
     resolved = int(table["resolved"].sum())

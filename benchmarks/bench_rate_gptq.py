@@ -55,8 +55,7 @@ def _point(model, k, lam, hessians, val, tables, seq_len) -> tuple[int, float]:
 
 
 def _frontiers() -> tuple[list, list]:
-    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
-    from qlab.eval.pipeline import resolve_dataset, resolve_model
+    from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
     from qlab.quant.model_quant import calibration_batches, model_hessians
 
     model, _ = resolve_model(DEMO / "runs" / "tiny")
@@ -64,8 +63,7 @@ def _frontiers() -> tuple[list, list]:
     data = resolve_dataset(DEMO / "data" / f"embedded_sp{cfg.vocab_size}", cfg.vocab_size)
     batches = calibration_batches(data, 64, seq_len=cfg.train_seq_len, batch_seqs=8)
     hessians = model_hessians(model, _policy(12.85, 0.0), batches)
-    val = load_validation_tokens(data.val_files, cfg.eval_seq_len, vocab_size=data.vocab_size)
-    tables = build_byte_tables(load_tokenizer(data.tokenizer_path), cfg.vocab_size)
+    val, tables = validation_inputs(data, cfg.eval_seq_len, cfg.vocab_size)
     plain = [(k, *_point(model, k, 0.0, hessians, val, tables, cfg.eval_seq_len)) for k in KS]
     rate = [(lam, *_point(model, 12.85, lam, hessians, val, tables, cfg.eval_seq_len)) for lam in LAMBDAS]
     return plain, rate

@@ -10,10 +10,9 @@ import argparse
 import sys
 
 from qlab.cli._args import add_model_checkpoint
-from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
 from qlab.errors import ConfigError
 from qlab.eval.bpb import evaluate_bpb
-from qlab.eval.pipeline import resolve_dataset, resolve_model
+from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
 
 HELP = "val_loss and val_bpb of a checkpoint or artifact"
 
@@ -39,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
     model, label = resolve_model(args.checkpoint, preset=args.preset)
     data = resolve_dataset(args.data, model.config.vocab_size)
     seq_len = args.seq_len or model.config.eval_seq_len
-    val = load_validation_tokens(data.val_files, seq_len, vocab_size=data.vocab_size)
-    tables = build_byte_tables(load_tokenizer(data.tokenizer_path), model.config.vocab_size)
+    val, tables = validation_inputs(data, seq_len, model.config.vocab_size)
     res = evaluate_bpb(
         model,
         val,

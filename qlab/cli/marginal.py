@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 from qlab.analysis.marginal import allocate, fit_predictor, marginal_table
-from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
 from qlab.errors import ConfigError
-from qlab.eval.pipeline import resolve_dataset, resolve_model
+from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
 from qlab.io.atomic import atomic_write_json, check_output
 from qlab.plots.allocation import plot_marginal
 from qlab.plots.style import save_figure
@@ -64,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     batches = calibration_batches(data, args.calib_batches, seq_len=cfg.train_seq_len, batch_seqs=8)
     hessians = model_hessians(model, policy, batches, progress=progress)
-    val = load_validation_tokens(data.val_files, cfg.eval_seq_len, vocab_size=data.vocab_size)
-    tables = build_byte_tables(load_tokenizer(data.tokenizer_path), cfg.vocab_size)
+    val, tables = validation_inputs(data, cfg.eval_seq_len, cfg.vocab_size)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     table = marginal_table(
         model, policy, val, tables, hessians, seq_len=cfg.eval_seq_len, grouping=args.group_by,

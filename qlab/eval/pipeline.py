@@ -129,6 +129,15 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return out, time.perf_counter() - t
 
 
+def validation_inputs(data: Any, seq_len: int, vocab_size: int | None = None) -> tuple[Any, Any]:
+    """(validation tokens, byte tables) of a dataset for a model of ``vocab_size`` (default:
+    the dataset's): what every bpb evaluation needs besides the model."""
+    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
+
+    val = load_validation_tokens(data.val_files, seq_len, vocab_size=data.vocab_size)
+    return val, build_byte_tables(load_tokenizer(data.tokenizer_path), vocab_size or data.vocab_size)
+
+
 def run_pipeline(
     model_or_ckpt: nn.Module | str | os.PathLike,
     policy: Policy | str,
@@ -148,8 +157,6 @@ def run_pipeline(
     progress: bool = False,
 ) -> PipelineResult:
     """Run every stage and return the row, the quantized model and the artifact bytes."""
-    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
-
     model, label = resolve_model(model_or_ckpt)
     policy = get_policy(policy) if isinstance(policy, str) else policy
     vocab = model.config.vocab_size if hasattr(model, "config") else None
@@ -159,8 +166,7 @@ def run_pipeline(
         raise ConfigError("pipeline: seq_len is needed for a model without a config")
     if vocab is not None and data.vocab_size > vocab:
         raise ConfigError(f"dataset vocab {data.vocab_size} exceeds the model's vocab {vocab}")
-    val = load_validation_tokens(data.val_files, seq_len, vocab_size=data.vocab_size)
-    tables = build_byte_tables(load_tokenizer(data.tokenizer_path), vocab)
+    val, tables = validation_inputs(data, seq_len, vocab)
     ev = dict(seq_len=seq_len, max_tokens=max_eval_tokens, progress=progress)
     pre, t_pre = _timed(evaluate_bpb, model, val, tables, **ev)
     train_len = getattr(getattr(model, "config", None), "train_seq_len", seq_len)
