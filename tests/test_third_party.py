@@ -144,3 +144,25 @@ def test_top_level_api_in_one_import(checkpoint, tmp_path):
     assert {"bits", "k", "entropy"} <= set(qlab.sweep(path, bits=[6], ks=[12.0]).columns)
     with pytest.raises(AttributeError):
         _ = qlab.no_such_function
+
+
+def test_every_flag_of_every_command_has_help():
+    import argparse
+    import importlib
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, [*path, name])
+            elif action.help is None and action.dest != "help":
+                missing.append(" ".join(path) + " " + "/".join(action.option_strings or [action.dest]))
+
+    for name in commands():
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"qlab.cli.{name}").register(sub)
+        for command, parser in sub.choices.items():
+            walk(parser, [command])
+    assert not missing, missing

@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     p = sub.add_parser("embedded", help="tokenize the embedded corpus (Python's own docs; no network)")
     p.add_argument("--out", required=True, type=Path, help="output dataset directory")
     p.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary size (default 1024)")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")  # fmt: skip
     p.set_defaults(func=_embedded)
 
     p = sub.add_parser("build", help="tokenize a folder of .txt / .jsonl (field 'text') files")
@@ -32,11 +33,13 @@ def register(subparsers) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--tokenizer", type=Path, help="existing SentencePiece model to use")
     group.add_argument("--vocab", type=int, help="train a new tokenizer of this vocabulary size")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")  # fmt: skip
     p.set_defaults(func=_build)
 
     p = sub.add_parser("fineweb", help="download Parameter Golf's FineWeb shards (needs huggingface_hub)")
-    p.add_argument("--variant", choices=sorted(VARIANTS), default="sp1024")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="sp1024",
+                   help="tokenizer variant of the published shards (default sp1024)")  # fmt: skip
     p.add_argument("--train-shards", type=int, default=1, help="number of 100M-token train shards")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--repo", help="dataset repository (default: $MATCHED_FINEWEB_REPO_ID, else the one "

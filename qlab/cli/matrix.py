@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     sub.required = True
 
     ls = sub.add_parser("list", help="print the cells of a grid spec")
-    ls.add_argument("spec")
+    ls.add_argument("spec", help="grid spec (.toml, .yaml or .yml)")
     ls.add_argument("--shard", default="0/1", help="i/n: only shard i of n (0-based)")
     ls.set_defaults(func=_list)
 
@@ -71,18 +71,18 @@ def register(subparsers) -> None:
     merge = sub.add_parser(
         "merge", help="collect all cells of DIR into results.csv / hidden.csv / results.json"
     )
-    merge.add_argument("dir")
+    merge.add_argument("dir", help="the run directory of the grid")
     merge.set_defaults(func=_merge)
 
     rep = sub.add_parser("report", help="statistics tables (mean ± std, paired tests, signs, λ budget)")
-    rep.add_argument("dir")
+    rep.add_argument("dir", help="the run directory of the grid")
     rep.add_argument("--metric", default="final_bpb", help="pipeline column to compare (default final_bpb)")
     rep.add_argument("--policy", help="weight policy whose rows to compare (default: the first)")
     rep.add_argument("--figures", help="also write the figures (PNG) into this folder")
     rep.set_defaults(func=_report)
 
     paper = sub.add_parser("paper", help="PR #2011's published reg × quant matrix (and DIR's, if given)")
-    paper.add_argument("dir", nargs="?")
+    paper.add_argument("dir", nargs="?", help="a grid run directory to show beside the paper (optional)")
     paper.add_argument("--figures", help="write the heatmaps (PNG) into this folder")
     paper.set_defaults(func=_paper)
 

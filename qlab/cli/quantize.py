@@ -73,7 +73,8 @@ def register(subparsers) -> None:
     p.add_argument("--stride", type=int, default=64, help="sliding-window stride (0 = skip that stage)")
     p.add_argument("--solve-k", action="store_true", help="solve the matrices' clip width k for --cap")
     p.add_argument("--cap", type=int, default=CAP, help=f"byte cap for artifact + code (default {CAP:,})")
-    p.add_argument("--k-range", type=float, nargs=2, default=(4.0, 40.0), metavar=("LO", "HI"))
+    p.add_argument("--k-range", type=float, nargs=2, default=(4.0, 40.0), metavar=("LO", "HI"),
+                   help="interval --solve-k searches (default 4 40)")  # fmt: skip
     p.add_argument("--k-tol", type=float, default=0.01, help="solver tolerance on k (default 0.01)")
     p.add_argument("--top", type=int, default=12, help="tensors listed in the breakdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

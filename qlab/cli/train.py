@@ -63,7 +63,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--data", help="dataset directory, or 'embedded' for the built-in corpus (default)")
     p.add_argument("--out", help="run directory (default runs/default, or runs/$RUN_ID)")
-    p.add_argument("--iterations", type=int)
+    p.add_argument("--iterations", type=int, help="training steps ($ITERATIONS; default: the preset's)")
     p.add_argument("--max-wallclock", type=float, help="wallclock cap in seconds (0 = none)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
@@ -84,18 +84,23 @@ def register(subparsers) -> None:
         choices=("fp32", "record"),
         help="fp32 everywhere (default), or as the record ran: bf16 tok_emb, RoPE tables and Muon update",
     )
-    p.add_argument("--autocast", choices=("auto", "bf16", "none"))
+    p.add_argument("--autocast", choices=("auto", "bf16", "none"),
+                   help="bf16 autocast: auto = on CUDA only (default), bf16, or none")  # fmt: skip
     p.add_argument("--device", help="auto, cpu or cuda[:N]")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="random seed ($SEED; default: the preset's)")
     p.add_argument("--batch-tokens", type=int, help="global tokens per optimizer step")
     p.add_argument("--seq-len", type=int, help="training sequence length")
     p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default 8 // world)")
     p.add_argument("--warmup-steps", type=int, help="discarded compile warm-up steps")
     p.add_argument("--ema-decay", type=float, help="EMA decay (0 = off)")
-    p.add_argument("--val-every", type=int)
-    p.add_argument("--val-max-tokens", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--val-every", type=int, help="validate every N steps (0 = only at the end)")
+    p.add_argument(
+        "--val-max-tokens", type=int, help="validate on at most N tokens (default: the whole split)"
+    )
+    p.add_argument("--log-every", type=int, help="log the training loss every N steps")
+    p.add_argument(
+        "--checkpoint-every", type=int, help="save a resumable checkpoint every N steps (0 = at the end)"
+    )
     p.add_argument("--qat-bits", type=int, help="fake-quant QAT bit width for block matrices (0 = off)")
     p.add_argument("--qat-k", type=float, help="SDClip k of the QAT scale (default 12.85)")
     p.add_argument("--qat-start", type=float, help="training fraction at which QAT switches on")
@@ -104,8 +109,8 @@ def register(subparsers) -> None:
     p.add_argument("--curriculum-buckets", type=int, help="entropy-bucket curriculum buckets (0 = off)")
     p.add_argument("--curriculum-floor", type=float, help="minimum probability of every bucket")
     p.add_argument("--vocab-size", type=int, help="model vocabulary (default: the dataset's)")
-    p.add_argument("--model-dim", type=int)
-    p.add_argument("--num-layers", type=int)
+    p.add_argument("--model-dim", type=int, help="model width ($MODEL_DIM; default: the preset's)")
+    p.add_argument("--num-layers", type=int, help="number of blocks ($NUM_LAYERS; default: the preset's)")
     p.add_argument("--reg", action="append", default=[], metavar="NAME=WEIGHT", help="add a regularizer")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
