@@ -12,30 +12,21 @@ Skipped, with a note, without ``runs/demo`` (``make bench`` runs the demo first)
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
+from benchmarks.demo_inputs import DEMO, demo_available, demo_inputs
 from benchmarks.record import Record
-
-DEMO = Path(os.environ.get("QLAB_BENCH_DEMO_DIR", "runs/demo"))
 
 
 def run() -> list[Record]:
-    if not (DEMO / "runs" / "tiny" / "model.safetensors").is_file():
+    if not demo_available():
         return [
             Record("predictor R^2", "R^2", float("nan"), "", notes=f"skipped: {DEMO}/runs/tiny not found")
         ]
     from qlab.analysis.marginal import allocate, fit_predictor, marginal_table
-    from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
-    from qlab.quant.model_quant import calibration_batches, model_hessians
     from qlab.quant.policy import get_policy
 
-    model, _ = resolve_model(DEMO / "runs" / "tiny")
-    cfg = model.config
-    data = resolve_dataset(DEMO / "data" / f"embedded_sp{cfg.vocab_size}", cfg.vocab_size)
     policy = get_policy("record_small")
-    hessians = model_hessians(model, policy, calibration_batches(data, 64, seq_len=cfg.train_seq_len))
-    val, tables = validation_inputs(data, cfg.eval_seq_len, cfg.vocab_size)
+    d = demo_inputs(policy)
+    model, cfg, hessians, val, tables = d["model"], d["config"], d["hessians"], d["val"], d["tables"]
     table = marginal_table(model, policy, val, tables, hessians, seq_len=cfg.eval_seq_len)
     fit = fit_predictor(table)
     resolved = int(table["resolved"].sum())

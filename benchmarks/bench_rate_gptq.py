@@ -15,14 +15,12 @@ bpb: the row reports the largest relative saving. Skipped, with a note, without
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 import numpy as np
 
+from benchmarks.demo_inputs import DEMO, demo_available, demo_inputs
 from benchmarks.record import Record
 
-DEMO = Path(os.environ.get("QLAB_BENCH_DEMO_DIR", "runs/demo"))
 KS = (10.0, 11.5, 12.85, 14.5, 16.0, 20.0)
 LAMBDAS = (0.1, 0.3, 1.0, 3.0)
 
@@ -55,15 +53,8 @@ def _point(model, k, lam, hessians, val, tables, seq_len) -> tuple[int, float]:
 
 
 def _frontiers() -> tuple[list, list]:
-    from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
-    from qlab.quant.model_quant import calibration_batches, model_hessians
-
-    model, _ = resolve_model(DEMO / "runs" / "tiny")
-    cfg = model.config
-    data = resolve_dataset(DEMO / "data" / f"embedded_sp{cfg.vocab_size}", cfg.vocab_size)
-    batches = calibration_batches(data, 64, seq_len=cfg.train_seq_len, batch_seqs=8)
-    hessians = model_hessians(model, _policy(12.85, 0.0), batches)
-    val, tables = validation_inputs(data, cfg.eval_seq_len, cfg.vocab_size)
+    d = demo_inputs(_policy(12.85, 0.0))
+    model, cfg, hessians, val, tables = d["model"], d["config"], d["hessians"], d["val"], d["tables"]
     plain = [(k, *_point(model, k, 0.0, hessians, val, tables, cfg.eval_seq_len)) for k in KS]
     rate = [(lam, *_point(model, 12.85, lam, hessians, val, tables, cfg.eval_seq_len)) for lam in LAMBDAS]
     return plain, rate
@@ -82,7 +73,7 @@ def saving_at_equal_bpb(plain: list, rate: list) -> list[tuple[float, float, flo
 
 
 def run() -> list[Record]:
-    if not (DEMO / "runs" / "tiny" / "model.safetensors").is_file():
+    if not demo_available():
         note = f"skipped: {DEMO}/runs/tiny not found (run `make demo`)"
         return [
             Record("rate-aware gptq bytes saved at equal bpb", "relative bytes", float("nan"), "", notes=note)

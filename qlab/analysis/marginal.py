@@ -150,6 +150,18 @@ def _measure(
     return nbytes, doc_nll, qm.quantized_state
 
 
+def _eval_inputs(val_tokens: torch.Tensor, byte_tables: Any, seq_len: int, max_tokens: int | None,
+                 bos_id: int) -> dict[str, Any]:  # fmt: skip
+    """What :func:`_measure` scores on; it adds ``doc_bytes`` (the same every time) on first use."""
+    return {
+        "tokens": val_tokens,
+        "tables": byte_tables,
+        "seq_len": seq_len,
+        "max_tokens": max_tokens,
+        "bos": bos_id,
+    }
+
+
 def marginal_table(
     model: nn.Module,
     policy: Policy,
@@ -170,13 +182,7 @@ def marginal_table(
     """One row per group × setting (see the module doc); ``out`` makes it resumable."""
     from tqdm.auto import tqdm
 
-    ev = {
-        "tokens": val_tokens,
-        "tables": byte_tables,
-        "seq_len": seq_len,
-        "max_tokens": max_tokens,
-        "bos": bos_id,
-    }
+    ev = _eval_inputs(val_tokens, byte_tables, seq_len, max_tokens, bos_id)
     base_bytes, base_nll, base_state = _measure(model, policy, hessians, ev, codec)
     doc_bytes = ev["doc_bytes"]
     base_bpb = float(base_nll.sum() / math.log(2) / doc_bytes.sum())
@@ -314,13 +320,7 @@ def compare_policies(
     max_tokens: int | None = None,
 ) -> dict[str, float]:
     """Real bytes of both artifacts and ``other``'s paired Δbpb against ``base`` with its CI."""
-    ev = {
-        "tokens": val_tokens,
-        "tables": byte_tables,
-        "seq_len": seq_len,
-        "max_tokens": max_tokens,
-        "bos": bos_id,
-    }
+    ev = _eval_inputs(val_tokens, byte_tables, seq_len, max_tokens, bos_id)
     base_bytes, base_nll, _ = _measure(model, base, hessians, ev, codec)
     nbytes, nll, _ = _measure(model, other, hessians, ev, codec)
     delta, lo, hi = paired_delta(base_nll, nll, ev["doc_bytes"], n_boot)
