@@ -122,3 +122,19 @@ def test_metrics_dict_and_errors():
         G.isoscore(torch.ones(10, 4))
     with pytest.raises(NumericalError):
         G.excess_kurtosis(torch.ones(10))
+
+
+def test_pca3_in_a_reference_basis():
+    rng = np.random.default_rng(6)
+    ref = torch.from_numpy(rng.standard_normal((300, 5)) * np.array([8.0, 4.0, 2.0, 0.5, 0.1]))
+    same = G.pca3(ref, basis_of=ref)
+    own = G.pca3(ref)
+    for c in ("pc1", "pc2", "pc3"):  # U·S and the projection on V agree up to rounding
+        assert np.allclose(same[c].abs(), own[c].abs(), atol=1e-9)
+    shifted = G.pca3(ref + 0.01, basis_of=ref)  # a shift by 0.01·1 moves each point by V₃ᵀ·0.01·1
+    vh = torch.linalg.svd(ref - ref.mean(0), full_matrices=False).Vh
+    expect = (0.01 * torch.ones(5, dtype=torch.float64)) @ vh[:3].T
+    diff = shifted[["pc1", "pc2", "pc3"]].to_numpy() - same[["pc1", "pc2", "pc3"]].to_numpy()
+    assert np.allclose(diff, expect.numpy()[None, :], atol=1e-9)
+    with pytest.raises(DataError):
+        G.pca3(ref, basis_of=torch.randn(10, 4))

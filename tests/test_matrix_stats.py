@@ -213,3 +213,35 @@ def test_figures_from_results():
     assert len([ax for ax in fig.axes if ax.get_visible()]) == 2
     with pytest.raises(DataError):
         plot_paired_deltas(pd.DataFrame(columns=["base"]))
+
+
+def test_paired_delta_figure_marks_significance_and_says_when_no_test_is_possible():
+    from qlab.plots.matrix import plot_paired_deltas
+
+    rows = pd.DataFrame(
+        {"base": "A", "variant": ["x", "y"], "metric": "final_bpb", "unit": "mBPB", "n_pairs": 3,
+         "delta_mean": [-4.0, 0.5], "delta_ci95": [1.0, 2.0], "seed_noise": 1.5,
+         "significant": np.array([True, False])}  # numpy bools, as paired_deltas' column can be
+    )  # fmt: skip
+    fig = plot_paired_deltas(rows)
+    texts = [t.get_text().strip() for ax in fig.axes for t in ax.texts]
+    assert "-4*" in texts and "+0.5" in texts
+    one = plot_paired_deltas(rows.assign(n_pairs=1, delta_ci95=np.nan, significant=pd.NA))
+    assert "no interval and no test" in one._suptitle.get_text()
+    assert not any("*" in t.get_text() for ax in one.axes for t in ax.texts)
+
+
+def test_pre_post_tax_is_paired_per_seed_with_a_t_interval():
+    from qlab.analysis.matrix.stats import t_halfwidth
+    from qlab.plots.pr2011 import _pre_post_rows
+
+    df = table()
+    df = df[df.policy == "p6"].assign(pre_quant_bpb=lambda d: d.final_bpb - 0.002 * (1 + d.seed))
+    df = df.assign(quantized_bpb=df.final_bpb)
+    rows = _pre_post_rows(df)
+    assert len(rows) == df.groupby(["base", "variant"]).ngroups
+    r = rows.iloc[0]
+    g = df[(df.base == r.base) & (df.variant == r["name"])]
+    tax = 1e3 * (g.quantized_bpb - g.pre_quant_bpb).to_numpy()
+    assert r.tax == pytest.approx(tax.mean()) and r.tax_err == pytest.approx(t_halfwidth(tax))
+    assert t_halfwidth(np.array([1.0, 3.0])) == pytest.approx(stats.t.ppf(0.975, 1) * np.sqrt(2) / np.sqrt(2))

@@ -157,3 +157,28 @@ def test_render_saves_small_pngs(results, tmp_path):
     ]
     for p in paths:
         assert 10_000 < p.stat().st_size < 300_000
+
+
+def test_pca3_variants_share_one_basis_and_the_shift_panel_measures_it(results):
+    pca = results["pca3"]
+    assert set(pca["basis"]) == {"model"}  # every variant on the model's axes
+    shifts = fp._pca_shifts(pca, list(dict.fromkeys(pca["variant"])))
+    assert set(shifts) == {"quantized"} and (shifts["quantized"] > 0).all()
+    ref = pca[pca.variant == "model"].set_index("token")[["pc1", "pc2", "pc3"]]
+    cur = pca[pca.variant == "quantized"].set_index("token")[["pc1", "pc2", "pc3"]]
+    radius = np.sqrt((ref**2).sum(axis=1).mean())
+    assert shifts["quantized"][0] == pytest.approx(np.linalg.norm(cur.iloc[0] - ref.iloc[0]) / radius)
+    fig = fp.plot_pca3(pca)
+    assert any("shift against model" in ax.get_title() for ax in fig.axes)
+
+
+def test_svd_spectrum_names_the_gap_between_coinciding_curves(results):
+    spectra = results["family_spectra"]
+    variants = list(dict.fromkeys(spectra["variant"]))
+    fam = spectra["family"].iloc[0]
+    note = fp._spectrum_gap_note(spectra[spectra.family == fam], variants)
+    rows = spectra[spectra.family == fam]
+    ref = rows[rows.variant == variants[0]].set_index("index")["sigma_norm"]
+    cur = rows[rows.variant == variants[1]].set_index("index")["sigma_norm"]
+    gap = 100 * (cur / ref - 1).abs().max()
+    assert f"max {gap:.2g} %" in note

@@ -230,10 +230,12 @@ def last_block(acts: Mapping[str, torch.Tensor]) -> str:
     return max(blocks, key=_position)
 
 
-def _pca_table(hidden: torch.Tensor, positions: torch.Tensor) -> pd.DataFrame:
+def _pca_table(
+    hidden: torch.Tensor, positions: torch.Tensor, basis_of: torch.Tensor | None = None
+) -> pd.DataFrame:
     """3-D PCA of the hidden states with each token's sequence position, singular values
     and explained-variance ratios as columns (so the table alone can be plotted)."""
-    df = pca3(hidden)
+    df = pca3(hidden, basis_of)
     df.insert(1, "position", positions.numpy())
     for i in range(3):
         df[f"sv_pc{i + 1}"] = df.attrs["singular_values"][i]
@@ -340,6 +342,7 @@ def activation_fingerprint(
         else:
             table = _long_square(cka_across(base_acts, acts), "layer_a", "layer_b")
             across.append(_tag(table, label).rename(columns={"variant": "variant_a"}).assign(variant_b=name))
+    _shared_pca_basis(per_table["pca3"], finals, label)
     out = {key: _stack(frames) for key, frames in per_table.items()}
     if across:
         out["cka_across"] = _stack(across)
@@ -348,6 +351,22 @@ def activation_fingerprint(
         sens = layer_sensitivity(model, idx, targets, sensitivity, bytes_per_token=bpt, progress=progress)
         out["sensitivity"] = _tag(sens, label)
     return out
+
+
+def _shared_pca_basis(frames: list[pd.DataFrame], finals: Mapping[str, torch.Tensor], label: str) -> None:
+    """Re-project every variant's final states on ``label``'s principal axes (in place),
+    so the clouds share coordinates and a per-token shift is meaningful; ``basis`` names
+    the variant whose axes were used."""
+    ref = flatten_tokens(finals[label], f"{label} final hidden states")
+    for i, (name, h) in enumerate(finals.items()):
+        old = frames[i]
+        if name != label:
+            states = flatten_tokens(h, f"{name} final hidden states")
+            positions = torch.tensor(old["position"].to_numpy())
+            frames[i] = _tag(
+                _pca_table(states, positions, basis_of=ref).assign(layer=old["layer"].iloc[0]), name
+            )
+        frames[i] = frames[i].assign(basis=label)
 
 
 # --------------------------------------------------------------------------- whole checkpoint

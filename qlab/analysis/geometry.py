@@ -153,28 +153,37 @@ def norm_histogram(h: torch.Tensor, bins: int = 20) -> pd.DataFrame:
     return _histogram(torch.linalg.vector_norm(_states(h), dim=1).numpy(), bins, "l2_norm")
 
 
-def pca3(h: torch.Tensor) -> pd.DataFrame:
+def pca3(h: torch.Tensor, basis_of: torch.Tensor | None = None) -> pd.DataFrame:
     """Projection of the centred states on their first 3 principal axes (U·S, as the PR).
 
+    With ``basis_of`` (reference states of the same dimension, e.g. the unquantized
+    model's on the same tokens) the axes and the centre are the reference's, so two
+    variants' clouds share coordinates and their difference per token can be read off.
+
     One row per token: ``token``, ``pc1..pc3``. ``df.attrs`` holds
-    ``explained_variance_ratio`` (3 floats) and ``singular_values`` (3 floats).
+    ``explained_variance_ratio`` (3 floats: variance along each axis over the total
+    about the centre) and ``singular_values`` (3 floats: the norm of each projection).
     Fewer than 3 available components are padded with zeros.
     """
     x = _states(h)
-    xc = x - x.mean(0, keepdim=True)
-    u, s, _ = torch.linalg.svd(xc, full_matrices=False)
-    total = float((s**2).sum())
-    if total <= 0:
+    ref = x if basis_of is None else _states(basis_of)
+    if ref.shape[1] != x.shape[1]:
+        raise DataError(f"pca3: states of dimension {x.shape[1]}, basis of dimension {ref.shape[1]}")
+    centre = ref.mean(0, keepdim=True)
+    _, s, vh = torch.linalg.svd(ref - centre, full_matrices=False)
+    if float((s**2).sum()) <= 0:
         raise NumericalError("pca3 undefined: the hidden states have zero variance")
+    xc = x - centre
     k = min(3, s.numel())
     proj = torch.zeros(x.shape[0], 3, dtype=torch.float64)
-    proj[:, :k] = u[:, :k] * s[:k]
-    sv = [float(v) for v in s[:k]] + [0.0] * (3 - k)
+    proj[:, :k] = xc @ vh[:k].T  # = U·S for the reference itself
+    total = float((xc**2).sum())
+    sv = [float(v) for v in torch.linalg.vector_norm(proj[:, :k], dim=0)] + [0.0] * (3 - k)
     df = pd.DataFrame(
         {"token": np.arange(x.shape[0]), "pc1": proj[:, 0], "pc2": proj[:, 1], "pc3": proj[:, 2]}
     )
     df.attrs["singular_values"] = sv
-    df.attrs["explained_variance_ratio"] = [v * v / total for v in sv]
+    df.attrs["explained_variance_ratio"] = [v * v / total if total > 0 else 0.0 for v in sv]
     return df
 
 

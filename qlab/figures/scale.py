@@ -136,7 +136,7 @@ SCALES: dict[str, Scale] = {
         rd_max_rows=64,
         fingerprint_tokens=512,
         matrix_variants=("ES=0.05", "QAHSP_GRID=0.15+ES=0.03"),
-        matrix_seeds=(0,),
+        matrix_seeds=(0, 1),  # two seeds: the paired deltas get an interval and a test
         matrix_train=_MATRIX_SMOKE_TRAIN,
         ttt_epochs=(1, 2),
     ),

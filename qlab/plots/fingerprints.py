@@ -106,16 +106,48 @@ def plot_svd_spectrum(df: pd.DataFrame) -> Figure:
                 if "sigma_norm_std" in g and n > 1:
                     lo = (g["sigma_norm"] - g["sigma_norm_std"]).clip(lower=g["sigma_norm"] * 0.1)
                     hi = g["sigma_norm"] + g["sigma_norm_std"]
-                    ax.fill_between(g["rank_frac"], lo, hi, color=color, alpha=0.15, linewidth=0)
+                    ax.fill_between(g["rank_frac"], lo, hi, color=color, alpha=0.22, linewidth=0)
+                    for edge in (lo, hi):  # edges drawn too: a thin band stays visible on a log axis
+                        ax.plot(g["rank_frac"], edge, color=color, linewidth=0.5, linestyle=":")
+            note = _spectrum_gap_note(d[d["family"] == fam], variants)
             ax.set_yscale("log")
             # at least two decades, so a 0.05 % wiggle never fills a panel
             low = float(d.loc[d["family"] == fam, "sigma_norm"].clip(lower=1e-8).min())
             ax.set_ylim(min(1e-2, low / 1.5), 1.5)
-            ax.legend(fontsize=6.5, loc="lower left")
+            ax.legend(
+                fontsize=6.5, loc="lower left", title=note or None, title_fontsize=6.5, alignment="left"
+            )
             label_axes(ax, _RANK_X, "σᵢ / σ₁ (ratio, log scale)", FAMILY_TITLES.get(fam, fam))
         _hide_unused(axes, len(fams))
-        fig.suptitle("Singular-value spectrum per weight family, averaged over layers (band: ±1 std)")
+        fig.suptitle(
+            "Singular-value spectrum per weight family, averaged over layers (band: ±1 std over layers)"
+            + (f"\n|Δ|: gap to {variants[0]} per index (legend title); Δσ% per index: "
+               "pr2011_svd_differential" if len(variants) > 1 else "")
+        )  # fmt: skip
     return fig
+
+
+def _spectrum_gap_note(fam_rows: pd.DataFrame, variants: list[str]) -> str:
+    """ "v vs ref: max |Δ| x %" for each variant against the first, beside the first one's
+    median layer spread (std / mean) — so coinciding curves read as a measured small gap."""
+    ref = fam_rows[fam_rows["variant"] == variants[0]].set_index("index")["sigma_norm"]
+    lines = []
+    for v in variants[1:]:
+        cur = fam_rows[fam_rows["variant"] == v].set_index("index")["sigma_norm"]
+        both = ref.index.intersection(cur.index)
+        r = ref.loc[both]
+        if len(both) and (r > 0).all():
+            gap = (cur.loc[both] / r - 1.0).abs()
+            at = float(fam_rows.set_index("index").loc[gap.idxmax(), "rank_frac"].iloc[0])
+            who = "" if len(variants) == 2 else f"{v}: "
+            lines.append(
+                f"{who}|Δ| median {100 * gap.median():.2g} %, max {100 * gap.max():.2g} % (i/m {at:.2f})"
+            )
+    g = fam_rows[fam_rows["variant"] == variants[0]]
+    if lines and "sigma_norm_std" in g and int(g["n_matrices"].iloc[0]) > 1:
+        spread = float((g["sigma_norm_std"] / g["sigma_norm"]).median())
+        lines.append(f"layer spread ±{100 * spread:.2g} % (median std/mean)")
+    return "\n".join(lines)
 
 
 def plot_svd_flatness(df: pd.DataFrame, metric: str = "flatness") -> Figure:
@@ -231,36 +263,77 @@ def plot_spectral_layers(df: pd.DataFrame, metrics: tuple[str, ...] = tuple(_LAY
 def plot_pca3(df: pd.DataFrame) -> Figure:
     """Final hidden states projected on their first three principal components, one 3-D
     panel per variant, coloured by sequence position (PR #2011 fig_real_3d_pca). Input:
-    ``pca3``."""
+    ``pca3``. When the rows carry a ``basis`` column (every variant projected on one
+    variant's axes, as :func:`~qlab.analysis.fingerprint.fingerprint` writes) the panels
+    share their limits and a last panel histograms each token's shift against the basis
+    variant, as a share of that cloud's RMS radius: identical-looking clouds get a number."""
     require_columns(df, ["pc1", "pc2", "pc3"], "plot_pca3")
     d = _with_variant(df)
     variants = _variants(d)
+    shared = "basis" in d.columns and d["basis"].nunique() == 1 and len(variants) > 1
+    shifts = _pca_shifts(d, variants) if shared else {}
     with style_context():
-        fig, axes = new_figure(
-            1, len(variants), size=(4.6 * len(variants), 4.4), subplot_kw={"projection": "3d"}
-        )
-        for ax, v in zip(axes[0], variants):
+        fig = Figure(figsize=(4.6 * len(variants) + (4.2 if shifts else 0), 4.4), layout="constrained")
+        axes = [
+            fig.add_subplot(1, len(variants) + bool(shifts), i + 1, projection="3d")
+            for i in range(len(variants))
+        ]
+        lims = {c: (float(d[c].min()), float(d[c].max())) for c in ("pc1", "pc2", "pc3")}
+        for ax, v in zip(axes, variants):
             g = d[d["variant"] == v]
-            c = g["position"] if "position" in g else np.arange(len(g))
-            sc = ax.scatter(g["pc1"], g["pc2"], g["pc3"], c=c, cmap="viridis", s=9, alpha=0.75, linewidths=0)
-            names = []
-            for i in (1, 2, 3):
-                sv, evr = (
-                    (g[f"sv_pc{i}"].iloc[0], g[f"evr_pc{i}"].iloc[0]) if f"sv_pc{i}" in g else (None, None)
-                )
-                names.append(
-                    f"PC{i} (hidden units)" + (f"\nσ={sv:.3g}, {evr:.1%} var" if sv is not None else "")
-                )
-            ax.set_zlabel(names[2], fontsize=7.5)
-            ax.tick_params(labelsize=6.5)
-            label_axes(ax, names[0], names[1], f"{v}\n({len(g)} tokens)")
-            ax.xaxis.label.set_size(7.5)
-            ax.yaxis.label.set_size(7.5)
-            ax.view_init(elev=20, azim=-60)
-            ax.set_box_aspect(None, zoom=0.85)
-        fig.colorbar(sc, ax=list(axes[0]), shrink=0.6, pad=0.02).set_label("position in sequence (tokens)")
+            sc = _pca_panel(
+                ax, g, f"{v}\n({len(g)} tokens" + (f", axes of {g['basis'].iloc[0]})" if shared else ")")
+            )
+            if shared:
+                ax.set_xlim(*lims["pc1"]), ax.set_ylim(*lims["pc2"]), ax.set_zlim(*lims["pc3"])
+        cbar = fig.colorbar(sc, ax=axes, location="bottom", shrink=0.5, pad=0.02)
+        cbar.set_label("position in sequence (tokens)")
+        if shifts:
+            ax = fig.add_subplot(1, len(variants) + 1, len(variants) + 1)
+            for color, (v, rel) in zip(palette(len(shifts) + 1)[1:], shifts.items()):
+                med, p90 = 100 * np.median(rel), 100 * np.quantile(rel, 0.9)
+                ax.hist(100 * rel, bins=30, color=color, alpha=0.7, edgecolor="0.2", linewidth=0.4,
+                        label=f"{v}\nmedian {med:.2g} %, 90th pct {p90:.2g} %")  # fmt: skip
+            ax.legend(fontsize=6.5, loc="upper right")
+            label_axes(ax, "token shift ‖Δ(pc1..3)‖ / RMS radius (%)", "count (tokens)",
+                       f"shift against {d['basis'].iloc[0]}")  # fmt: skip
         fig.suptitle("Final hidden states: 3-D PCA per variant")
     return fig
+
+
+def _pca_panel(ax, g: pd.DataFrame, title: str):
+    c = g["position"] if "position" in g else np.arange(len(g))
+    sc = ax.scatter(g["pc1"], g["pc2"], g["pc3"], c=c, cmap="viridis", s=9, alpha=0.75, linewidths=0)
+    names = []
+    for i in (1, 2, 3):
+        sv, evr = (g[f"sv_pc{i}"].iloc[0], g[f"evr_pc{i}"].iloc[0]) if f"sv_pc{i}" in g else (None, None)
+        names.append(f"PC{i} (hidden units)" + (f"\nσ={sv:.3g}, {evr:.1%} var" if sv is not None else ""))
+    ax.set_zlabel(names[2], fontsize=7.5)
+    ax.tick_params(labelsize=6.5)
+    label_axes(ax, names[0], names[1], title)
+    ax.xaxis.label.set_size(7.5)
+    ax.yaxis.label.set_size(7.5)
+    ax.view_init(elev=20, azim=-60)
+    ax.set_box_aspect(None, zoom=0.85)
+    return sc
+
+
+def _pca_shifts(d: pd.DataFrame, variants: list[str]) -> dict[str, np.ndarray]:
+    """Per variant other than the basis one: each token's distance to the same token of
+    the basis variant in PC1–3, over the basis cloud's RMS radius (needs ``token``)."""
+    basis = str(d["basis"].iloc[0])
+    if basis not in variants or "token" not in d.columns:
+        return {}
+    cols = ["pc1", "pc2", "pc3"]
+    ref = d[d["variant"] == basis].set_index("token")[cols]
+    radius = float(np.sqrt((ref**2).sum(axis=1).mean()))
+    out = {}
+    for v in variants:
+        cur = d[d["variant"] == v].set_index("token")[cols]
+        both = ref.index.intersection(cur.index)
+        if v != basis and len(both) and radius > 0:
+            out[v] = np.sqrt(((cur.loc[both] - ref.loc[both]) ** 2).sum(axis=1)).to_numpy() / radius
+    return out
 
 
 def _hist_panels(df: pd.DataFrame, quantity: str, log_y: bool, color_idx: int, xlabel: str, title: str):

@@ -216,43 +216,67 @@ def plot_lambda_budget(deltas: pd.DataFrame, base: str = "A") -> Figure:
 
 
 def plot_pre_post_quant(wide: pd.DataFrame, base: str | None = "A") -> Figure:
-    """Pre- vs post-quantization bpb per variant (dots on a bpb axis) and the quantization
-    tax as bars from zero in mBPB (PR #2011 fig_real_pre_post_quant, redrawn so the bar
-    lengths are honest). Input: ``pipeline_attribution()`` / ``stage_attribution()`` rows."""
+    """Pre- vs post-quantization bpb per variant (one dot panel per base, each on its own
+    bpb axis) and the quantization tax as bars from zero in mBPB (PR #2011
+    fig_real_pre_post_quant, redrawn so the bar lengths are honest). ``base=None`` keeps
+    every base. Rows with a ``seed`` column are averaged per (base, variant); the whiskers
+    are then the 95 % t interval of the mean over seeds (the tax paired within each seed).
+    Input: ``pipeline_attribution()`` / ``stage_attribution()`` / matrix pipeline rows."""
     require_columns(wide, ["variant", "pre_quant_bpb", "quantized_bpb"], "plot_pre_post_quant")
     df = wide if base is None or "base" not in wide.columns else wide[wide["base"] == base]
-    df = df.dropna(subset=["pre_quant_bpb", "quantized_bpb"]).copy()
+    df = df.dropna(subset=["pre_quant_bpb", "quantized_bpb"])
     if df.empty:
         raise DataError(f"plot_pre_post_quant: no rows with both stages (base {base!r})")
-    tax = 1e3 * (df["quantized_bpb"] - df["pre_quant_bpb"])
-    df = df.assign(tax=tax).sort_values("tax")
-    names = [f"{v} [{s}]" if len(sources(df)) > 1 else v for v, s in zip(df["variant"], _src(df))]
+    rows = _pre_post_rows(df)
+    bases = list(dict.fromkeys(rows["base"]))
     c_pre, c_post = palette(2)
-    x = np.arange(len(df))
     with style_context():
-        fig, axes = new_figure(1, 2, size=(11, 4.2))
-        ax = axes[0, 0]
-        ax.vlines(x, df["pre_quant_bpb"], df["quantized_bpb"], color="0.7", linewidth=2)
-        ax.scatter(x, df["pre_quant_bpb"], color=c_pre, zorder=3, label="pre-quant (post-EMA)")
-        ax.scatter(x, df["quantized_bpb"], color=c_post, marker="s", zorder=3, label="quantized")
-        ax.set_xticks(x, names, rotation=30, ha="right")
-        ax.legend(loc="center right")
-        label_axes(ax, "variant", "val_bpb (bpb)", "Pre- vs post-quantization val_bpb", unitless="x")
-        ax2 = axes[0, 1]
-        bars = ax2.bar(x, df["tax"], 0.6, color=c_post, edgecolor="0.2", linewidth=0.6)
-        annotate_bars(ax2, bars, fmt="{:+.1f}")
-        ax2.set_xticks(x, names, rotation=30, ha="right")
-        ax2.margins(y=0.12)
-        label_axes(
-            ax2,
-            "variant",
-            f"quantization tax: quantized − pre-quant {_MBPB}",
-            "Quantization tax per variant (bars from zero)",
-            unitless="x",
-        )
-        title = "Pre- vs post-quantization" + (f" on base {base}" if base else "")
-        fig.suptitle(title)
+        fig, axes = new_figure(1, len(bases) + 1, size=(4.4 * len(bases) + 5.4, 4.4))
+        for ax, b in zip(axes[0], bases):
+            g = rows[rows["base"] == b]
+            x = np.arange(len(g))
+            ax.vlines(x, g["pre"], g["post"], color="0.7", linewidth=2)
+            ax.errorbar(x - 0.08, g["pre"], yerr=g["pre_err"], fmt="o", color=c_pre, capsize=3,
+                        zorder=3, label="pre-quant (post-EMA)")  # fmt: skip
+            ax.errorbar(x + 0.08, g["post"], yerr=g["post_err"], fmt="s", color=c_post, capsize=3,
+                        zorder=3, label="quantized")  # fmt: skip
+            ax.set_xticks(x, g["name"], rotation=30, ha="right")
+            ax.margins(x=0.15)
+            ax.legend(loc="best", fontsize=7)
+            label_axes(ax, "variant", "val_bpb (bpb)", f"val_bpb, base {b}" if b else "val_bpb", unitless="x")
+        ax2 = axes[0, -1]
+        x = np.arange(len(rows))
+        colors = dict(zip(bases, palette(len(bases) + 2)[2:]))
+        bars = ax2.bar(x, rows["tax"], 0.6, yerr=rows["tax_err"], capsize=3, edgecolor="0.2", linewidth=0.6,
+                       color=[colors[b] for b in rows["base"]])  # fmt: skip
+        annotate_bars(ax2, bars, fmt="{:+.2f}", err=rows["tax_err"])
+        ax2.axhline(0, color="0.2", linewidth=0.8)
+        ax2.set_xticks(x, [f"{b} · {n}" if len(bases) > 1 else n for b, n in zip(rows["base"], rows["name"])],
+                       rotation=30, ha="right")  # fmt: skip
+        ax2.margins(y=0.15)
+        label_axes(ax2, "variant", f"quantized − pre-quant {_MBPB}", "Quantization tax", unitless="x")
+        n = int(rows["n"].max())
+        what = f"mean of {n} seeds, whiskers 95 % t interval" if n > 1 else "one seed: no interval"
+        fig.suptitle("Pre- vs post-quantization" + (f" on base {base}" if base else "") + f" ({what})")
     return fig
+
+
+def _pre_post_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (base, variant, source): mean pre/post bpb, mean tax (mBPB), the 95 % t
+    half-widths over seeds (0 with one row) and the count, in first-appearance order."""
+    from qlab.analysis.matrix.stats import t_halfwidth
+
+    d = df.assign(base=df["base"].astype(str) if "base" in df.columns else "", src=_src(df),
+                  tax=1e3 * (df["quantized_bpb"] - df["pre_quant_bpb"]))  # fmt: skip
+    multi_src = len(sources(d)) > 1
+    out = []
+    for (b, v, s), g in d.groupby(["base", "variant", "src"], sort=False):
+        pre, post, tax = (g[c].to_numpy(float) for c in ("pre_quant_bpb", "quantized_bpb", "tax"))
+        hw = [0.0 if len(g) < 2 else t_halfwidth(a) for a in (pre, post, tax)]
+        out.append({"base": b, "name": f"{v} [{s}]" if multi_src else str(v), "n": len(g),
+                    "pre": pre.mean(), "post": post.mean(), "tax": tax.mean(),
+                    "pre_err": hw[0], "post_err": hw[1], "tax_err": hw[2]})  # fmt: skip
+    return pd.DataFrame(out)
 
 
 # ---------------------------------------------------------------- stage lines
@@ -397,6 +421,22 @@ _HEATMAPS = {  # column: (title, colour-bar label, higher is better)
 }
 
 
+def _display_exponent(vals: np.ndarray) -> int:
+    """Power of ten that brings the largest |value| into [1, 1000), or 0 when already there."""
+    top = float(np.nanmax(np.abs(vals))) if np.isfinite(vals).any() else 0.0
+    if top == 0.0 or 0.01 <= top < 1000:
+        return 0
+    return int(math.floor(math.log10(top)))
+
+
+def _cell_text(v: float, fmt: str) -> str:
+    """``fmt`` of v, or a short "1.2e-5" for tiny values (the default would print 1.15e-05)."""
+    if v != 0 and np.isfinite(v) and abs(v) < 1e-3:
+        e = int(math.floor(math.log10(abs(v))))
+        return f"{v / 10.0**e:.2g}e{e}"
+    return fmt.format(v)
+
+
 def _heatmap(ax, mat: pd.DataFrame, label: str, higher_better: bool, fig: Figure, fmt: str) -> None:
     vals = mat.to_numpy(dtype=float)
     lo, hi = np.nanmin(vals), np.nanmax(vals)
@@ -405,12 +445,16 @@ def _heatmap(ax, mat: pd.DataFrame, label: str, higher_better: bool, fig: Figure
     cmap = "cividis" if higher_better else "cividis_r"
     im = ax.imshow(vals, cmap=cmap, norm=norm, aspect="auto")
     cm = im.get_cmap()
+    exp = _display_exponent(vals)  # cells print v / 10^exp so every number fits its cell
     for (i, j), v in np.ndenumerate(vals):
         r, g, b, _ = cm(norm(v))
         light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5
         ax.text(
-            j, i, fmt.format(v), ha="center", va="center", fontsize=6.5, color="0.1" if light else "white"
-        )
+            j, i, _cell_text(v / 10.0**exp, fmt), ha="center", va="center", fontsize=7,
+            color="0.1" if light else "white",
+        )  # fmt: skip
+    if exp:
+        ax.set_title(f"{ax.get_title()} (cells ×10^{exp})")
     ax.set_xticks(range(mat.shape[1]), mat.columns, rotation=30, ha="right")
     ax.set_yticks(range(mat.shape[0]), mat.index)
     ax.grid(False)
@@ -431,14 +475,15 @@ def plot_reg_quant_heatmaps(df: pd.DataFrame, metrics: tuple[str, ...] | None = 
     ncols = 2 if len(metrics) > 1 else 1
     nrows = math.ceil(len(metrics) / ncols)
     with style_context():
-        fig, axes = new_figure(nrows, ncols, size=(6.0 * ncols, 0.32 * len(rows) * nrows + 2.3 * nrows))
+        width = 2.6 + 0.62 * len(cols)  # ~0.6 in per cell: room for a 5-character number
+        fig, axes = new_figure(nrows, ncols, size=(width * ncols, 0.36 * len(rows) * nrows + 2.3 * nrows))
         for ax, m in zip(axes.flat, metrics):
             mat = d.pivot_table(index="row", columns="scheme", values=m, aggfunc="first").reindex(
                 index=rows, columns=cols
             )
             title, unit, higher = _HEATMAPS.get(m, (m, "as measured", False))
-            _heatmap(ax, mat, unit, higher, fig, "{:.4g}")
             label_axes(ax, "quantization scheme", "variant", title, unitless=("x", "y"))
+            _heatmap(ax, mat, unit, higher, fig, "{:.3g}")
         for ax in list(axes.flat)[len(metrics) :]:
             ax.set_visible(False)
         fig.suptitle("Hidden-state quantization: regularizer variant × scheme")

@@ -188,16 +188,20 @@ def sources(df: object) -> list[str]:
     return list(dict.fromkeys(df["source"].astype(str)))
 
 
-def annotate_bars(ax: Axes, bars: object, fmt: str = "{:.2f}", fontsize: float = 7.5) -> None:
-    """Write each bar's value just outside its end (above positive, below negative bars)."""
-    for bar in bars:
+def annotate_bars(
+    ax: Axes, bars: object, fmt: str = "{:.2f}", fontsize: float = 7.5, err: object = None
+) -> None:
+    """Write each bar's value just outside its end (above positive, below negative bars),
+    beyond its error bar when ``err`` (one half-width per bar) is given."""
+    errs = np.zeros(len(bars)) if err is None else np.nan_to_num(np.asarray(err, dtype=float))  # type: ignore[arg-type]
+    for bar, e in zip(bars, errs):
         h = bar.get_height()
         if not np.isfinite(h):
             continue
         x = bar.get_x() + bar.get_width() / 2
         ax.annotate(
             fmt.format(h),
-            (x, h),
+            (x, h + np.copysign(e, h)),
             xytext=(0, 2 if h >= 0 else -2),
             textcoords="offset points",
             ha="center",

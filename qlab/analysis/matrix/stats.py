@@ -29,7 +29,15 @@ from scipy import stats
 from qlab.analysis.papers import with_deltas
 from qlab.errors import DataError
 
-__all__ = ["seed_summary", "paired_test", "paired_deltas", "reg_deltas", "sign_table", "lambda_budget"]
+__all__ = [
+    "seed_summary",
+    "paired_test",
+    "t_halfwidth",
+    "paired_deltas",
+    "reg_deltas",
+    "sign_table",
+    "lambda_budget",
+]
 
 _META = ["regs", "lambda", "lambdas"]
 
@@ -88,6 +96,13 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
+def t_halfwidth(d: np.ndarray, level: float = 0.95) -> float:
+    """Half-width of the t confidence interval of mean(d); NaN for fewer than 2 values."""
+    if d.size < 2:
+        return math.nan
+    return float(stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+
+
 def paired_deltas(
     df: pd.DataFrame,
     metric: str = "final_bpb",
@@ -126,6 +141,7 @@ def paired_deltas(
                 "variant_mean": float(a.mean()) / scale,
                 "delta_mean": mean,
                 "delta_std": float(d.std(ddof=1)) if len(d) > 1 else math.nan,
+                "delta_ci95": t_halfwidth(d),
                 "t_stat": t,
                 "p_value": p,
                 "seed_noise": noise,
