@@ -21,6 +21,7 @@ from qlab.analysis.rd import sweep as _sweep
 from qlab.analysis.spectra import spectral_summary
 from qlab.compress.container import write_artifact
 from qlab.io.readers import load_state_dict
+from qlab.progress import resolve_progress
 from qlab.quant.policy import Policy, quantize_state_dict, resolve_policy
 
 Checkpoint = str | os.PathLike | Mapping[str, torch.Tensor]
@@ -35,10 +36,17 @@ def load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_state_dict(path)
 
 
-def entropy(ckpt: Checkpoint, policy: str | Policy | Mapping = "record", **kwargs: Any) -> EntropyReport:
+def entropy(
+    ckpt: Checkpoint,
+    policy: str | Policy | Mapping = "record",
+    *,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> EntropyReport:
     """Per-tensor entropy and predicted compressed size under ``policy``
-    (:func:`qlab.analysis.entropy_report.entropy_report`; ``report.table``, ``report.totals``)."""
-    return entropy_report(ckpt, policy, **kwargs)
+    (:func:`qlab.analysis.entropy_report.entropy_report`; ``report.table``, ``report.totals``).
+    ``progress=None`` draws a bar in a notebook or terminal only."""
+    return entropy_report(ckpt, policy, progress=resolve_progress(progress), **kwargs)
 
 
 def analyze(ckpt: Checkpoint, **kwargs: Any) -> pd.DataFrame:
@@ -54,12 +62,13 @@ def quantize(
     hessians: Mapping[str, torch.Tensor] | None = None,
     out: str | os.PathLike | None = None,
     codec: str = "brotli-11",
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """The quantized state (name → QuantizedTensor or Passthrough) of a checkpoint under
     ``policy``; GPTQ tensors use ``hessians`` when given, else RTN. With ``out`` the
     artifact is also written (``codec="ans"`` for the symbol coder)."""
     pol = resolve_policy(policy)
-    state = quantize_state_dict(_state(ckpt), pol, hessians)
+    state = quantize_state_dict(_state(ckpt), pol, hessians, progress=resolve_progress(progress))
     if out is not None:
         write_artifact(out, state, policy=pol.to_dict(), codec=codec)
     return state
@@ -69,7 +78,9 @@ def sweep(
     ckpt: Checkpoint,
     bits: Iterable[int] = range(2, 9),
     ks: Iterable[float] = DEFAULT_KS,
+    *,
+    progress: bool | None = None,
     **kwargs: Any,
 ) -> pd.DataFrame:
     """Rate–distortion sweep: one row per matrix × (bits, rule, k) (:func:`qlab.analysis.rd.sweep`)."""
-    return _sweep(ckpt, bits, ks, **kwargs)
+    return _sweep(ckpt, bits, ks, progress=resolve_progress(progress), **kwargs)

@@ -9,6 +9,7 @@ import struct
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -228,6 +229,9 @@ def test_totals_against_cap_and_outputs(tmp_path):
     assert t["bits_per_param"] == pytest.approx(8 * t["predicted_bytes"] / t["numel"])
     over = entropy_report(sd, small_record_policy(), code_bytes=CAP_BYTES)
     assert not over.totals["fits"] and over.totals["headroom_bytes"] < 0
+    # a Series for notebooks, whose values keep their types (bytes stay integers in the JSON)
+    assert isinstance(t, pd.Series) and "predicted_bytes" in t.index
+    assert isinstance(json.loads(ok.to_json())["totals"]["predicted_total_bytes"], int)
     data = json.loads(ok.to_json(tmp_path / "r.json"))
     assert data["totals"]["predicted_bytes"] == t["predicted_bytes"]
     assert len(data["tensors"]) == len(sd)

@@ -82,7 +82,7 @@ def test_bad_requests_raise_clear_errors(tmp_path):
         generate_figures(tmp_path, only=["nope"])
     with pytest.raises(ConfigError, match="unknown figure scale"):
         Workspace(None, "huge")
-    with pytest.raises(CheckpointError, match="not a qlab run directory"):
+    with pytest.raises(CheckpointError, match="holds no checkpoint qlab can read"):
         Workspace(tmp_path, "smoke")
     assert main(["figures", "--only", "nope", "--out", str(tmp_path)]) == 2
 

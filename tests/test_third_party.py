@@ -166,3 +166,23 @@ def test_every_flag_of_every_command_has_help():
         for command, parser in sub.choices.items():
             walk(parser, [command])
     assert not missing, missing
+
+
+def test_weight_only_figures_on_a_third_party_checkpoint(checkpoint, tmp_path):
+    from qlab.errors import CheckpointError
+    from qlab.figures import Workspace, generate_figures
+    from qlab.figures.registry import FIGURES, WEIGHT_ONLY_FIGURES
+
+    scheme, path = checkpoint
+    # every weight-only figure on one naming scheme (its builders must never need the model)
+    few = ["pr2011_svd_spectrum", "pr1394_quantization_example", "pr1818_sparsity_24"]
+    wanted = sorted(WEIGHT_ONLY_FIGURES) if scheme == "llama" else few
+    written = generate_figures(tmp_path / "figs", checkpoint=path, scale="smoke", only=wanted,
+                               work_dir=tmp_path / "work", progress=False)  # fmt: skip
+    assert list(written["id"]) == wanted and (written["bytes"] > 10_000).all()
+    ws = Workspace(path, "smoke", work_dir=tmp_path / "work", progress=False)
+    assert ws.weights_only and ws.largest_matrix()[0] in _state(scheme)
+    assert weight_family(ws.largest_matrix()[0]) != "embedding"
+    with pytest.raises(CheckpointError, match="weights only"):
+        ws.model  # noqa: B018 — a figure that needs the model says why it cannot run
+    assert set(FIGURES) >= WEIGHT_ONLY_FIGURES and all(FIGURES[f].weights_only for f in WEIGHT_ONLY_FIGURES)

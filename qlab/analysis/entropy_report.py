@@ -88,16 +88,22 @@ Stored = QuantizedTensor | Passthrough | torch.Tensor
 
 @dataclass
 class EntropyReport:
-    """Per-tensor ``table`` (one row per tensor), ``totals`` against the cap, and ``notes``."""
+    """Per-tensor ``table`` (one row per tensor), ``totals`` against the cap (a Series
+    indexed by quantity, values kept as given: ints stay ints), and ``notes``."""
 
     table: pd.DataFrame
-    totals: dict[str, Any]
+    totals: pd.Series
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.totals, pd.Series):
+            self.totals = pd.Series(dict(self.totals), dtype=object, name="totals")
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """JSON text ``{"totals", "notes", "tensors": [...]}``; written atomically if ``path``."""
         rows = json.loads(self.table.to_json(orient="records"))
-        text = json.dumps({"totals": self.totals, "notes": self.notes, "tensors": rows}, indent=2)
+        totals = self.totals.to_dict()
+        text = json.dumps({"totals": totals, "notes": self.notes, "tensors": rows}, indent=2)
         if path is not None:
             atomic_write_text(path, text + "\n")
         return text

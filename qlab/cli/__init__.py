@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import os
 import pkgutil
 import sys
 import warnings
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `qlab … | head`: the reader left; no traceback, no second error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except MemoryError:
         print("qlab: error: out of memory (the input asks for more than this machine has)", file=sys.stderr)
         return 2

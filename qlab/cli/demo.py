@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qlab.demo import DemoState, run_demo
+from qlab.progress import cli_progress
 
 LABELS = {
     "dataset": "embedded corpus tokenized",
@@ -73,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
         args.out,
         iterations=args.iterations,
         fresh=args.fresh,
-        progress=not args.quiet,
+        progress=cli_progress(args.quiet),
         on_step=_on_step,
         skip=QUICK_SKIPS if args.quick else (),
     )

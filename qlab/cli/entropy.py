@@ -13,6 +13,7 @@ from qlab.compress.predict import RECORD_CODEC
 from qlab.errors import ConfigError
 from qlab.eval.pipeline import resolve_dataset, resolve_model
 from qlab.io.atomic import check_output
+from qlab.progress import cli_progress
 from qlab.quant.model_quant import calibration_batches, model_hessians
 from qlab.quant.policy import load_policy
 
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     codecs = tuple(c.strip() for c in args.codecs.split(",") if c.strip())
     report = entropy_report(
         args.ckpt, args.policy, measure=args.measure, codecs=codecs, code_bytes=args.code_bytes,
-        progress=not args.no_progress, hessians=_hessians(args) if args.calib_data else None,
+        progress=cli_progress(args.no_progress), hessians=_hessians(args) if args.calib_data else None,
     )  # fmt: skip
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")

@@ -7,12 +7,12 @@ in its header; a run directory with its saved weights and depth-recurrence mode.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from qlab.cli._args import add_model_checkpoint
 from qlab.errors import ConfigError
 from qlab.eval.bpb import evaluate_bpb
 from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
+from qlab.progress import cli_progress
 
 HELP = "val_loss and val_bpb of a checkpoint or artifact"
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         stride=args.stride,
         max_tokens=args.max_tokens,
         batch_seqs=args.batch_seqs,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=cli_progress(args.no_progress),
     )
     windows = f"sliding, stride {args.stride}" if args.stride else "standard windows"
     print(f"model:     {label} (seq_len {seq_len}, {windows})")

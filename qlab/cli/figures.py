@@ -6,6 +6,7 @@ import argparse
 
 from qlab.figures import figure_table, generate_figures
 from qlab.figures.scale import SCALES
+from qlab.progress import cli_progress
 
 HELP = "regenerate every paper figure and qlab's own measurements of them"
 
@@ -15,9 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "figures",
         help=HELP,
         description="Without --checkpoint the tiny preset is trained on the embedded corpus at the "
-        "chosen scale (cached under data/cache/figures), then every figure is measured and drawn.",
+        "chosen scale (cached under data/cache/figures), then every figure is measured and drawn. "
+        "A weights file (safetensors, a Hugging Face directory, a state dict, an artifact) gives "
+        "the figures marked 'weights' in --list.",
     )
-    p.add_argument("--checkpoint", default=None, help="a qlab run directory (default: train the tiny preset)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a qlab run directory, or any weights file qlab reads (default: train the tiny preset)",
+    )
     p.add_argument("--data", default=None, help="dataset directory or 'embedded' (default: the checkpoint's)")
     p.add_argument("--out", default="figures", help="output directory for the PNGs (default: figures)")
     p.add_argument(
@@ -35,15 +42,18 @@ def main(args: argparse.Namespace) -> int:
     if args.list:
         table = figure_table()
         for row in table.itertuples():
-            print(f"{row.id:<36} {row.paper:<9} {row.paper_figure}")
-        print(f"\n{len(table)} figures")
+            needs = "weights" if row.weights_only else ("model" if row.needs_model else "none")
+            print(f"{row.id:<36} {row.paper:<9} {needs:<8} {row.paper_figure}")
+        print(
+            f"\n{len(table)} figures; needs: weights: any checkpoint, model: a qlab run, none: papers' data"
+        )
         return 0
     df = generate_figures(
         args.out,
         checkpoint=args.checkpoint,
         scale=args.scale,
         only=args.only,
-        progress=not args.quiet,
+        progress=cli_progress(args.quiet),
         data=args.data,
         work_dir=args.work_dir,
     )

@@ -12,7 +12,6 @@ CSV and JSON, each figure as a PNG, into ``--out``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +19,7 @@ import pandas as pd
 from qlab.analysis.fingerprint import fingerprint, write_fingerprint
 from qlab.errors import ConfigError
 from qlab.plots.fingerprints import render_fingerprint_figures
+from qlab.progress import cli_progress
 from qlab.quant.policy import load_policy
 
 HELP = "SVD spectra, CKA, depth and hidden-state geometry of a checkpoint"
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         n_tokens=args.tokens,
         sensitivity=args.sensitivity,
         calib_batches=args.calib_batches,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=cli_progress(args.no_progress),
     )
     tables = write_fingerprint(results, out)
     figures = []

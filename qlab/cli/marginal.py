@@ -10,7 +10,6 @@ kill) and OUT/marginal.png. Effects whose interval contains 0 are marked not res
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from qlab.analysis.marginal import allocate, fit_predictor, marginal_table
@@ -19,6 +18,7 @@ from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
 from qlab.io.atomic import atomic_write_json, check_output
 from qlab.plots.allocation import plot_marginal
 from qlab.plots.style import save_figure
+from qlab.progress import cli_progress
 from qlab.quant.model_quant import calibration_batches, model_hessians
 from qlab.quant.policy import load_policy
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--calib-batches must be ≥ 1 and --boot ≥ 0")
     out = Path(args.out)
     check_output(out / "marginal.csv", [args.checkpoint, args.data], force=True)  # resume: rows are kept
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = cli_progress(args.no_progress)
     model, _ = resolve_model(args.checkpoint)
     cfg = model.config
     data = resolve_dataset(args.data, cfg.vocab_size)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Mapping
 
 import pandas as pd
@@ -22,6 +21,7 @@ from qlab.compress.solver import solve_k
 from qlab.errors import ConfigError
 from qlab.eval.pipeline import resolve_dataset, resolve_model, run_pipeline
 from qlab.io.atomic import atomic_write_bytes, check_output
+from qlab.progress import cli_progress
 from qlab.quant.gptq import ARITHMETIC
 from qlab.quant.model_quant import calibration_batches, model_extra, model_hessians
 from qlab.quant.policy import (
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     _env_defaults(args, os.environ)
     _check_args(args)
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = cli_progress(args.no_progress)
     model, label = resolve_model(args.checkpoint, preset=args.preset)
     policy = _policy(args.policy, os.environ, args.gptq_arithmetic)
     data = resolve_dataset(args.data, model.config.vocab_size)

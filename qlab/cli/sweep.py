@@ -20,6 +20,7 @@ from qlab.io.atomic import atomic_write_text
 from qlab.io.checkpoint import load_model
 from qlab.plots import rd as plots
 from qlab.plots.style import save_figure
+from qlab.progress import cli_progress
 
 HELP = "rate-distortion sweep over bits, k and clip rules"
 
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress
+    progress = cli_progress(args.no_progress)
     model = eval_fn = None
     if args.data:
         if args.max_rows is not None:

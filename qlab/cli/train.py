@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
 from qlab.config import ModelConfig
 from qlab.data import open_dataset
 from qlab.errors import ConfigError
 from qlab.io import checkpoint as ckpt
+from qlab.progress import cli_progress
 from qlab.train import distributed as D
 from qlab.train.config import MODEL_ENV, TrainConfig, resolve_configs
 from qlab.train.trainer import train
@@ -169,7 +169,7 @@ def _adopt_dataset_vocab(train: TrainConfig, model: ModelConfig) -> ModelConfig:
 def _train(args: argparse.Namespace) -> int:
 
     train_cfg, model_cfg, resume = build_configs(args)
-    result = train(train_cfg, model_cfg, resume=resume, progress=not args.no_progress and sys.stderr.isatty())
+    result = train(train_cfg, model_cfg, resume=resume, progress=cli_progress(args.no_progress))
     if D.rank() == 0 and int(os.environ.get("RANK", "0")) == 0:
         val = f"{result.val_bpb:.4f}" if result.val_bpb is not None else "n/a"
         print(f"steps:        {result.steps} ({result.stopped_by})")

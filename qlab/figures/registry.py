@@ -7,6 +7,7 @@ ignore the workspace (``needs_model=False``) and are always produced.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class FigureSpec:
     build: Callable[[Workspace], Figure]
     needs_model: bool = True
     description: str = ""
+    weights_only: bool = False  # measurable on any weights file (no model, no data)
 
 
 # ---------------------------------------------------------------- builders needing a few lines
@@ -527,7 +529,22 @@ _FIGS: list[FigureSpec] = [
     ],
 ]
 
-FIGURES: dict[str, FigureSpec] = {f.id: f for f in _FIGS}
+#: Figures measured from the weights alone: drawn for any checkpoint qlab reads.
+WEIGHT_ONLY_FIGURES = frozenset(
+    {
+        "pr1394_quantization_example",
+        "pr1394_std_vs_ratio",
+        "pr1394_rd_curves",
+        "pr1818_freezedry_histogram",
+        "pr1818_sparsity_24",
+        "pr2011_svd_spectrum",
+        "pr2011_svd_flatness",
+        "pr2011_svd_differential",
+    }
+)
+FIGURES: dict[str, FigureSpec] = {
+    f.id: dataclasses.replace(f, weights_only=f.id in WEIGHT_ONLY_FIGURES) for f in _FIGS
+}
 
 
 def get_figure(figure_id: str) -> FigureSpec:
@@ -549,6 +566,7 @@ def figure_table() -> pd.DataFrame:
                 "function": f.function,
                 "notebook": NOTEBOOKS[f.notebook],
                 "needs_model": f.needs_model,
+                "weights_only": f.weights_only,
                 "description": f.description,
             }
             for f in FIGURES.values()

@@ -474,9 +474,10 @@ def fingerprint(ws: Workspace, table: str) -> pd.DataFrame:
 
     key = f"fingerprint.{table}"
     if key not in ws._tables and not (ws.work / "tables" / f"{key}.json").is_file():
+        weights_only = ws.weights_only  # then the weight tables alone, quantized copy by RTN
         tables = run(
-            ws.run_dir,
-            data=ws.dataset,
+            ws.checkpoint if weights_only else ws.run_dir,
+            data=None if weights_only else ws.dataset,
             policy=ws.policy,
             n_tokens=ws.scale.fingerprint_tokens,
             calib_batches=ws.scale.calib_batches,

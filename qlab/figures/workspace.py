@@ -44,14 +44,21 @@ def figure_policy() -> Policy:
 
 def _checkpoint_key(path: Path) -> str:
     """Path + size + mtime of the weights: a retrained checkpoint gets a fresh cache."""
-    from qlab.io.checkpoint import committed_file
+    from qlab.io.checkpoint import committed_file, has_checkpoint
+    from qlab.io.readers import detect_format
 
+    detect_format(path)  # a path qlab cannot read fails here, naming the formats it can
     try:
-        weights = committed_file(path, "model.safetensors")
-        st = weights.stat()
+        if has_checkpoint(path):
+            files = [committed_file(path, "model.safetensors")]
+        elif path.is_dir():  # e.g. a Hugging Face directory: every file qlab could read
+            files = sorted(f for f in path.iterdir() if f.is_file())
+        else:
+            files = [path]
+        stats = [(f.name, f.stat()) for f in files]
     except (OSError, CheckpointError) as exc:
-        raise CheckpointError(f"{path}: not a qlab run directory with model.safetensors ({exc})") from exc
-    blob = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc})") from exc
+    blob = f"{path.resolve()}|" + "|".join(f"{n}:{st.st_size}:{st.st_mtime_ns}" for n, st in stats)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -65,14 +72,15 @@ class Workspace:
         *,
         data: str | os.PathLike | None = None,
         work_dir: str | os.PathLike | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> None:
         from qlab.data.corpus import default_cache_dir
+        from qlab.progress import resolve_progress
 
         self.scale = get_scale(scale)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.data = data
-        self.progress = progress
+        self.progress = resolve_progress(progress)  # None: bars in a notebook or terminal
         tag = (
             "tiny-" + self._train_key()
             if self.checkpoint is None
@@ -86,9 +94,22 @@ class Workspace:
 
     # ---- checkpoint and data --------------------------------------------------------------
     @functools.cached_property
+    def weights_only(self) -> bool:
+        """True for a checkpoint that is not a qlab run directory (safetensors, a Hugging
+        Face directory, a state dict, an artifact): weights, but no model or data."""
+        from qlab.io.checkpoint import has_checkpoint
+
+        return self.checkpoint is not None and not has_checkpoint(self.checkpoint)
+
+    @functools.cached_property
     def run_dir(self) -> Path:
         """The checkpoint's run directory; trains the scale's ``tiny`` run when none was given."""
         if self.checkpoint is not None:
+            if self.weights_only:
+                raise CheckpointError(
+                    f"{self.checkpoint}: weights only (not a qlab run directory); this figure needs a "
+                    "model and its data — `qlab figures --list` marks the figures that need only weights"
+                )
             return self.checkpoint
         return self._train()
 
@@ -184,19 +205,26 @@ class Workspace:
 
     @functools.cached_property
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            n: t.detach().float().clone() for n, t in self.model.state_dict().items() if t.is_floating_point()
-        }
+        """Every floating-point tensor as fp32: the model's, or the weights file's."""
+        if self.weights_only:
+            from qlab.io.readers import load_state_dict
+
+            sd = load_state_dict(self.checkpoint)
+        else:
+            sd = self.model.state_dict()
+        return {n: t.detach().float().clone() for n, t in sd.items() if t.is_floating_point()}
 
     def largest_matrix(self, exclude_embedding: bool = True) -> tuple[str, torch.Tensor]:
         """The biggest 2-D weight (by elements), the embedding left out unless asked."""
+        from qlab.analysis.spectra import weight_family
+
         mats = {
             n: t
             for n, t in self.state_dict.items()
-            if t.dim() == 2 and not (exclude_embedding and n == "tok_emb.weight")
+            if t.dim() == 2 and not (exclude_embedding and weight_family(n) == "embedding")
         }
         if not mats:
-            raise DataError(f"{self.run_dir}: the checkpoint has no 2-D weight matrices")
+            raise DataError(f"{self.checkpoint or self.run_dir}: the checkpoint has no 2-D weight matrices")
         name = max(mats, key=lambda n: mats[n].numel())
         return name, mats[name]
 

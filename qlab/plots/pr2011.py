@@ -228,6 +228,8 @@ def plot_pre_post_quant(wide: pd.DataFrame, base: str | None = "A") -> Figure:
     if df.empty:
         raise DataError(f"plot_pre_post_quant: no rows with both stages (base {base!r})")
     rows = _pre_post_rows(df)
+    if (rows["n"] < 2).all():  # no interval to draw: no zero-width whiskers either
+        rows[["pre_err", "post_err", "tax_err"]] = np.nan
     bases = list(dict.fromkeys(rows["base"]))
     c_pre, c_post = palette(2)
     with style_context():
