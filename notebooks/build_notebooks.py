@@ -37,8 +37,11 @@ ws = Workspace(checkpoint, scale, data=data, work_dir=work_dir)
 ws"""
 
 
-def fig(figure_id: str) -> str:
-    return f'FIGURES["{figure_id}"].build(ws)'
+def fig(figure_id: str, show_table: bool = False) -> str:
+    """The figure drawn with its table and plot calls spelled out (see FigureSpec.code)."""
+    from qlab.figures import FIGURES
+
+    return FIGURES[figure_id].code(show_table)
 
 
 PR_URL = "https://github.com/openai/parameter-golf/pull/{n}"
@@ -109,6 +112,17 @@ READING = {
 }
 
 
+def _imports_first(code: str) -> str:
+    """The cell's import lines first (deduplicated, in order), then the rest."""
+    lines = code.split("\n")
+    imports = list(dict.fromkeys(ln for ln in lines if ln.startswith(("from ", "import "))))
+    rest = [ln for ln in lines if ln not in imports]
+    while rest and not rest[0].strip():
+        rest.pop(0)
+    rest = [ln for i, ln in enumerate(rest) if ln.strip() or (i and rest[i - 1].strip())]
+    return "\n".join(imports + ([""] if imports else []) + rest)
+
+
 def _cells(name: str, title: str, intro: str, body: list[tuple[str, str]]) -> list:
     header = f"# {title}\n\n{intro}"
     if name in READING:
@@ -120,7 +134,7 @@ def _cells(name: str, title: str, intro: str, body: list[tuple[str, str]]) -> li
         new_code_cell(SETUP),
     ]
     for kind, text in body:
-        cells.append(new_markdown_cell(text) if kind == "md" else new_code_cell(text))
+        cells.append(new_markdown_cell(text) if kind == "md" else new_code_cell(_imports_first(text)))
     if name in READING:
         cells.append(new_markdown_cell(f"## What to conclude\n\n{READING[name][1]}\n\n{SCALE_NOTE}"))
     return cells
@@ -188,7 +202,7 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                 + fig("pr1394_entropy_vs_k"),
             ),
             ("md", "## Std vs compression ratio"),
-            ("code", "display(T.std_ratio(ws).head())\n" + fig("pr1394_std_vs_ratio")),
+            ("code", fig("pr1394_std_vs_ratio", show_table=True)),
             ("md", "## SDClip vs quantile search (GPTQ-lite's clip search)"),
             (
                 "code",
@@ -205,7 +219,7 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                 "documents. A hollow point's interval contains 0: it is not a finding. `qlab marginal` "
                 "computes the same table for any run and `--cap` chooses settings from it.",
             ),
-            ("code", "display(T.byte_allocation(ws))\n" + fig("pr1394_byte_allocation")),
+            ("code", fig("pr1394_byte_allocation", show_table=True)),
             ("md", "## The PR's own numbers\nPer-seed stages and training curves from its logs."),
             ("code", fig("paper_pr1394_seed_stages")),
             ("code", fig("paper_pr1394_train_curves")),
@@ -218,7 +232,7 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         "The PR published tables only: its numbers are drawn beside ours.",
         [
             ("md", "## Quantization gap: RTN vs clip search vs full GPTQ (every matrix int6)"),
-            ("code", "display(T.quant_gap(ws))\n" + fig("pr639_quant_gap")),
+            ("code", fig("pr639_quant_gap", show_table=True)),
             ("md", "## SGD vs AdamW score-first TTT on the GPTQ model"),
             (
                 "code",
@@ -244,7 +258,7 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
             ("code", fig("pr1818_ttt_recovery")),
             ("md", "## Freeze-dry residuals, 2:4 bit budget, curriculum schedule"),
             ("code", "display(T.freezedry(ws).iloc[:1])\n" + fig("pr1818_freezedry_histogram")),
-            ("code", "display(T.sparsity(ws))\n" + fig("pr1818_sparsity_24")),
+            ("code", fig("pr1818_sparsity_24", show_table=True)),
             ("code", fig("pr1818_curriculum_schedule")),
         ],
     ),

@@ -9,6 +9,7 @@ everything.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -27,6 +28,25 @@ from qlab.errors import ConfigError
 from qlab.io.atomic import atomic_write_json
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
+
+
+def demo_threads(requested: int | None = None, env: dict[str, str] | None = None) -> int:
+    """Threads for the demo's torch work: ``requested``; else ``OMP_NUM_THREADS`` when
+    set; else the cores this process may use minus the whole cores the 1-minute load
+    average says are busy (at least 1). On a busy 2-core machine all-core torch spin-waits against the other
+    load and ran 2.3x slower than one thread; on an idle machine all cores win."""
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"threads must be ≥ 1, got {requested}")
+        return requested
+    env = dict(os.environ) if env is None else env
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # whole cores busy only: the load a just-finished command leaves (~0.8 for a minute)
+    # must not halve the demo's threads (measured: 127 s at 2 threads vs 195 s at 1)
+    busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(cores, cores - busy))
 
 
 @dataclass
@@ -221,16 +241,20 @@ def run_demo(
     progress: bool = True,
     on_step: Callable[[str, DemoState], None] | None = None,
     skip: tuple[str, ...] = (),
+    on_start: Callable[[str, int, int], None] | None = None,
 ) -> DemoState:
-    """Run the demo steps in order (all but ``skip``) and write ``report.json`` into ``out_dir``."""
+    """Run the demo steps in order (all but ``skip``) and write ``report.json`` into
+    ``out_dir``. ``on_start(name, i, n)`` is called before step i of n, ``on_step(name,
+    state)`` after it."""
     unknown = set(skip) - {name for name, _ in STEPS}
     if unknown:
         raise ConfigError(f"unknown demo step(s) {sorted(unknown)}; steps: {[name for name, _ in STEPS]}")
     state = DemoState(out_dir=Path(out_dir), iterations=iterations, fresh=fresh, progress=progress)
     state.out_dir.mkdir(parents=True, exist_ok=True)
-    for name, step in STEPS:
-        if name in skip:
-            continue
+    todo = [(name, step) for name, step in STEPS if name not in skip]
+    for i, (name, step) in enumerate(todo, 1):
+        if on_start is not None:
+            on_start(name, i, len(todo))
         t0 = time.perf_counter()
         step(state)
         state.timings[name] = time.perf_counter() - t0

@@ -63,3 +63,24 @@ def test_quick_demo_prints_each_number_as_it_is_measured(tmp_path, capsys):
     assert "[demo] validation bpb measured" in text and "val_bpb " in text
     assert "quantized val_bpb" in text and "rate-distortion sweep" not in text
     assert (out / "model.qlab").is_file() and not (out / "sweep.csv").exists()
+    # without bars (--quiet, a log file) every step announces itself before it runs
+    assert "[demo] step 1/5: dataset …" in text and "[demo] step 5/5: entropy …" in text
+    assert "torch thread(s)" in text
+
+
+def test_demo_threads_follow_the_request_the_environment_then_the_idle_cores(monkeypatch):
+    from qlab.demo import demo_threads
+
+    assert demo_threads(3, env={}) == 3
+    assert demo_threads(None, env={"OMP_NUM_THREADS": "2"}) == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr("os.getloadavg", lambda: (3.2, 0.0, 0.0))
+    assert demo_threads(None, env={}) == 1  # 4 cores, 3 busy
+    monkeypatch.setattr("os.getloadavg", lambda: (0.8, 0.0, 0.0))
+    assert demo_threads(None, env={}) == 4  # the tail of a finished command is not a busy core
+    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert demo_threads(None, env={}) == 1  # never below one
+    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert demo_threads(None, env={}) == 4
+    with pytest.raises(ConfigError):
+        demo_threads(0, env={})

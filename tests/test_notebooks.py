@@ -11,9 +11,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from qlab.figures import NOTEBOOKS
+from qlab.figures.notebooks import notebook_path, parameter_source, run_notebook
 
 pytestmark = pytest.mark.slow  # builds the smoke workspace (~45 s once per session)
 
@@ -48,24 +48,23 @@ def monkeypatch_module():
     mp.undo()
 
 
-def _parameterize(nb: nbformat.NotebookNode, work: Path) -> None:
-    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(cells) == 1, "a notebook needs exactly one cell tagged 'parameters'"
-    cells[0].source = f'checkpoint = None\ndata = None\nscale = "smoke"\nwork_dir = {str(work)!r}\n'
+def _draws(source: str) -> bool:
+    """A cell whose last line draws a figure (a plot function or a registered figure)."""
+    last = [ln for ln in source.splitlines() if ln.strip()][-1:]
+    return bool(last) and (last[0].startswith("plot_") or 'FIGURES["' in last[0])
 
 
 @pytest.mark.parametrize("name", list(NOTEBOOKS))
 def test_notebook_runs_at_smoke_scale(name, kernel_env, tmp_path_factory):
-    path = REPO / NOTEBOOKS[name]
-    nb = nbformat.read(path, as_version=4)
-    _parameterize(nb, smoke_work_dir(tmp_path_factory))
-    NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
-    ).execute()
+    out = tmp_path_factory.mktemp("executed") / f"{name}.ipynb"
+    before = (REPO / NOTEBOOKS[name]).read_bytes()
+    run_notebook(name, out, scale="smoke", work_dir=smoke_work_dir(tmp_path_factory), timeout=600)
+    assert (REPO / NOTEBOOKS[name]).read_bytes() == before  # the source is never touched
+    nb = nbformat.read(out, as_version=4)
     images = sum(
         "image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code" for out in c.outputs
     )
-    shown = sum('FIGURES["' in c.source for c in nb.cells if c.cell_type == "code")
+    shown = sum(_draws(c.source) for c in nb.cells if c.cell_type == "code")
     assert images >= shown > 0, (name, images, shown)
     warned = [
         (i, out.get("text", "")[:200])
@@ -77,3 +76,17 @@ def test_notebook_runs_at_smoke_scale(name, kernel_env, tmp_path_factory):
         and "Warning" in out.get("text", "")
     ]
     assert not warned, (name, warned)  # a notebook a researcher keeps open prints no warnings
+
+
+def test_notebook_lookup_and_parameters(tmp_path):
+    from qlab.errors import ConfigError
+
+    assert notebook_path("pr1394") == notebook_path("01_pr1394_sdclip") == REPO / NOTEBOOKS["pr1394"]
+    with pytest.raises(ConfigError, match="no notebook 'nope'"):
+        notebook_path("nope")
+    with pytest.raises(ConfigError, match="overwrite the source"):
+        run_notebook("pr1394", REPO / NOTEBOOKS["pr1394"])
+    src = parameter_source(checkpoint=tmp_path / "run", scale="default")
+    ns: dict = {}
+    exec(src, ns)  # the cell is valid Python holding exactly the four parameters
+    assert ns["checkpoint"] == str(tmp_path / "run") and ns["data"] is None and ns["scale"] == "default"

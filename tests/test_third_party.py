@@ -150,9 +150,12 @@ def test_every_flag_of_every_command_has_help():
     import argparse
     import importlib
 
-    missing = []
+    missing, markup = [], []
 
     def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        text = parser.format_help()
+        if "``" in text or ":func:" in text or ":class:" in text:  # help is plain text
+            markup.append(" ".join(path))
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 for name, child in action.choices.items():
@@ -166,6 +169,7 @@ def test_every_flag_of_every_command_has_help():
         for command, parser in sub.choices.items():
             walk(parser, [command])
     assert not missing, missing
+    assert not markup, markup
 
 
 def test_weight_only_figures_on_a_third_party_checkpoint(checkpoint, tmp_path):

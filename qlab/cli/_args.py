@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 
 def add_model_checkpoint(p: argparse.ArgumentParser) -> None:
@@ -17,3 +18,13 @@ def add_model_checkpoint(p: argparse.ArgumentParser) -> None:
         default=None,
         help="preset for what shapes cannot show, when the config is inferred (default record)",
     )
+
+
+_ROLE = re.compile(r":(?:func|class|mod|meth|data|attr|obj):`~?([^`]+)`")
+
+
+def plain(doc: str | None) -> str:
+    """A module docstring as plain text for ``--help``: reST roles and double backticks
+    dropped (``qlab eval`` → qlab eval, :func:`~a.b` → a.b)."""
+    text = _ROLE.sub(r"\1", doc or "")
+    return text.replace("``", "")

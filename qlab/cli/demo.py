@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from qlab.demo import DemoState, run_demo
+import torch
+
+from qlab.demo import DemoState, demo_threads, run_demo
 from qlab.progress import cli_progress
 
 LABELS = {
@@ -31,6 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--fresh", action="store_true", help="retrain and rebuild instead of reusing earlier results"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: OMP_NUM_THREADS, else the cores the load average leaves idle)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -69,15 +77,34 @@ def _on_step(name: str, state: DemoState) -> None:
     print(line, flush=True)
 
 
+def _start_line(progress: bool):
+    """Without progress bars (a log file, CI) a line as each step starts, so a slow step
+    is never silent; with bars the bar says it."""
+
+    def on_start(name: str, i: int, n: int) -> None:
+        if not progress:
+            print(f"[demo] step {i}/{n}: {name} …", flush=True)
+
+    return on_start
+
+
 def main(args: argparse.Namespace) -> int:
-    state = run_demo(
-        args.out,
-        iterations=args.iterations,
-        fresh=args.fresh,
-        progress=cli_progress(args.quiet),
-        on_step=_on_step,
-        skip=QUICK_SKIPS if args.quick else (),
-    )
+    threads, before = demo_threads(args.threads), torch.get_num_threads()
+    progress = cli_progress(args.quiet)
+    print(f"[demo] {threads} torch thread(s); writing {args.out}", flush=True)
+    torch.set_num_threads(threads)
+    try:
+        state = run_demo(
+            args.out,
+            iterations=args.iterations,
+            fresh=args.fresh,
+            progress=progress,
+            on_step=_on_step,
+            skip=QUICK_SKIPS if args.quick else (),
+            on_start=_start_line(progress),
+        )
+    finally:  # an in-process caller (a notebook, the tests) keeps its own setting
+        torch.set_num_threads(before)
     n = state.numbers
     print()
     print("qlab demo — results")

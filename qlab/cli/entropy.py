@@ -9,6 +9,7 @@ import pandas as pd
 
 from qlab.analysis.entropy_report import DEFAULT_CODECS, EntropyReport, entropy_report
 from qlab.analysis.rd import tensor_family
+from qlab.cli._args import plain
 from qlab.compress.predict import RECORD_CODEC
 from qlab.errors import ConfigError
 from qlab.eval.pipeline import resolve_dataset, resolve_model
@@ -21,7 +22,7 @@ HELP = "entropy and predicted compressed size of a checkpoint"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("entropy", help=HELP, description=__doc__)
+    p = subparsers.add_parser("entropy", help=HELP, description=plain(__doc__))
     p.add_argument("ckpt", metavar="CKPT", help="run dir, .safetensors, HF dir, .pt, .ptz or .qlab")
     p.add_argument("--policy", default="record", help="quantization policy preset (default: record)")
     p.add_argument("--measure", action="store_true", help="also compress for real with each codec")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from qlab.cli._args import add_model_checkpoint
+from qlab.cli._args import add_model_checkpoint, plain
 from qlab.errors import ConfigError
 from qlab.eval.bpb import evaluate_bpb
 from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
@@ -18,7 +18,7 @@ HELP = "val_loss and val_bpb of a checkpoint or artifact"
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help=HELP, description=__doc__)
+    p = subparsers.add_parser("eval", help=HELP, description=plain(__doc__))
     add_model_checkpoint(p)
     p.add_argument("--data", default="embedded", help="dataset directory, or 'embedded' (default)")
     p.add_argument("--stride", type=int, help="sliding-window stride (default: standard windows)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from qlab.figures import figure_table, generate_figures
 from qlab.figures.scale import SCALES
@@ -34,6 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", default=None, help="cache directory (default: data/cache/figures)")
     p.add_argument("--list", action="store_true", help="list the figure ids and what they show, then exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--notebook",
+        metavar="NAME",
+        default=None,
+        help="instead of the PNGs: execute this notebook (e.g. pr1394) with --checkpoint/--data/--scale/"
+        "--work-dir as its parameters, written to OUT/<name>.ipynb",
+    )
     p.set_defaults(func=main)
 
 
@@ -47,6 +55,14 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"\n{len(table)} figures; needs: weights: any checkpoint, model: a qlab run, none: papers' data"
         )
+        return 0
+    if args.notebook:
+        from qlab.figures.notebooks import notebook_path, run_notebook  # needs the notebooks extra
+
+        out = Path(args.out) / notebook_path(args.notebook).name
+        run_notebook(args.notebook, out, checkpoint=args.checkpoint, data=args.data, scale=args.scale,
+                     work_dir=args.work_dir)  # fmt: skip
+        print(f"executed notebook written to {out}")
         return 0
     df = generate_figures(
         args.out,

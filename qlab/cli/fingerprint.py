@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from qlab.analysis.fingerprint import fingerprint, write_fingerprint
+from qlab.cli._args import plain
 from qlab.errors import ConfigError
 from qlab.plots.fingerprints import render_fingerprint_figures
 from qlab.progress import cli_progress
@@ -29,7 +30,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "fingerprint",
         help=HELP,
-        description=__doc__,
+        description=plain(__doc__),
     )
     p.add_argument(
         "checkpoint", help="any checkpoint qlab reads (run dir, .safetensors, HF dir, .pt, .ptz, .qlab)"

@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from qlab.cli._args import plain
 from qlab.config import PRESETS, ModelConfig, get_preset
 from qlab.errors import ConfigError
 from qlab.model.gpt import GPT, parameter_table
@@ -22,7 +23,7 @@ HELP = "show a model preset's configuration and parameter count"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("info", help=HELP, description=__doc__)
+    parser = subparsers.add_parser("info", help=HELP, description=plain(__doc__))
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--preset", metavar="NAME", help=f"preset to describe ({', '.join(PRESETS)})")
     what.add_argument("--list", action="store_true", help="list the preset names with their sizes")

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from qlab.analysis.marginal import allocate, fit_predictor, marginal_table
+from qlab.cli._args import plain
 from qlab.errors import ConfigError
 from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
 from qlab.io.atomic import atomic_write_json, check_output
@@ -26,7 +27,7 @@ HELP = "Δbytes and paired Δbpb of changing one tensor group's bits or clip wid
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("marginal", help=HELP, description=__doc__)
+    p = subparsers.add_parser("marginal", help=HELP, description=plain(__doc__))
     p.add_argument("checkpoint", help="a qlab run directory (config.json + model.safetensors)")
     p.add_argument("--data", required=True, help="dataset directory (validation split and calibration data)")
     p.add_argument(

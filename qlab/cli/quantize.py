@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from qlab.cli._args import add_model_checkpoint
+from qlab.cli._args import add_model_checkpoint, plain
 from qlab.compress.budget import CAP, budget_table, code_bytes
 from qlab.compress.container import SYMBOL_CODEC
 from qlab.compress.solver import solve_k
@@ -37,7 +37,7 @@ HELP = "quantize a checkpoint into a 16 MB artifact"
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("quantize", help=HELP, description=__doc__)
+    p = subparsers.add_parser("quantize", help=HELP, description=plain(__doc__))
     add_model_checkpoint(p)
     p.add_argument("--policy", default="record", help="preset name or a .json/.yaml policy file")
     p.add_argument("--out", required=True, help="artifact path to write (e.g. model.qlab)")

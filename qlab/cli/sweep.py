@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from qlab.analysis import rd, rd_compare
+from qlab.cli._args import plain
 from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens, open_dataset
 from qlab.errors import ConfigError
 from qlab.io.atomic import atomic_write_text
@@ -26,7 +27,7 @@ HELP = "rate-distortion sweep over bits, k and clip rules"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("sweep", help=HELP, description=__doc__)
+    p = subparsers.add_parser("sweep", help=HELP, description=plain(__doc__))
     p.add_argument("ckpt", metavar="CKPT", help="any checkpoint (a qlab run directory for --data)")
     p.add_argument("--bits", default="4,5,6,7,8", help="bit widths, comma list (default 4,5,6,7,8)")
     p.add_argument("--k", default="6:20:2", help="SDClip k: start:stop:step (inclusive) or comma list")

@@ -41,6 +41,19 @@ class FigureSpec:
     description: str = ""
     weights_only: bool = False  # measurable on any weights file (no model, no data)
 
+    def code(self, show_table: bool = False) -> str:
+        """Python that draws this figure from a Workspace ``ws`` (tables module as ``T``)
+        with the table and plot calls spelled out, for a notebook cell a user can copy
+        (``show_table``: the table's head displayed first); ``FIGURES[id].build(ws)``
+        where the builder is more than one table and one plot call."""
+        source = getattr(self.build, "source", None)
+        parts = source() if callable(source) else None
+        if parts is None:
+            return f'FIGURES["{self.id}"].build(ws)'
+        module, func, table = parts
+        body = f"table = {table}\ndisplay(table.head())\n{func}(table)" if show_table else f"{func}({table})"
+        return f"from {module} import {func}\n\n{body}"
+
 
 # ---------------------------------------------------------------- builders needing a few lines
 def _paper(name: str) -> Callable[[Workspace], Figure]:
@@ -135,12 +148,14 @@ def _train_curve(ws: Workspace) -> Figure:
 def _plot(func: str, table: Callable[[Workspace], pd.DataFrame]) -> Callable[[Workspace], Figure]:
     """Build = ``func(table(ws))`` with ``func`` given by dotted path (imported lazily)."""
 
+    module, name = func.rsplit(".", 1)
+
     def build(ws: Workspace) -> Figure:
         import importlib
 
-        module, name = func.rsplit(".", 1)
         return getattr(importlib.import_module(module), name)(table(ws))
 
+    build.source = lambda: (module, name, f"T.{table.__name__}(ws)")  # type: ignore[attr-defined]
     return build
 
 
@@ -153,6 +168,15 @@ def _fingerprint(table: str, file: str) -> Callable[[Workspace], Figure]:
         make = dict(figure_makers()[table])[file]
         return make(T.fingerprint(ws, table))
 
+    def source() -> tuple[str, str, str] | None:
+        from qlab.plots.fingerprints import figure_makers
+
+        make = dict(figure_makers()[table])[file]
+        if "<locals>" in make.__qualname__:  # a wrapper that reshapes the table first
+            return None
+        return make.__module__, make.__name__, f'T.fingerprint(ws, "{table}")'
+
+    build.source = source  # type: ignore[attr-defined]
     return build
 
 
