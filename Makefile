@@ -44,6 +44,7 @@ gpu-check: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check qlab tests benchmarks
 	$(BIN)/ruff format --check qlab tests benchmarks
+	$(BIN)/lint-imports
 
 figures: $(STAMP)
 	$(BIN)/qlab figures --out figures

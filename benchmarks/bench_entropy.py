@@ -90,7 +90,7 @@ def _best_of_two(fn):
 
 def measure(label: str, path: Path, policy, notes: str) -> list[Record]:
     t_report, report = _best_of_two(lambda: entropy_report(path, policy))
-    from qlab.io.readers import load_state_dict
+    from qlab.loaders.readers import load_state_dict
 
     qsd = quantize_state_dict(load_state_dict(path), resolve_policy(policy))
     t_pred, predicted = _best_of_two(lambda: predict_compressed_bytes(qsd))

@@ -70,7 +70,7 @@ _CHILD = r"""
 import json, sys, time
 mode, path = sys.argv[1], sys.argv[2]
 import torch
-from qlab.io.readers import iter_tensors
+from qlab.loaders.readers import iter_tensors
 
 def hwm():
     for line in open("/proc/self/status"):

@@ -50,7 +50,7 @@ def _run(mode: str, out: Path) -> tuple[float, float]:
 def _eval_tokens_per_s(run_dir: Path) -> float:
     from qlab.data import build_byte_tables, default_dataset, load_tokenizer, load_validation_tokens
     from qlab.eval.bpb import evaluate_bpb
-    from qlab.io.checkpoint import load_model
+    from qlab.loaders import load_model
 
     model, mc = load_model(run_dir)
     info = default_dataset(vocab_size=mc.vocab_size)

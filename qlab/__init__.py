@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from qlab._version import __version__
+
 __all__ = ["load", "entropy", "analyze", "quantize", "sweep", "Workspace", "__version__"]
 
 _LAZY = {

@@ -20,7 +20,7 @@ from qlab.analysis.rd import DEFAULT_KS
 from qlab.analysis.rd import sweep as _sweep
 from qlab.analysis.spectra import spectral_summary
 from qlab.compress.container import write_artifact
-from qlab.io.readers import load_state_dict
+from qlab.loaders.readers import load_state_dict
 from qlab.progress import resolve_progress
 from qlab.quant.policy import Policy, quantize_state_dict, resolve_policy
 

@@ -111,7 +111,7 @@ def step_evaluate(state: DemoState) -> None:
     """Full validation bpb of the trained model beside the unigram and uniform baselines."""
     from qlab.eval.baselines import uniform_bpb, unigram_bpb
     from qlab.eval.bpb import evaluate_bpb
-    from qlab.io.checkpoint import load_model
+    from qlab.loaders import load_model
 
     model, model_cfg = load_model(state.run_dir)
     info = state.dataset

@@ -13,6 +13,7 @@ import torch
 from qlab.config import get_preset
 from qlab.errors import CheckpointError
 from qlab.io import checkpoint as ckpt
+from qlab.loaders import load_model
 from qlab.model.gpt import GPT
 from qlab.train.config import TrainConfig
 from qlab.train.ema import EMA
@@ -65,7 +66,7 @@ def test_roundtrip_ema_weights_and_resume_state(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["step"] == 2 and cfg["tokens_seen"] == 64 and cfg["weights"] == "ema"
     assert cfg["model"] == MC.to_dict() and cfg["train"] == TC.to_dict() and "qlab_version" in cfg
-    loaded, mc = ckpt.load_model(tmp_path)
+    loaded, mc = load_model(tmp_path)
     assert mc == MC
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, ema.weights_like(model)[k]), k
@@ -125,22 +126,22 @@ def test_mismatched_files_are_detected(tmp_path):
 
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        ckpt.load_model(tmp_path / "nope")
+        load_model(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="config.json"):
-        ckpt.load_model(tmp_path)
+        load_model(tmp_path)
     _save(tmp_path, step=1)
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        ckpt.load_model(tmp_path)
+        load_model(tmp_path)
     weights.write_bytes(data)
     (tmp_path / "optimizer.pt").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="optimizer.pt"):
         ckpt.resume_state(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt config"):
-        ckpt.load_model(tmp_path)
+        load_model(tmp_path)
 
 
 def test_unsafe_pickle_is_refused(tmp_path):
@@ -166,17 +167,17 @@ def test_config_mismatch_and_unknown_keys(tmp_path):
     cfg["model"]["num_heads"] = 4
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="shape"):
-        ckpt.load_model(tmp_path)
+        load_model(tmp_path)
     cfg["model"]["model_dim"], cfg["model"]["num_heads"] = 32, 2
     cfg["model"]["bogus_field"] = 1
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="bogus_field"):
-        ckpt.load_model(tmp_path)
+        load_model(tmp_path)
     del cfg["model"]["bogus_field"]
     cfg["model"]["num_layers"] = 1
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="unknown keys"):
-        ckpt.load_model(tmp_path)
+        load_model(tmp_path)
 
 
 def test_runlog_skips_torn_last_line_and_truncates(tmp_path):
@@ -205,7 +206,7 @@ def test_load_model_restores_depth_recurrence_mode(tmp_path, looping):
     opts = build_optimizers(model, TC)
     state = {"step": 1, "tokens_seen": 32, "looping": looping}
     ckpt.save_checkpoint(tmp_path / "run", model, None, opts, state, mc, TC)
-    loaded, _ = ckpt.load_model(tmp_path / "run")
+    loaded, _ = load_model(tmp_path / "run")
     assert loaded.looping is looping
     x = torch.randint(0, 64, (1, 16))
     assert torch.equal(loaded(x), model(x))
@@ -231,9 +232,9 @@ def test_weights_checksum_is_verified_on_load(tmp_path):
 
     ck.save_checkpoint(run, model, None, _Opt(), {"step": 1, "tokens_seen": 0}, cfg, TrainConfig())
     assert len(_json.loads((run / "config.json").read_text())["weights_sha256"]) == 64
-    ck.load_model(run)
+    load_model(run)
     data = bytearray((run / "model.safetensors").read_bytes())
     data[-1] ^= 1  # one flipped bit inside a tensor: still a valid safetensors file
     (run / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="weights_sha256"):
-        ck.load_model(run)
+        load_model(run)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import qlab.io.readers as readers
+import qlab.loaders.readers as readers
 from qlab.analysis.entropy_report import CAP_BYTES, entropy_report, store_tensor
 from qlab.compress.container import write_artifact
 from qlab.compress.predict import predict_compressed_bytes

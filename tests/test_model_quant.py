@@ -10,17 +10,16 @@ from qlab.compress.container import encode_artifact
 from qlab.compress.ptz import write_ptz
 from qlab.config import ModelConfig
 from qlab.errors import ArtifactError, DataError, QuantError
-from qlab.io.readers import load_state_dict
+from qlab.loaders import load_quantized, save_quantized
+from qlab.loaders.readers import load_state_dict
 from qlab.model.gpt import GPT
 from qlab.quant.model_quant import (
     calibration_batches,
     dequantize_entries,
     gptq_names,
-    load_quantized,
     model_hessians,
     ptz_tree,
     quantize_model,
-    save_quantized,
 )
 from qlab.quant.policy import Policy, Rule, TensorSpec, dequantize_state_dict, quantize_state_dict
 

@@ -55,7 +55,7 @@ def test_shard_index_cannot_point_outside_its_folder(tmp_path):
     import json
 
     from qlab.errors import CheckpointError
-    from qlab.io.readers import load_state_dict
+    from qlab.loaders.readers import load_state_dict
 
     outside = tmp_path / "secret.safetensors"
     save_file({"a": torch.zeros(2)}, str(outside))

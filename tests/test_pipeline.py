@@ -15,8 +15,8 @@ from qlab.errors import CheckpointError
 from qlab.eval.bpb import evaluate_bpb
 from qlab.eval.pipeline import COLUMNS, resolve_model, run_pipeline
 from qlab.eval.ttt import TTTConfig
+from qlab.loaders import load_quantized
 from qlab.model.gpt import GPT
-from qlab.quant.model_quant import load_quantized
 from qlab.quant.policy import Policy, Rule, TensorSpec
 
 CFG = ModelConfig(

@@ -7,13 +7,13 @@ import torch
 from scipy.linalg import hadamard as scipy_hadamard
 
 from qlab.analysis.geometry import excess_kurtosis
+from qlab.analysis.rotation import rotation_report
 from qlab.errors import QuantError
 from qlab.quant.rotation import (
     hadamard_matrix,
     make_rotation,
     quantize_rotated,
     rotate,
-    rotation_report,
     unrotate,
 )
 from qlab.quant.rtn import quantize_rtn

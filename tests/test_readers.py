@@ -7,8 +7,6 @@ import io
 import json
 import lzma
 import pickle
-import sys
-import types
 from pathlib import Path
 
 import brotli
@@ -18,10 +16,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import qlab.loaders.readers as readers
 from benchmarks.bench_reader_memory import synthetic_layout, write_synthetic_safetensors
 from qlab.errors import CheckpointError
 from qlab.io.formats import load_torch_file, release_pages
-from qlab.io.readers import FORMATS, TensorInfo, detect_format, iter_tensors, list_tensors, load_state_dict
+from qlab.loaders.readers import (
+    FORMATS,
+    TensorInfo,
+    detect_format,
+    iter_tensors,
+    list_tensors,
+    load_state_dict,
+)
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
 
@@ -575,18 +581,16 @@ def test_hf_dir_without_index_globs_shards(tmp_path):
 def test_qlab_artifact_bad_entries(tmp_path, monkeypatch):
     p = tmp_path / "bad.qlab"
     p.write_bytes(b"QLAB" + b"\0" * 16)
-    fake = types.ModuleType("qlab.compress.container")
     broken = _quantized(torch.randn(4, 4))
     broken.scheme = "no-such-scheme"
-    fake.read_artifact = lambda path: ({"w": broken}, {})
-    monkeypatch.setitem(sys.modules, "qlab.compress.container", fake)
+    monkeypatch.setattr(readers, "read_artifact", lambda path: ({"w": broken}, {}))
     with pytest.raises(CheckpointError, match="'w' cannot be dequantized.*no-such-scheme"):
         load_state_dict(p)
-    fake.read_artifact = lambda path: ({"w": [1, 2, 3]}, {})
+    monkeypatch.setattr(readers, "read_artifact", lambda path: ({"w": [1, 2, 3]}, {}))
     with pytest.raises(CheckpointError, match="'w' is a list, not a tensor"):
         list_tensors(p)
     kept = torch.randn(3).to(torch.float16)
-    fake.read_artifact = lambda path: ({"w": _Wrapped(kept, "float32")}, {})
+    monkeypatch.setattr(readers, "read_artifact", lambda path: ({"w": _Wrapped(kept, "float32")}, {}))
     assert torch.equal(load_state_dict(p)["w"], kept)  # passthrough-style wrapper: its one tensor
 
 

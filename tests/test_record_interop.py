@@ -116,8 +116,8 @@ def test_qlab_ptz_tree_decodes_with_the_records_rule(record_files, tiny_dataset)
 
 
 def test_record_path_a_artifacts_read_as_tensors(record_files, tmp_path):
-    from qlab.io.readers import load_state_dict
-    from qlab.quant.model_quant import save_quantized
+    from qlab.loaders import save_quantized
+    from qlab.loaders.readers import load_state_dict
 
     _, model = record_files
     policy = record_policy("record_pathA")

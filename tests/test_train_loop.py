@@ -9,6 +9,7 @@ from trainkit import SEQ, model_config, train_config
 from qlab.errors import ConfigError
 from qlab.io import checkpoint as ckpt
 from qlab.io.runlog import read_runlog
+from qlab.loaders import load_model
 from qlab.train.config import REGULARIZERS, register_regularizer
 from qlab.train.schedule import lr_multiplier
 from qlab.train.trainer import train
@@ -39,7 +40,7 @@ def test_trains_logs_and_checkpoints(tiny_dataset, tmp_path):
     assert list(log[log.kind == "val"].step) == [4]
     final = log[log.kind == "final"].iloc[0]
     assert final.val_bpb == pytest.approx(result.val_bpb) and final.weights == "ema"
-    model, _ = ckpt.load_model(tmp_path / "run")
+    model, _ = load_model(tmp_path / "run")
     assert model.config.vocab_size == tiny_dataset.vocab_size
 
 

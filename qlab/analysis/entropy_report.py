@@ -1,7 +1,7 @@
 """``qlab entropy``: how many bytes a checkpoint costs under a quantization policy.
 
 :func:`entropy_report` streams a checkpoint tensor by tensor (any format
-:func:`qlab.io.readers.iter_tensors` reads), stores each tensor as the policy says, and
+:func:`qlab.loaders.readers.iter_tensors` reads), stores each tensor as the policy says, and
 reports per tensor: the entropies of the stored symbols (order-0, mean per-row,
 order-1), the scale overhead and the **predicted brotli-11 size** of the records'
 serialisation (:mod:`qlab.compress.predict`), against the 16,000,000-byte cap.
@@ -263,7 +263,7 @@ def _source(
         return iter(items), "state dict", False
     if not isinstance(src, (str, os.PathLike)):
         raise ConfigError(f"entropy_report needs a path or a state dict, got {type(src).__name__}")
-    from qlab.io.readers import detect_format, iter_tensors
+    from qlab.loaders.readers import detect_format, iter_tensors
 
     path = Path(src)
     if detect_format(path) == "qlab-artifact":

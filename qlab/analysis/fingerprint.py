@@ -104,7 +104,7 @@ def _state_dict(source: StateDictLike, what: str) -> dict[str, torch.Tensor]:
             raise DataError(f"{what}: the state dict is empty")
         return {k: v.detach() for k, v in source.items() if isinstance(v, torch.Tensor)}
     if isinstance(source, (str, os.PathLike)):
-        from qlab.io.readers import load_state_dict
+        from qlab.loaders.readers import load_state_dict
 
         return load_state_dict(source)
     raise ConfigError(f"{what}: expected a state dict or a checkpoint path, got {type(source).__name__}")
@@ -438,7 +438,7 @@ def fingerprint(
     weights always and by activations when it is a run directory too. ``sensitivity``
     adds the per-block table (:func:`sensitivity_quantizer` at ``sensitivity_bits``).
     """
-    from qlab.io.readers import detect_format
+    from qlab.loaders.readers import detect_format
 
     if not isinstance(n_tokens, int) or n_tokens < 8:
         raise ConfigError(f"n_tokens must be an integer ≥ 8, got {n_tokens!r}")
@@ -469,7 +469,7 @@ def _with_activations(job: _Job, data: Any) -> tuple[dict[str, pd.DataFrame], di
     """Weight and activation tables of a run directory, sharing one quantized copy."""
     from qlab.data.tokenizer import build_byte_tables, load_tokenizer
     from qlab.eval.pipeline import resolve_dataset, resolve_model
-    from qlab.io.readers import detect_format
+    from qlab.loaders.readers import detect_format
 
     model, _ = resolve_model(job.ckpt)
     cfg = model.config

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from qlab.errors import DataError
+from qlab.eval.stages import STAGE_LABELS, STAGES, attribute_stages
 
 __all__ = [
     "REGULARIZERS",
@@ -60,24 +61,6 @@ __all__ = [
 ]
 
 REGULARIZERS = ("QAHSP", "ES", "AOS", "HSU", "WBC", "WOP", "PCS", "SimCTG")
-#: Evaluation stages in pipeline order, named as the records' logs name them.
-STAGES = (
-    "pre-quantization post-ema",
-    "post-prequant-ttt",
-    "quantized",
-    "quantized_sliding_window",
-    "quantized_ttt_phased",
-    "legal_ttt",
-)
-STAGE_LABELS = {
-    "pre-quantization post-ema": "pre-quant",
-    "post-prequant-ttt": "after pre-quant TTT",
-    "quantized": "quantized",
-    "quantized_sliding_window": "sliding window",
-    "quantized_ttt_phased": "phased TTT",
-    "legal_ttt": "score-first TTT",
-}
-_TTT_STAGES = ("quantized_ttt_phased", "legal_ttt")
 _RENAME_ISO = {"isoscore": "mean_abs_cos", "isoscore_post": "mean_abs_cos_post"}
 
 
@@ -300,28 +283,6 @@ def stage_attribution(long: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     computed = set(attribute_stages({}))
     return pd.DataFrame(rows).reindex(columns=[c for c in _WIDE_COLUMNS if c in keys or c in computed])
-
-
-def attribute_stages(by: Mapping[str, float]) -> dict:
-    """Stage bpbs keyed by record stage names → the attribution columns (deltas in mBPB)."""
-    nan = math.nan
-    pre, pqt = by.get(STAGES[0], nan), by.get("post-prequant-ttt", nan)
-    quant, slide = by.get("quantized", nan), by.get("quantized_sliding_window", nan)
-    ttt = next((by[s] for s in _TTT_STAGES if s in by), nan)
-    float_ref = pqt if not math.isnan(pqt) else pre
-    ttt_ref = slide if not math.isnan(slide) else quant
-    final = next((by[s] for s in reversed(STAGES) if s in by), nan)
-    return {
-        "pre_quant_bpb": pre,
-        "prequant_ttt_bpb": pqt,
-        "quantized_bpb": quant,
-        "sliding_bpb": slide,
-        "ttt_bpb": ttt,
-        "quant_tax_mbpb": 1e3 * (quant - float_ref),
-        "sliding_gain_mbpb": 1e3 * (slide - quant),
-        "ttt_gain_mbpb": 1e3 * (ttt - ttt_ref),
-        "final_bpb": final,
-    }
 
 
 def pr2011_baselines(root: str | Path | None = None) -> dict[str, float]:

@@ -119,7 +119,7 @@ def load_matrices(
     if isinstance(src, Mapping):
         items: Iterable = src.items()
     else:
-        from qlab.io.readers import iter_tensors
+        from qlab.loaders.readers import iter_tensors
 
         items = iter_tensors(src, names=wanted)
     out = {}

@@ -19,7 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from qlab import __version__
+from qlab._version import __version__
 from qlab.errors import QlabError
 
 

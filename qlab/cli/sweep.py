@@ -18,7 +18,7 @@ from qlab.cli._args import plain
 from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens, open_dataset
 from qlab.errors import ConfigError
 from qlab.io.atomic import atomic_write_text
-from qlab.io.checkpoint import load_model
+from qlab.loaders import load_model
 from qlab.plots import rd as plots
 from qlab.plots.style import save_figure
 from qlab.progress import cli_progress

@@ -24,13 +24,13 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from qlab.analysis.papers import STAGES, attribute_stages
 from qlab.compress.budget import CAP, predict_artifact_bytes
 from qlab.compress.container import encode_artifact
 from qlab.errors import ConfigError
 from qlab.eval.bpb import evaluate_bpb
+from qlab.eval.stages import STAGES, attribute_stages
 from qlab.io.checkpoint import load_weights
-from qlab.io.readers import load_state_dict
+from qlab.loaders.readers import load_state_dict
 from qlab.model.gpt import GPT
 from qlab.model.infer import infer_model_config
 from qlab.quant.model_quant import QuantizedModel, calibration_batches, model_extra, quantize_model
@@ -89,16 +89,16 @@ def resolve_model(
     if isinstance(model_or_ckpt, nn.Module):
         return model_or_ckpt, type(model_or_ckpt).__name__
     path = Path(model_or_ckpt)
-    from qlab.io.readers import detect_format
+    from qlab.loaders.readers import detect_format
 
     fmt = detect_format(path)
     if fmt == "qlab-run":
-        from qlab.io.checkpoint import load_model
+        from qlab.loaders import load_model
 
         model, _ = load_model(path)
         return model, str(path)
     if fmt == "qlab-artifact":
-        from qlab.quant.model_quant import load_quantized
+        from qlab.loaders import load_quantized
 
         return load_quantized(path).model, str(path)
     state = load_state_dict(path)

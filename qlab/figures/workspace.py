@@ -45,7 +45,7 @@ def figure_policy() -> Policy:
 def _checkpoint_key(path: Path) -> str:
     """Path + size + mtime of the weights: a retrained checkpoint gets a fresh cache."""
     from qlab.io.checkpoint import committed_file, has_checkpoint
-    from qlab.io.readers import detect_format
+    from qlab.loaders.readers import detect_format
 
     detect_format(path)  # a path qlab cannot read fails here, naming the formats it can
     try:
@@ -150,7 +150,7 @@ class Workspace:
 
     @functools.cached_property
     def model(self) -> nn.Module:
-        from qlab.io.checkpoint import load_model
+        from qlab.loaders import load_model
 
         model, _ = load_model(self.run_dir)
         model.eval()
@@ -207,7 +207,7 @@ class Workspace:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every floating-point tensor as fp32: the model's, or the weights file's."""
         if self.weights_only:
-            from qlab.io.readers import load_state_dict
+            from qlab.loaders.readers import load_state_dict
 
             sd = load_state_dict(self.checkpoint)
         else:

@@ -30,7 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
-from qlab.errors import CheckpointError, ConfigError
+from qlab._version import __version__
+from qlab.errors import CheckpointError
 from qlab.io.atomic import atomic_write_bytes, atomic_write_json
 
 CONFIG_NAME = "config.json"
@@ -42,8 +43,6 @@ _FILES = (STATE_NAME, WEIGHTS_NAME, CONFIG_NAME)  # commit order: config.json la
 
 
 def _version() -> str:
-    from qlab import __version__
-
     return __version__
 
 
@@ -207,23 +206,6 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """Rebuild the GPT of a run directory with its saved (EMA) weights: (model, ModelConfig)."""
-    from qlab.config import ModelConfig
-    from qlab.model.gpt import GPT
-
-    state, cfg = load_checkpoint(path)
-    try:
-        model_config = ModelConfig.from_dict(cfg["model"])
-    except ConfigError as exc:
-        raise CheckpointError(f"{path}: config.json 'model' does not describe a valid model ({exc})") from exc
-    model = GPT(model_config)
-    load_weights(model, state, str(path))
-    if cfg.get("looping") and model_config.loop_layers is not None:
-        model.set_looping(True)
-    return model.to(device), model_config
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

@@ -1,6 +1,6 @@
 """Low-level, validating readers for the file formats a checkpoint can come in.
 
-Two ideas live here, both below the public API of :mod:`qlab.io.readers`:
+Two ideas live here, both below the public API of :mod:`qlab.loaders.readers`:
 
 * **safetensors** is parsed by hand (u64 little-endian header length, a JSON header
   mapping names to ``dtype`` / ``shape`` / ``data_offsets``, then raw little-endian

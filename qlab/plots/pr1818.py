@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from qlab.analysis.papers import STAGE_LABELS, STAGES
 from qlab.errors import DataError
+from qlab.eval.stages import STAGE_LABELS, STAGES
 from qlab.plots.style import (
     SOURCE_LINESTYLES,
     annotate_bars,

@@ -16,8 +16,9 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from qlab.analysis.papers import REGULARIZERS, STAGE_LABELS, STAGES
+from qlab.analysis.papers import REGULARIZERS
 from qlab.errors import DataError
+from qlab.eval.stages import STAGE_LABELS, STAGES
 from qlab.plots.style import (
     SOURCE_HATCHES,
     SOURCE_LINESTYLES,

@@ -18,17 +18,15 @@ model config, so :func:`load_quantized` rebuilds the model from the file alone;
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from qlab.errors import ArtifactError, CheckpointError, DataError, QlabError, QuantError
+from qlab.errors import DataError, QuantError
 from qlab.quant.policy import Passthrough, Policy, dequantize_state_dict, quantize_state_dict
 from qlab.quant.tensor import QuantizedTensor
 
@@ -217,63 +215,6 @@ def model_extra(model: nn.Module, aliases: Mapping[str, str] | None = None, **mo
         extra["model_config"] = config.to_dict()
         extra["looping"] = bool(getattr(model, "looping", False))
     return extra
-
-
-def save_quantized(
-    path: str | os.PathLike,
-    qm: QuantizedModel,
-    policy: Policy,
-    *,
-    codec: str = "brotli-11",
-    extra: dict | None = None,
-) -> Path:
-    """Write ``qm`` as a qlab artifact whose header carries the model config (atomic)."""
-    from qlab.compress.container import write_artifact
-
-    head = model_extra(qm.dequantized_model, qm.meta.get("aliases"), **(extra or {}))
-    return write_artifact(path, qm.quantized_state, policy=policy.to_dict(), codec=codec, extra=head)
-
-
-@dataclass
-class LoadedArtifact:
-    """A model rebuilt from a qlab artifact: the model, its stored entries and the header."""
-
-    model: nn.Module
-    entries: dict[str, Any]
-    header: dict[str, Any]
-
-
-def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> LoadedArtifact:
-    """Read an artifact and load its dequantized weights into ``model`` or a GPT rebuilt from
-    the ``model_config`` in the header (ArtifactError when neither is available)."""
-    from qlab.compress.container import read_artifact
-
-    entries, header = read_artifact(path)
-    extra = header.get("extra") or {}
-    if model is None:
-        model = _model_from_extra(extra, path)
-    try:
-        load_dequantized(model, entries, extra.get("aliases"), where=str(path))
-    except (CheckpointError, QuantError) as exc:
-        raise ArtifactError(f"{path}: stored tensors do not fit the model ({exc})") from exc
-    return LoadedArtifact(model, entries, header)
-
-
-def _model_from_extra(extra: Mapping, path) -> nn.Module:
-    from qlab.config import ModelConfig
-    from qlab.model.gpt import GPT
-
-    if "model_config" not in extra:
-        raise ArtifactError(
-            f"{path}: the artifact header holds no model_config; pass the model to load it into"
-        )
-    try:
-        model = GPT(ModelConfig.from_dict(extra["model_config"]))
-        if extra.get("looping"):
-            model.set_looping(True)
-    except QlabError as exc:
-        raise ArtifactError(f"{path}: header model_config is not a valid model ({exc})") from exc
-    return model
 
 
 # --------------------------------------------------------------------------- .ptz export

@@ -6,15 +6,14 @@ many columns, lowering the kurtosis and the max error of the rounding. Q here is
 block-diagonal of normalised Sylvester Walsh–Hadamard blocks (power-of-two sizes: the
 greedy binary decomposition of the column count, or a fixed ``block_size``), optionally
 preceded by random ±1 sign flips drawn from ``seed``. PR #1718 reports no gain on
-Muon-trained weights (kurtosis ≈ −1.2), which :func:`rotation_report` lets one check
-(kurtosis from :func:`qlab.analysis.geometry.excess_kurtosis`).
+Muon-trained weights (kurtosis ≈ −1.2), which
+:func:`qlab.analysis.rotation.rotation_report` lets one check.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pandas as pd
 import torch
 
 from qlab.errors import QuantError
@@ -27,7 +26,7 @@ __all__ = [
     "rotate",
     "unrotate",
     "quantize_rotated",
-    "rotation_report",
+    "check_rotatable",
 ]
 
 
@@ -104,7 +103,8 @@ def make_rotation(n: int, *, seed: int | None = None, block_size: int | None = N
     return Rotation(n=n, blocks=_blocks(n, block_size), signs=signs, seed=seed)
 
 
-def _check_w(w: torch.Tensor, name: str | None) -> None:
+def check_rotatable(w: torch.Tensor, name: str | None) -> None:
+    """QuantError unless ``w`` is a finite floating-point tensor with ≥ 1 dimension."""
     if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() == 0:
         raise QuantError(f"tensor {name!r}: rotation needs a floating-point tensor with ≥ 1 dimension")
     check_finite(w, name)
@@ -112,13 +112,13 @@ def _check_w(w: torch.Tensor, name: str | None) -> None:
 
 def rotate(w: torch.Tensor, *, seed: int | None = None, block_size: int | None = None) -> torch.Tensor:
     """W·Q for the rotation of W's last dimension (see :func:`make_rotation`)."""
-    _check_w(w, None)
+    check_rotatable(w, None)
     return make_rotation(int(w.shape[-1]), seed=seed, block_size=block_size).rotate(w)
 
 
 def unrotate(w: torch.Tensor, *, seed: int | None = None, block_size: int | None = None) -> torch.Tensor:
     """W·Qᵀ — undoes :func:`rotate` called with the same ``seed`` and ``block_size``."""
-    _check_w(w, None)
+    check_rotatable(w, None)
     return make_rotation(int(w.shape[-1]), seed=seed, block_size=block_size).unrotate(w)
 
 
@@ -134,7 +134,7 @@ def quantize_rotated(
     """RTN-quantize W·Q; ``dequantize`` of the result returns to the original basis."""
     from qlab.quant.rtn import quantize_rtn
 
-    _check_w(w, name)
+    check_rotatable(w, name)
     rot = make_rotation(int(w.shape[-1]), seed=seed, block_size=block_size)
     q = quantize_rtn(rot.rotate(w.to(torch.float32)), bits, name=name, **rtn_kwargs)
     q.meta = {**q.meta, "inner_scheme": q.scheme, "rotation_seed": seed, "rotation_block_size": block_size}
@@ -151,30 +151,3 @@ def _dequantize_rotated(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 register_dequantizer("rotated", _dequantize_rotated)
-
-
-def rotation_report(
-    weights: dict[str, torch.Tensor], bits: int = 4, *, seed: int | None = 0, **rtn_kwargs
-) -> pd.DataFrame:
-    """Per tensor: excess kurtosis and RTN max / RMS error with and without the rotation."""
-    from qlab.analysis.geometry import excess_kurtosis  # analysis sits above quant: import late
-    from qlab.quant.rtn import quantize_rtn
-
-    rows = []
-    for name, w in weights.items():
-        _check_w(w, name)
-        wf = w.detach().to(torch.float32)
-        plain = dequantize(quantize_rtn(wf, bits, name=name, **rtn_kwargs))
-        rot = dequantize(quantize_rotated(wf, bits, seed=seed, name=name, **rtn_kwargs))
-        rows.append(
-            {
-                "name": name,
-                "kurtosis": excess_kurtosis(wf),
-                "kurtosis_rotated": excess_kurtosis(rotate(wf, seed=seed)),
-                "max_err": float((plain - wf).abs().max()),
-                "max_err_rotated": float((rot - wf).abs().max()),
-                "rms_err": float((plain - wf).pow(2).mean().sqrt()),
-                "rms_err_rotated": float((rot - wf).pow(2).mean().sqrt()),
-            }
-        )
-    return pd.DataFrame(rows)

@@ -32,9 +32,9 @@ from qlab.data.dataset import open_dataset
 from qlab.data.shards import read_shard, write_shard
 from qlab.data.tokenizer import load_tokenizer
 from qlab.errors import QlabError
-from qlab.io.checkpoint import load_model
-from qlab.io.readers import load_state_dict
-from qlab.quant.model_quant import ptz_tree, quantize_model, save_quantized
+from qlab.loaders import load_model, save_quantized
+from qlab.loaders.readers import load_state_dict
+from qlab.quant.model_quant import ptz_tree, quantize_model
 from qlab.quant.policy import load_policy, record_policy
 from qlab.train.config import TrainConfig
 

@@ -144,7 +144,7 @@ def _train(tc, mc, progress: bool) -> dict[str, Any]:
 
 
 def _measure(spec: MatrixSpec, cell: Cell, tc, run_dir: Path, progress: bool) -> dict[str, Any]:
-    from qlab.io.checkpoint import load_model
+    from qlab.loaders import load_model
     from qlab.train.trainer import resolve_device
 
     device = torch.device(resolve_device(tc.device))

@@ -22,7 +22,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from qlab.compress.container import read_artifact
+from qlab.compress.ptz import read_ptz
 from qlab.errors import CheckpointError, QlabError
+from qlab.io.checkpoint import committed_file
 from qlab.io.formats import (
     decode_pg_tree,
     dtype_from_name,
@@ -32,6 +35,7 @@ from qlab.io.formats import (
     read_safetensors_tensor,
     release_pages,
 )
+from qlab.quant.tensor import QuantizedTensor, dequantize
 
 __all__ = ["FORMATS", "TensorInfo", "detect_format", "list_tensors", "iter_tensors", "load_state_dict"]
 
@@ -100,9 +104,7 @@ def _head(p: Path, n: int) -> bytes:
 
 def _run_file(run_dir: Path, name: str) -> Path:
     """Where a run directory's committed ``name`` is (a complete staging folder is newer)."""
-    from qlab.io.checkpoint import committed_file  # one definition of the commit protocol
-
-    return committed_file(run_dir, name)
+    return committed_file(run_dir, name)  # one definition of the commit protocol
 
 
 def _detect_dir(p: Path) -> str:
@@ -239,20 +241,14 @@ def _load_whole(src: _Source, raw_codes: bool = False) -> tuple[dict[str, object
 
 
 def _quantized_type() -> type:
-    from qlab.quant.tensor import QuantizedTensor  # lazy: quant imports are heavier than io's
-
     return QuantizedTensor
 
 
 def _read_ptz(path: Path, raw_codes: bool) -> dict[str, object]:
-    from qlab.compress.ptz import read_ptz  # lazy: compress depends on io, not the reverse
-
     return decode_pg_tree(_wrap(read_ptz, path), path, raw_codes)
 
 
 def _read_qlab(path: Path) -> dict[str, object]:
-    from qlab.compress.container import read_artifact
-
     return _as_tensor_dict(_wrap(read_artifact, path), path)
 
 
@@ -314,8 +310,6 @@ def _iter_whole(src: _Source, wanted: set[str] | None, raw_codes: bool, strict: 
 
 
 def _dequantize(q: object, name: str, file: Path) -> torch.Tensor:
-    from qlab.quant.tensor import dequantize
-
     try:
         return dequantize(q)
     except QlabError as e:
