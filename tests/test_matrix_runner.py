@@ -205,3 +205,46 @@ def test_corrupt_cell_file_is_named(killed_run, tmp_path):
         collect_results(tmp_path)
     with pytest.raises(DataError, match="no cell results"):
         collect_results(tmp_path / "empty")
+
+
+def test_a_matrix_cell_and_qlab_quantize_report_the_same_bytes_and_bpb(
+    killed_run, tiny_dataset, tmp_path, capsys
+):
+    """One pipeline: a cell's measurement is run_pipeline, exactly what `qlab quantize` runs."""
+    from qlab.analysis.matrix.measure import EvalData, measure_pipeline
+    from qlab.analysis.matrix.spec import EvalSpec
+    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
+    from qlab.loaders import load_model
+    from qlab.quant.policy import load_policy
+
+    out, _, _ = killed_run
+    run_dir = next((out / "runs").iterdir())
+    gptq = {"rules": [{"pattern": "*", "ndim": 2, "spec": {"method": "gptq", "bits": 6, "clip": "sdclip",
+                                                            "clip_params": {"k": 12.85}}}],
+            "default": {"method": "passthrough", "passthrough_dtype": "fp16"}}  # fmt: skip
+    policy_file = tmp_path / "gptq6.json"
+    policy_file.write_text(json.dumps({"name": "gptq6", **gptq}))
+    model, mc = load_model(run_dir)
+    seq = mc.train_seq_len
+    data = EvalData(load_validation_tokens(tiny_dataset.val_files, seq),
+                    build_byte_tables(load_tokenizer(tiny_dataset.tokenizer_path), mc.vocab_size),
+                    seq, torch.device("cpu"), dataset=tiny_dataset, source=str(run_dir))  # fmt: skip
+    spec = EvalSpec(val_max_tokens=2049, batch_seqs=8, sliding_stride=32, calibration_seqs=16)
+    (cell,) = measure_pipeline(model, data, spec, {"gptq6": load_policy(policy_file)})
+    artifact = tmp_path / "m.qlab"
+    args = ["quantize", str(run_dir), "--data", str(tiny_dataset.root), "--policy", str(policy_file),
+            "--calib-batches", "2", "--calib-batch-seqs", "8", "--seq-len", str(seq), "--stride", "32",
+            "--eval-tokens", "2049", "--out", str(artifact), "--no-progress"]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert artifact.stat().st_size == cell["artifact_bytes"]  # the real container, byte for byte
+    assert f"{cell['artifact_bytes']:,} B" in text and "GPTQ with Hessians" in text
+    for stage, label in (
+        ("pre_quant_bpb", "pre-quant"),
+        ("quantized_bpb", "quantized"),
+        ("sliding_bpb", "sliding"),
+    ):
+        assert f"{label + ':':<14} val_bpb {cell[stage]:.4f}" in text, (stage, text)
+    tax = 1e3 * (cell["quantized_bpb"] - cell["pre_quant_bpb"])
+    assert f"quant tax {tax:+.2f} mBPB" in text

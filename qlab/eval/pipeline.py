@@ -30,7 +30,8 @@ from qlab.errors import ConfigError
 from qlab.eval.bpb import evaluate_bpb
 from qlab.eval.stages import STAGES, attribute_stages
 from qlab.io.checkpoint import load_weights
-from qlab.loaders.readers import load_state_dict
+from qlab.loaders import load_model, load_quantized
+from qlab.loaders.readers import detect_format, load_state_dict
 from qlab.model.gpt import GPT
 from qlab.model.infer import infer_model_config
 from qlab.quant.model_quant import QuantizedModel, calibration_batches, model_extra, quantize_model
@@ -89,17 +90,11 @@ def resolve_model(
     if isinstance(model_or_ckpt, nn.Module):
         return model_or_ckpt, type(model_or_ckpt).__name__
     path = Path(model_or_ckpt)
-    from qlab.loaders.readers import detect_format
-
     fmt = detect_format(path)
     if fmt == "qlab-run":
-        from qlab.loaders import load_model
-
         model, _ = load_model(path)
         return model, str(path)
     if fmt == "qlab-artifact":
-        from qlab.loaders import load_quantized
-
         return load_quantized(path).model, str(path)
     state = load_state_dict(path)
     config = infer_model_config({k: tuple(v.shape) for k, v in state.items()}, preset or "record", str(path))
@@ -154,9 +149,16 @@ def run_pipeline(
     cap: int = CAP,
     hessians: dict | None = None,
     extra: dict | None = None,
+    eval_batch_seqs: int = 8,
+    autocast: str | None = None,
     progress: bool = False,
 ) -> PipelineResult:
-    """Run every stage and return the row, the quantized model and the artifact bytes."""
+    """Run every stage and return the row, the quantized model and the artifact bytes.
+
+    The one quantize→evaluate path: ``qlab quantize``, the demo and every matrix cell
+    call it, so ``artifact_bytes`` (the real container + ``code_bytes``) and the stage bpbs
+    mean the same everywhere. Evaluation runs on the model's device, with ``autocast``
+    (e.g. ``"bf16"`` on CUDA) and ``eval_batch_seqs`` sequences per forward pass."""
     model, label = resolve_model(model_or_ckpt)
     policy = get_policy(policy) if isinstance(policy, str) else policy
     vocab = model.config.vocab_size if hasattr(model, "config") else None
@@ -167,12 +169,15 @@ def run_pipeline(
     if vocab is not None and data.vocab_size > vocab:
         raise ConfigError(f"dataset vocab {data.vocab_size} exceeds the model's vocab {vocab}")
     val, tables = validation_inputs(data, seq_len, vocab)
-    ev = dict(seq_len=seq_len, max_tokens=max_eval_tokens, progress=progress)
+    ev = dict(seq_len=seq_len, max_tokens=max_eval_tokens, batch_seqs=eval_batch_seqs, autocast=autocast,
+              progress=progress)  # fmt: skip
     pre, t_pre = _timed(evaluate_bpb, model, val, tables, **ev)
     train_len = getattr(getattr(model, "config", None), "train_seq_len", seq_len)
     batches = None
     if hessians is None and calib_batches:
         batches = calibration_batches(data, calib_batches, seq_len=train_len, batch_seqs=calib_batch_seqs)
+        device = next(model.parameters()).device
+        batches = [b.to(device) for b in batches]  # the Hessian hooks run where the model is
     qm, t_quant = _timed(quantize_model, model, policy, batches, hessians=hessians, progress=progress)
     if hessians is not None:
         qm.meta["calib_batches"] = calib_batches  # the batches the given Hessians came from

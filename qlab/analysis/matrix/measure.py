@@ -1,10 +1,12 @@
 """What one matrix cell measures on its trained model.
 
-* **Pipeline, per weight policy**: pre-quant bpb (the saved EMA weights), then the model
-  with its weights quantized by the policy and dequantized: quantized bpb, sliding-window
-  bpb (if ``eval.sliding_stride``), score-first TTT bpb (if ``eval.ttt``), and the
-  artifact size predicted by :func:`qlab.compress.predict.predict_compressed_bytes`
-  (brotli-11 of the records' serialisation) for the quantized state dict.
+* **Pipeline, per weight policy**: :func:`qlab.eval.pipeline.run_pipeline`, exactly what
+  ``qlab quantize`` runs — pre-quant bpb (the saved EMA weights), GPTQ calibrated on
+  ``⌈calibration_seqs / 8⌉`` batches of 8 training sequences from the shuffled loader (none:
+  RTN), quantized bpb, sliding-window bpb (if ``eval.sliding_stride``), score-first TTT bpb
+  (if ``eval.ttt``), and the real artifact bytes (the ``.qlab`` container, brotli-11) with
+  their prediction. A cell and ``qlab quantize`` with the same settings report the same
+  bytes and bpb (tested).
 * **Hidden states, per PR #2011 scheme**: the float model's final hidden states (output of
   the final norm) on a fixed batch of ``hidden_tokens`` validation tokens — 128 × d as in
   the paper — quantized by each scheme (:func:`qlab.analysis.hidden_quant.hidden_quant_table`),
@@ -16,7 +18,6 @@ batch is the same token sequence for every variant and seed.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ from qlab.analysis.hidden_quant import hidden_quant_table
 from qlab.analysis.matrix.spec import EvalSpec
 from qlab.data.tokenizer import ByteTables
 from qlab.errors import DataError
+from qlab.eval.pipeline import run_pipeline
+from qlab.eval.ttt import TTTConfig
 
 __all__ = ["EvalData", "hidden_batch", "measure_hidden", "measure_pipeline"]
 
@@ -43,7 +46,8 @@ class EvalData:
     byte_tables: ByteTables
     seq_len: int
     device: torch.device
-    train_tokens: torch.Tensor | None = None  # for GPTQ calibration (training split only)
+    dataset: Any = None  # the DatasetInfo: calibration batches come from its training shards
+    source: str | None = None  # the checkpoint's path, kept in the artifact header as `qlab quantize` does
 
     @property
     def autocast(self) -> str | None:
@@ -83,26 +87,8 @@ def measure_hidden(model: nn.Module, data: EvalData, spec: EvalSpec) -> tuple[li
     return table.to_dict("records"), hidden_state_metrics(h)
 
 
-def _bpb(model: nn.Module, data: EvalData, spec: EvalSpec, stride: int | None) -> float:
-    from qlab.eval.bpb import evaluate_bpb
-
-    return evaluate_bpb(
-        model,
-        data.val_tokens,
-        data.byte_tables,
-        seq_len=data.seq_len,
-        batch_seqs=spec.batch_seqs,
-        stride=stride,
-        device=data.device,
-        max_tokens=spec.val_max_tokens or None,
-        autocast=data.autocast,
-    ).val_bpb
-
-
-def _ttt_bpb(model: nn.Module, data: EvalData, spec: EvalSpec, progress: bool) -> float:
-    from qlab.eval.ttt import TTTConfig, score_first_ttt
-
-    cfg = TTTConfig(
+def _ttt_config(data: EvalData, spec: EvalSpec) -> TTTConfig:
+    return TTTConfig(
         **{
             "score_batch_seqs": spec.batch_seqs,
             **dict(spec.ttt or {}),
@@ -112,53 +98,30 @@ def _ttt_bpb(model: nn.Module, data: EvalData, spec: EvalSpec, progress: bool) -
             "autocast": data.autocast,
         }
     )
-    return score_first_ttt(
-        model, data.val_tokens, data.byte_tables, cfg, device=data.device, progress=progress
-    ).val_bpb
-
-
-def _hessians(model: nn.Module, data: EvalData, n_seqs: int) -> dict[str, torch.Tensor]:
-    from qlab.quant.hessian import collect_hessians
-
-    if n_seqs == 0:
-        return {}
-    if data.train_tokens is None or data.train_tokens.numel() < n_seqs * data.seq_len:
-        raise DataError(f"GPTQ calibration needs {n_seqs} × {data.seq_len} training tokens")
-    x = data.train_tokens[: n_seqs * data.seq_len].to(torch.int64).view(n_seqs, data.seq_len)
-    batches = [b.to(data.device) for b in x.split(CALIBRATION_BATCH)]
-    model.eval()
-    return collect_hessians(model, batches, min_numel=0)
-
-
-def quantized_model(model: nn.Module, policy, hessians: dict[str, torch.Tensor]) -> tuple[nn.Module, Any]:
-    """(a copy of ``model`` holding the policy's dequantized weights, the quantized state dict)."""
-    from qlab.quant.policy import dequantize_state_dict, quantize_state_dict
-
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    qsd = quantize_state_dict(state, policy, hessians={k: v.cpu() for k, v in hessians.items()})
-    deq = dequantize_state_dict(qsd, torch.float32)
-    work = copy.deepcopy(model)
-    device = next(model.parameters()).device
-    work.load_state_dict({k: v.to(device) for k, v in deq.items()})
-    return work, qsd
 
 
 def measure_pipeline(
     model: nn.Module, data: EvalData, spec: EvalSpec, policies: dict[str, Any], progress: bool = False
 ) -> list[dict]:
     """One row per weight policy: policy, stage bpbs (NaN when a stage is off), artifact bytes."""
-    from qlab.compress.predict import predict_compressed_bytes
-
-    pre = _bpb(model, data, spec, None)
-    hessians = _hessians(model, data, spec.calibration_seqs)
+    if data.dataset is None:
+        raise DataError("matrix cell: EvalData.dataset is needed for calibration and the pipeline")
+    calib = math.ceil(spec.calibration_seqs / CALIBRATION_BATCH) if spec.calibration_seqs else 0
+    ttt = _ttt_config(data, spec) if spec.ttt is not None else None
     rows = []
     for name, policy in policies.items():
-        qmodel, qsd = quantized_model(model, policy, hessians)
-        row = {"policy": name, "pre_quant_bpb": pre, "quantized_bpb": _bpb(qmodel, data, spec, None)}
-        row["sliding_bpb"] = (
-            _bpb(qmodel, data, spec, spec.sliding_stride) if spec.sliding_stride else math.nan
+        res = run_pipeline(
+            model, policy, data.dataset, calib_batches=calib, calib_batch_seqs=CALIBRATION_BATCH,
+            seq_len=data.seq_len, stride=spec.sliding_stride or None,
+            max_eval_tokens=spec.val_max_tokens or None, ttt=ttt, eval_batch_seqs=spec.batch_seqs,
+            autocast=data.autocast, extra={"source": data.source} if data.source else None, progress=progress,
+        )  # fmt: skip
+        r = res.row.iloc[0]
+        row = {"policy": name, **{k: float(r[k]) for k in _STAGE_COLUMNS}}
+        rows.append(
+            row | {"artifact_bytes": int(r["artifact_bytes"]), "predicted_bytes": int(r["predicted_bytes"])}
         )
-        row["ttt_bpb"] = _ttt_bpb(qmodel, data, spec, progress) if spec.ttt is not None else math.nan
-        row["artifact_bytes"] = predict_compressed_bytes(qsd)
-        rows.append(row)
     return rows
+
+
+_STAGE_COLUMNS = ("pre_quant_bpb", "quantized_bpb", "sliding_bpb", "ttt_bpb")

@@ -45,7 +45,7 @@ CELLS_DIR = "cells"
 RUNS_DIR = "runs"
 TRAIN_DONE = "matrix_train.json"
 SPEC_NAME = "spec.json"
-RESULT_FORMAT = 1
+RESULT_FORMAT = 2  # 2: the pipeline is run_pipeline's (real artifact bytes); older cells are re-evaluated
 
 
 def cell_result_path(out: str | Path, cell_id: str) -> Path:
@@ -125,7 +125,7 @@ def _finished(path: Path, eval_key: str) -> bool:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not valid JSON ({exc}); delete it to recompute the cell") from exc
-    return isinstance(data, dict) and data.get("eval_key") == eval_key
+    return isinstance(data, dict) and data.get("eval_key") == eval_key and data.get("format") == RESULT_FORMAT
 
 
 def _train(tc, mc, progress: bool) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def _measure(spec: MatrixSpec, cell: Cell, tc, run_dir: Path, progress: bool) ->
 
     device = torch.device(resolve_device(tc.device))
     model, mc = load_model(run_dir, device)
-    data = _eval_data(spec, tc, mc, device)
+    data = dataclasses.replace(_eval_data(spec, tc, mc, device), source=str(run_dir))
     policies = {name: resolve_policy(spec, name) for name in spec.eval.weight_policies}
     pipeline = measure_pipeline(model, data, spec.eval, policies, progress=progress)
     hidden, geometry = measure_hidden(model, data, spec.eval)
@@ -172,20 +172,17 @@ def _measure(spec: MatrixSpec, cell: Cell, tc, run_dir: Path, progress: bool) ->
 
 
 def _eval_data(spec: MatrixSpec, tc, mc, device: torch.device) -> EvalData:
-    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens, read_shard
+    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
     from qlab.train.trainer import open_training_data
 
     info = open_training_data(tc, mc.vocab_size)
     sp = load_tokenizer(tc.tokenizer_path or info.tokenizer_path)
-    train_tokens = None
-    if spec.eval.calibration_seqs:
-        train_tokens = torch.from_numpy(read_shard(info.train_files[0]).astype("int64"))
     return EvalData(
         val_tokens=load_validation_tokens(info.val_files, tc.train_seq_len),
         byte_tables=build_byte_tables(sp, mc.vocab_size),
         seq_len=tc.train_seq_len,
         device=device,
-        train_tokens=train_tokens,
+        dataset=info,
     )
 
 
