@@ -180,6 +180,20 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                 "names — and return plain tables.",
             ),
             ("code", "import qlab\n\nqlab.analyze(ws.state_dict).head()"),
+            (
+                "md",
+                "## Quantize, evaluate, count the bytes — what `qlab quantize` does\n"
+                "`quantize_checkpoint` calibrates GPTQ on training batches, writes nothing until asked "
+                "(`result.save(path)`), and returns the pipeline row (pre-quant → quantized → sliding "
+                "window bpb, the real artifact bytes) and the per-tensor byte table.",
+            ),
+            (
+                "code",
+                "result = qlab.quantize_checkpoint(ws.run_dir, ws.policy, ws.dataset, calib_batches=2,\n"
+                "                                  max_eval_tokens=ws.eval_tokens)\n"
+                'display(result.row[["pre_quant_bpb", "quantized_bpb", "sliding_bpb", "artifact_bytes"]])\n'
+                "result.budget.head(8)",
+            ),
         ],
     ),
     "01_pr1394_sdclip": (

@@ -5,6 +5,7 @@
     report = qlab.entropy("model.safetensors")    # per-tensor entropy, predicted bytes
     table = qlab.analyze("model.safetensors")     # per-matrix spectra, like ww.analyze
     state = qlab.quantize("model.safetensors", policy="record_small", out="m.qlab")
+    result = qlab.quantize_checkpoint("runs/tiny", "record_small")  # calibrate, quantize, evaluate
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from typing import Any
 
 from qlab._version import __version__
 
-__all__ = ["load", "entropy", "analyze", "quantize", "sweep", "Workspace", "__version__"]
+__all__ = [
+    "load",
+    "entropy",
+    "analyze",
+    "quantize",
+    "sweep",
+    "quantize_checkpoint",
+    "Workspace",
+    "__version__",
+]
 
 _LAZY = {
     "load": "qlab.api",
@@ -21,6 +31,7 @@ _LAZY = {
     "analyze": "qlab.api",
     "quantize": "qlab.api",
     "sweep": "qlab.api",
+    "quantize_checkpoint": "qlab.eval.quantize",
     "Workspace": "qlab.figures.workspace",
 }
 

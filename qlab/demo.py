@@ -138,16 +138,16 @@ DEMO_POLICY = "record_small"
 
 def step_quantize(state: DemoState) -> None:
     """GPTQ with the record policy, the artifact on disk, and pre → post → sliding bpb."""
-    from qlab.compress.budget import budget_table
-    from qlab.eval.pipeline import run_pipeline
-    from qlab.io.atomic import atomic_write_bytes, atomic_write_text
+    from qlab.eval.quantize import quantize_checkpoint
+    from qlab.io.atomic import atomic_write_text
 
-    result = run_pipeline(state.run_dir, DEMO_POLICY, state.dataset, calib_batches=16, stride=64)
-    artifact = atomic_write_bytes(state.out_dir / "model.qlab", result.artifact)
+    # what `qlab quantize RUN --policy record_small --calib-batches 16` does, byte table measured
+    result = quantize_checkpoint(state.run_dir, DEMO_POLICY, state.dataset, calib_batches=16, stride=64,
+                                 measure_budget=True)  # fmt: skip
+    artifact = result.save(state.out_dir / "model.qlab")
     row = result.row.iloc[0]
     pipeline_csv = atomic_write_text(state.out_dir / "pipeline.csv", result.row.to_csv(index=False))
-    budget = budget_table(result.quantized.quantized_state, predicted=False, policy=result.policy)
-    budget_csv = atomic_write_text(state.out_dir / "budget.csv", budget.to_csv(index=False))
+    budget_csv = atomic_write_text(state.out_dir / "budget.csv", result.budget.to_csv(index=False))
     state.numbers.update(
         pre_quant_bpb=float(row["pre_quant_bpb"]),
         quantized_bpb=float(row["quantized_bpb"]),

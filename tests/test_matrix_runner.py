@@ -208,7 +208,7 @@ def test_corrupt_cell_file_is_named(killed_run, tmp_path):
 
 
 def test_a_matrix_cell_and_qlab_quantize_report_the_same_bytes_and_bpb(
-    killed_run, tiny_dataset, tmp_path, capsys
+    killed_run, tiny_dataset, tmp_path, capsys, monkeypatch
 ):
     """One pipeline: a cell's measurement is run_pipeline, exactly what `qlab quantize` runs."""
     from qlab.analysis.matrix.measure import EvalData, measure_pipeline
@@ -228,11 +228,14 @@ def test_a_matrix_cell_and_qlab_quantize_report_the_same_bytes_and_bpb(
     seq = mc.train_seq_len
     data = EvalData(load_validation_tokens(tiny_dataset.val_files, seq),
                     build_byte_tables(load_tokenizer(tiny_dataset.tokenizer_path), mc.vocab_size),
-                    seq, torch.device("cpu"), dataset=tiny_dataset, source=str(run_dir))  # fmt: skip
+                    seq, torch.device("cpu"), dataset=tiny_dataset,
+                    source=f"runs/{run_dir.name}")  # fmt: skip
     spec = EvalSpec(val_max_tokens=2049, batch_seqs=8, sliding_stride=32, calibration_seqs=16)
     (cell,) = measure_pipeline(model, data, spec, {"gptq6": load_policy(policy_file)})
     artifact = tmp_path / "m.qlab"
-    args = ["quantize", str(run_dir), "--data", str(tiny_dataset.root), "--policy", str(policy_file),
+    monkeypatch.chdir(out)  # the cell names its run as `qlab quantize runs/<cell id>` does from here
+    args = ["quantize", f"runs/{run_dir.name}", "--data", str(tiny_dataset.root),
+            "--policy", str(policy_file),
             "--calib-batches", "2", "--calib-batch-seqs", "8", "--seq-len", str(seq), "--stride", "32",
             "--eval-tokens", "2049", "--out", str(artifact), "--no-progress"]  # fmt: skip
     capsys.readouterr()

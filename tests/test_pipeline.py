@@ -103,3 +103,19 @@ def test_resolve_model_refuses_configless_checkpoints(tmp_path):
     torch.save({"w": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="no model configuration"):
         resolve_model(path)
+
+
+def test_quantize_checkpoint_is_the_pipeline_plus_its_byte_table(tiny_dataset, tmp_path):
+    from qlab.eval.quantize import quantize_checkpoint
+
+    res = quantize_checkpoint(_model(), _policy(), tiny_dataset, calib_batches=2, calib_batch_seqs=2,
+                              stride=16, max_eval_tokens=EVAL_TOKENS, codec="ans")  # fmt: skip
+    row = res.row.iloc[0]
+    assert res.save(tmp_path / "m.qlab").stat().st_size == row["artifact_bytes"] == len(res.artifact)
+    assert row["hessians_used"] and res.solved is None and res.policy.name == "tiny6"
+    # with the symbol coder the byte table is measured, and its artifact row is the file
+    assert not res.budget.attrs["predicted"]
+    assert res.budget.attrs["artifact_bytes"] == row["artifact_bytes"]
+    same = run_pipeline(_model(), _policy(), tiny_dataset, calib_batches=2, calib_batch_seqs=2, stride=16,
+                        max_eval_tokens=EVAL_TOKENS, codec="ans", extra={"source": "GPT"})  # fmt: skip
+    assert same.artifact == res.artifact and same.row["quantized_bpb"].iloc[0] == row["quantized_bpb"]

@@ -15,15 +15,12 @@ from collections.abc import Mapping
 import pandas as pd
 
 from qlab.cli._args import add_model_checkpoint, plain
-from qlab.compress.budget import CAP, budget_table, code_bytes
-from qlab.compress.container import SYMBOL_CODEC
-from qlab.compress.solver import solve_k
+from qlab.compress.budget import CAP, code_bytes
 from qlab.errors import ConfigError
-from qlab.eval.pipeline import resolve_dataset, resolve_model, run_pipeline
-from qlab.io.atomic import atomic_write_bytes, check_output
+from qlab.eval.quantize import quantize_checkpoint
+from qlab.io.atomic import check_output
 from qlab.progress import cli_progress
 from qlab.quant.gptq import ARITHMETIC
-from qlab.quant.model_quant import calibration_batches, model_extra, model_hessians
 from qlab.quant.policy import (
     RECORD_POLICIES,
     Policy,
@@ -115,38 +112,22 @@ def run(args: argparse.Namespace) -> int:
 
     _env_defaults(args, os.environ)
     _check_args(args)
-    progress = cli_progress(args.no_progress)
-    model, label = resolve_model(args.checkpoint, preset=args.preset)
     policy = _policy(args.policy, os.environ, args.gptq_arithmetic)
-    data = resolve_dataset(args.data, model.config.vocab_size)
     code = code_bytes(args.code, wrap=args.code_wrap) if args.code else 0
-    hessians = None
-    if args.calib_batches:
-        batches = calibration_batches(
-            data, args.calib_batches, seq_len=model.config.train_seq_len, batch_seqs=args.calib_batch_seqs
-        )
-        hessians = model_hessians(model, policy, batches, progress=progress)
-    extra = {"source": label}
-    if args.solve_k:
-        sd = {k: v.detach() for k, v in model.state_dict().items()}
-        res = solve_k(sd, policy, args.cap, k_range=tuple(args.k_range), tol=args.k_tol, hessians=hessians,
-                      code_bytes=code, codec=args.codec, extra=model_extra(model, **extra),
-                      progress=progress)  # fmt: skip
-        policy = res.policy
+    result = quantize_checkpoint(
+        args.checkpoint, policy, args.data, preset=args.preset, calib_batches=args.calib_batches,
+        calib_batch_seqs=args.calib_batch_seqs, solve_cap=args.solve_k, cap=args.cap,
+        k_range=tuple(args.k_range), k_tol=args.k_tol, codec=args.codec, code_bytes=code,
+        seq_len=args.seq_len, stride=args.stride or None, max_eval_tokens=args.eval_tokens,
+        progress=cli_progress(args.no_progress),
+    )  # fmt: skip
+    if result.solved is not None:
+        res = result.solved
         print(f"solved k:      {res.k:.4f} (matrices; smallest k whose artifact + code fits {args.cap:,} B)")
         print(f"               predicted {res.predicted_bytes:,} B, measured {res.measured_bytes:,} B, "
               f"{len(res.iterations)} evaluations")  # fmt: skip
-    result = run_pipeline(model, policy, data, calib_batches=args.calib_batches, hessians=hessians,
-                          seq_len=args.seq_len, stride=args.stride or None, max_eval_tokens=args.eval_tokens,
-                          codec=args.codec, code_bytes=code, cap=args.cap, extra=extra,
-                          progress=progress)  # fmt: skip
-    atomic_write_bytes(args.out, result.artifact)
-    head = model_extra(result.quantized.dequantized_model, result.quantized.meta["aliases"], **extra)
-    # the symbol coder is fast enough to measure per tensor; brotli-11 is predicted
-    measured = args.codec == SYMBOL_CODEC
-    table = budget_table(result.quantized.quantized_state, codec=args.codec, predicted=not measured,
-                         code=code, cap=args.cap, policy=policy.to_dict(), extra=head)  # fmt: skip
-    _print_breakdown(table, args.top)
+    result.save(args.out)
+    _print_breakdown(result.budget, args.top)
     _print_row(result.row.iloc[0], args.out, args.cap)
     return 0
 

@@ -149,7 +149,9 @@ def _measure(spec: MatrixSpec, cell: Cell, tc, run_dir: Path, progress: bool) ->
 
     device = torch.device(resolve_device(tc.device))
     model, mc = load_model(run_dir, device)
-    data = dataclasses.replace(_eval_data(spec, tc, mc, device), source=str(run_dir))
+    # the run as `qlab quantize runs/<cell id>` from the matrix folder names it: no absolute
+    # path in the artifact, so a cell's bytes do not depend on where the matrix lives
+    data = dataclasses.replace(_eval_data(spec, tc, mc, device), source=f"{RUNS_DIR}/{cell.cell_id}")
     policies = {name: resolve_policy(spec, name) for name in spec.eval.weight_policies}
     pipeline = measure_pipeline(model, data, spec.eval, policies, progress=progress)
     hidden, geometry = measure_hidden(model, data, spec.eval)
