@@ -20,12 +20,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from qlab.analysis.entropy_report import entropy_report
+from qlab.analysis.fingerprint import fingerprint, write_fingerprint
+from qlab.analysis.matrix import load_spec, merge_results, run_matrix, with_overrides
+from qlab.analysis.rd import sweep
 from qlab.data import default_dataset, load_tokenizer, load_validation_tokens
 from qlab.data.dataset import DatasetInfo
 from qlab.data.shards import read_shard
 from qlab.data.tokenizer import build_byte_tables
 from qlab.errors import ConfigError
-from qlab.io.atomic import atomic_write_json
+from qlab.eval.baselines import uniform_bpb, unigram_bpb
+from qlab.eval.bpb import evaluate_bpb
+from qlab.eval.quantize import quantize_checkpoint
+from qlab.figures import generate_figures
+from qlab.io.atomic import atomic_write_json, atomic_write_text
+from qlab.io.checkpoint import has_checkpoint, read_config
+from qlab.loaders import load_model
+from qlab.train.config import resolve_configs
+from qlab.train.trainer import train
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 
@@ -76,9 +88,6 @@ def step_dataset(state: DemoState) -> None:
 
 def step_train(state: DemoState) -> None:
     """Train the ``tiny`` preset; reuse a finished run of the same length unless ``fresh``."""
-    from qlab.io.checkpoint import has_checkpoint, read_config
-    from qlab.train.config import resolve_configs
-    from qlab.train.trainer import train
 
     run_dir = state.out_dir / "runs" / "tiny"
     overrides: dict[str, Any] = {"data": str(state.dataset.root), "out_dir": str(run_dir)}
@@ -109,9 +118,6 @@ def step_train(state: DemoState) -> None:
 
 def step_evaluate(state: DemoState) -> None:
     """Full validation bpb of the trained model beside the unigram and uniform baselines."""
-    from qlab.eval.baselines import uniform_bpb, unigram_bpb
-    from qlab.eval.bpb import evaluate_bpb
-    from qlab.loaders import load_model
 
     model, model_cfg = load_model(state.run_dir)
     info = state.dataset
@@ -138,8 +144,6 @@ DEMO_POLICY = "record_small"
 
 def step_quantize(state: DemoState) -> None:
     """GPTQ with the record policy, the artifact on disk, and pre → post → sliding bpb."""
-    from qlab.eval.quantize import quantize_checkpoint
-    from qlab.io.atomic import atomic_write_text
 
     # what `qlab quantize RUN --policy record_small --calib-batches 16` does, byte table measured
     result = quantize_checkpoint(state.run_dir, DEMO_POLICY, state.dataset, calib_batches=16, stride=64,
@@ -160,7 +164,6 @@ def step_quantize(state: DemoState) -> None:
 
 def step_entropy(state: DemoState) -> None:
     """Per-tensor entropy and predicted bytes, checked against real compression."""
-    from qlab.analysis.entropy_report import entropy_report
 
     report = entropy_report(state.run_dir, DEMO_POLICY, measure=True, codecs=("brotli-11+shuffle",))
     path = state.out_dir / "entropy.csv"
@@ -171,8 +174,6 @@ def step_entropy(state: DemoState) -> None:
 
 def step_sweep(state: DemoState) -> None:
     """Rate–distortion sweep of the block matrices: bits × k × clip rule."""
-    from qlab.analysis.rd import sweep
-    from qlab.io.atomic import atomic_write_text
 
     df = sweep(state.run_dir, bits=(4, 5, 6, 8), ks=(4.0, 8.0, 12.85, 20.0), min_numel=4096)
     state.written["sweep"] = atomic_write_text(state.out_dir / "sweep.csv", df.to_csv(index=False))
@@ -181,7 +182,6 @@ def step_sweep(state: DemoState) -> None:
 
 def step_fingerprint(state: DemoState) -> None:
     """SVD spectra, CKA, depth trajectory and hidden-state geometry, fp vs quantized."""
-    from qlab.analysis.fingerprint import fingerprint, write_fingerprint
 
     tables = fingerprint(state.run_dir, data=state.dataset, policy=DEMO_POLICY, n_tokens=1024)
     folder = state.out_dir / "fingerprint"
@@ -191,7 +191,6 @@ def step_fingerprint(state: DemoState) -> None:
 
 def step_matrix(state: DemoState) -> None:
     """The smoke reg × quant matrix: two bases × regularizers × every scheme, two seeds."""
-    from qlab.analysis.matrix import load_spec, merge_results, run_matrix, with_overrides
 
     spec = load_spec(RESOURCES / "matrix" / "smoke.toml")
     vocab = {b.model.get("vocab_size", state.dataset.vocab_size) for b in spec.bases}
@@ -205,7 +204,6 @@ def step_matrix(state: DemoState) -> None:
 
 def step_figures(state: DemoState) -> None:
     """Every figure, measured on the demo's own checkpoint (the ``demo`` scale)."""
-    from qlab.figures import generate_figures
 
     folder = state.out_dir / "figures"
     written = generate_figures(

@@ -47,9 +47,11 @@ from tqdm.auto import tqdm
 from qlab.compress import predict as P
 from qlab.compress.budget import CAP
 from qlab.compress.codecs import get_codec
+from qlab.compress.container import read_artifact
 from qlab.compress.entropy import entropy_from_counts
 from qlab.errors import CheckpointError, ConfigError, QlabError, QuantError
 from qlab.io.atomic import atomic_write_text
+from qlab.loaders.readers import detect_format, iter_tensors
 from qlab.quant.gptq import gptq_quantize
 from qlab.quant.policy import MatrixCount, Passthrough, Policy, TensorSpec, make_passthrough, resolve_policy
 from qlab.quant.rtn import quantize_rtn
@@ -263,12 +265,9 @@ def _source(
         return iter(items), "state dict", False
     if not isinstance(src, (str, os.PathLike)):
         raise ConfigError(f"entropy_report needs a path or a state dict, got {type(src).__name__}")
-    from qlab.loaders.readers import detect_format, iter_tensors
 
     path = Path(src)
     if detect_format(path) == "qlab-artifact":
-        from qlab.compress.container import read_artifact
-
         try:
             entries, _ = read_artifact(path)
         except CheckpointError:

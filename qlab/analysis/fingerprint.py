@@ -49,9 +49,16 @@ from qlab.analysis.spectra import (
     spectral_summary,
     weight_family,
 )
+from qlab.data.loader import load_validation_tokens
+from qlab.data.tokenizer import build_byte_tables, load_tokenizer, token_bytes
 from qlab.errors import ConfigError, DataError
+from qlab.eval.pipeline import resolve_dataset, resolve_model
 from qlab.io.atomic import atomic_write_text
+from qlab.loaders.readers import detect_format, load_state_dict
+from qlab.quant.model_quant import calibration_batches, quantize_model
 from qlab.quant.policy import Policy, dequantize_state_dict, quantize_state_dict, resolve_policy
+from qlab.quant.rtn import quantize_rtn
+from qlab.quant.tensor import dequantize
 
 __all__ = [
     "WEIGHT_TABLES",
@@ -104,8 +111,6 @@ def _state_dict(source: StateDictLike, what: str) -> dict[str, torch.Tensor]:
             raise DataError(f"{what}: the state dict is empty")
         return {k: v.detach() for k, v in source.items() if isinstance(v, torch.Tensor)}
     if isinstance(source, (str, os.PathLike)):
-        from qlab.loaders.readers import load_state_dict
-
         return load_state_dict(source)
     raise ConfigError(f"{what}: expected a state dict or a checkpoint path, got {type(source).__name__}")
 
@@ -278,8 +283,6 @@ def sensitivity_quantizer(bits: int = 6, k: float = 12.85) -> Callable[[str, tor
     Applied to every block matrix whatever its size, unlike the policies' size cut-offs,
     so small models show a sensitivity profile too.
     """
-    from qlab.quant.rtn import quantize_rtn
-    from qlab.quant.tensor import dequantize
 
     def quantize_fn(name: str, w: torch.Tensor) -> torch.Tensor:
         q = quantize_rtn(w.float(), bits, clip="sdclip", clip_params={"k": k}, name=name)
@@ -315,8 +318,6 @@ def activation_fingerprint(
         raise ConfigError(f"hidden_tokens must be an integer ≥ 4, got {hidden_tokens!r}")
     bpt = None
     if byte_tables is not None:
-        from qlab.data.tokenizer import token_bytes
-
         bpt = token_bytes(byte_tables, idx, targets)  # target t follows input token t
     models = {label: model}
     if against_model is not None:
@@ -379,7 +380,6 @@ def _eval_batch(
     dataset: Any, n_tokens: int, seq_len: int, vocab_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ⌊n_tokens / L⌋ validation sequences as (idx, targets)."""
-    from qlab.data.loader import load_validation_tokens
 
     if dataset.vocab_size > vocab_size:
         raise DataError(
@@ -438,7 +438,6 @@ def fingerprint(
     weights always and by activations when it is a run directory too. ``sensitivity``
     adds the per-block table (:func:`sensitivity_quantizer` at ``sensitivity_bits``).
     """
-    from qlab.loaders.readers import detect_format
 
     if not isinstance(n_tokens, int) or n_tokens < 8:
         raise ConfigError(f"n_tokens must be an integer ≥ 8, got {n_tokens!r}")
@@ -467,9 +466,6 @@ def fingerprint(
 
 def _with_activations(job: _Job, data: Any) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Weight and activation tables of a run directory, sharing one quantized copy."""
-    from qlab.data.tokenizer import build_byte_tables, load_tokenizer
-    from qlab.eval.pipeline import resolve_dataset, resolve_model
-    from qlab.loaders.readers import detect_format
 
     model, _ = resolve_model(job.ckpt)
     cfg = model.config
@@ -503,7 +499,6 @@ def _with_activations(job: _Job, data: Any) -> tuple[dict[str, pd.DataFrame], di
 
 def _quantize(model: nn.Module, pol: Policy, dataset: Any, calib_batches: int, progress: bool):
     """(dequantized model, its state dict, description) under ``pol``."""
-    from qlab.quant.model_quant import calibration_batches, quantize_model
 
     batches = None
     if calib_batches:

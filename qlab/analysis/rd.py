@@ -30,6 +30,9 @@ from qlab.analysis.spectra import weight_family
 from qlab.compress import predict as P
 from qlab.compress.entropy import order0_entropy, row_entropy
 from qlab.errors import ConfigError, QuantError
+from qlab.eval.bpb import evaluate_bpb
+from qlab.loaders.readers import iter_tensors
+from qlab.model.gpt import parameter_family
 from qlab.quant.rtn import quantize_rtn
 from qlab.quant.tensor import QuantizedTensor, dequantize, qmax_symmetric
 
@@ -94,7 +97,6 @@ _COARSE = {"q": "attention", "k": "attention", "v": "attention", "qkv": "attenti
 def tensor_family(name: str) -> str:
     """embedding / attention / mlp / control for qlab's GPT names, embedding / attention /
     mlp for GPT-2, BERT and Llama names (see ``weight_family``), else ``other``."""
-    from qlab.model.gpt import parameter_family
 
     try:
         return parameter_family(name)
@@ -119,8 +121,6 @@ def load_matrices(
     if isinstance(src, Mapping):
         items: Iterable = src.items()
     else:
-        from qlab.loaders.readers import iter_tensors
-
         items = iter_tensors(src, names=wanted)
     out = {}
     for name, t in items:
@@ -219,7 +219,6 @@ def bpb_eval_fn(
     batch_seqs: int = 8,
 ) -> EvalFn:
     """``model -> val_bpb`` on (the first ``max_tokens`` of) ``val_tokens``."""
-    from qlab.eval.bpb import evaluate_bpb
 
     def run(model: nn.Module) -> float:
         res = evaluate_bpb(

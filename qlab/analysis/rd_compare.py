@@ -28,6 +28,7 @@ from qlab.compress import predict as P
 from qlab.compress.entropy import order0_entropy
 from qlab.errors import ConfigError
 from qlab.quant.codebook import quantize_lloyd_max, quantize_nf4
+from qlab.quant.rtn import quantize_rtn
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
 __all__ = ["StdRatio", "std_vs_ratio", "rd_curve", "rd_bounds"]
@@ -97,7 +98,6 @@ def std_vs_ratio(
 
 def quantize_setting_fixed(w: torch.Tensor, bits: int, clip: float) -> QuantizedTensor:
     """Per-row RTN with the same absolute clip ``clip`` for every row."""
-    from qlab.quant.rtn import quantize_rtn
 
     return quantize_rtn(w, bits, clip=torch.full((w.shape[0], 1), float(clip)))
 

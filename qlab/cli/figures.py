@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from qlab.figures import figure_table, generate_figures
+from qlab.figures.notebooks import notebook_path, run_notebook
 from qlab.figures.scale import SCALES
 from qlab.progress import cli_progress
 
@@ -57,8 +58,6 @@ def main(args: argparse.Namespace) -> int:
         )
         return 0
     if args.notebook:
-        from qlab.figures.notebooks import notebook_path, run_notebook  # needs the notebooks extra
-
         out = Path(args.out) / notebook_path(args.notebook).name
         run_notebook(args.notebook, out, checkpoint=args.checkpoint, data=args.data, scale=args.scale,
                      work_dir=args.work_dir)  # fmt: skip

@@ -35,6 +35,9 @@ from qlab.compress.entropy import entropy_bits
 from qlab.compress.predict import BROTLI_OVERHEAD, predict_table, skeleton_bytes
 from qlab.compress.ptz import ptz_bytes
 from qlab.errors import ConfigError, DataError
+from qlab.quant.model_quant import ptz_tree
+from qlab.quant.policy import Passthrough
+from qlab.quant.tensor import QuantizedTensor
 
 CAP = 16_000_000  # decimal bytes, compressed model + code
 WRAPS = ("raw", "lzma")
@@ -99,8 +102,6 @@ def measure_artifact_bytes(
     """Real compressed size of the model blob (runs the codec; slow for brotli-11 on big models)."""
     _check_format(fmt)
     if fmt == "ptz":
-        from qlab.quant.model_quant import ptz_tree
-
         return len(ptz_bytes(ptz_tree(quantized_state), codec=codec))
     return len(encode_artifact(dict(quantized_state), policy=policy, codec=codec, extra=extra))
 
@@ -145,8 +146,6 @@ def predict_artifact_bytes(
     _check_format(fmt)
     data = float(predict_table(dict(quantized_state))["predicted_bytes"].sum()) * (1.0 + BROTLI_OVERHEAD)
     if fmt == "ptz":
-        from qlab.quant.model_quant import ptz_tree
-
         return int(round(skeleton_bytes(ptz_tree(quantized_state)) + data))
     return int(round(_qlab_header_bytes(quantized_state, policy, extra) + data))
 
@@ -156,8 +155,6 @@ def predict_artifact_bytes(
 
 def describe_entry(value: Any) -> dict[str, Any]:
     """kind, bits and clip k of one quantized-state entry (NaN/None where not applicable)."""
-    from qlab.quant.policy import Passthrough
-    from qlab.quant.tensor import QuantizedTensor
 
     if isinstance(value, QuantizedTensor):
         params = value.meta.get("clip_params", {}) or {}
@@ -192,7 +189,6 @@ def _entry_payload(value: Any, skip: tuple[str, ...] = ()) -> bytes:
 
 def _order0_bytes(value: Any) -> float:
     """n·H0/8 of a quantized entry's codes: the bound a per-tensor order-0 coder reaches."""
-    from qlab.quant.tensor import QuantizedTensor
 
     if not isinstance(value, QuantizedTensor):
         return float("nan")

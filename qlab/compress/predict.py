@@ -39,6 +39,7 @@ import zstandard
 from qlab.compress.codecs import get_codec
 from qlab.compress.shuffle import shuffle
 from qlab.errors import QuantError
+from qlab.quant.rtn import quantize_rtn
 
 RECORD_CODEC = "brotli-11+shuffle"
 BROTLI_MAX_CODE_LEN = 15
@@ -300,7 +301,6 @@ def predict_compressed_bytes(obj: Any, overhead: float = BROTLI_OVERHEAD, lz_gua
 def synthetic_state(dist: str, bits: int, k: float, rows: int = 512, cols: int = 1024, seed: int = 0) -> dict:
     """A calibration tree: one SDClip-quantised (rows × cols) matrix of i.i.d. Gaussian or
     Laplace weights plus a small fp16 passthrough vector, as QuantizedTensor/tensors."""
-    from qlab.quant.rtn import quantize_rtn
 
     g = torch.Generator().manual_seed(seed)
     if dist == "gauss":

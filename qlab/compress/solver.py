@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qlab.compress.budget import measure_artifact_bytes, predict_artifact_bytes
+from qlab.compress.predict import predict_table
 from qlab.errors import ConfigError, QuantError
 from qlab.quant.policy import Policy, Rule, TensorSpec, dequantize_state_dict, quantize_state_dict
 
@@ -391,7 +392,6 @@ class _BitSearch:
             sd = self.ctx.state_dict
             pol = with_overrides(self.policy, self.specs({g: b}), "")
             q = quantize_state_dict({n: sd[n] for n in self.groups[g]}, pol, self.ctx.hessians)
-            from qlab.compress.predict import predict_table
 
             size = int(predict_table(q)["predicted_bytes"].sum())
             self.cache[(g, b)] = (q, size, distortion(sd, q, self.groups[g], self.ctx.hessians))

@@ -26,9 +26,11 @@ from torch import nn
 
 from qlab.compress.budget import CAP, predict_artifact_bytes
 from qlab.compress.container import encode_artifact
+from qlab.data import build_byte_tables, default_dataset, load_tokenizer, load_validation_tokens, open_dataset
 from qlab.errors import ConfigError
 from qlab.eval.bpb import evaluate_bpb
 from qlab.eval.stages import STAGES, attribute_stages
+from qlab.eval.ttt import TTTConfig, score_first_ttt
 from qlab.io.checkpoint import load_weights
 from qlab.loaders import load_model, load_quantized
 from qlab.loaders.readers import detect_format, load_state_dict
@@ -109,7 +111,6 @@ def resolve_model(
 
 def resolve_dataset(dataset: Any, vocab_size: int) -> Any:
     """A DatasetInfo from a DatasetInfo, a directory, or ``"embedded"`` (built once, cached)."""
-    from qlab.data import default_dataset, open_dataset
 
     if hasattr(dataset, "val_files"):
         return dataset
@@ -127,7 +128,6 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
 def validation_inputs(data: Any, seq_len: int, vocab_size: int | None = None) -> tuple[Any, Any]:
     """(validation tokens, byte tables) of a dataset for a model of ``vocab_size`` (default:
     the dataset's): what every bpb evaluation needs besides the model."""
-    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
 
     val = load_validation_tokens(data.val_files, seq_len, vocab_size=data.vocab_size)
     return val, build_byte_tables(load_tokenizer(data.tokenizer_path), vocab_size or data.vocab_size)
@@ -203,7 +203,6 @@ def run_pipeline(
 
 
 def _run_ttt(model, val, tables, ttt, seq_len: int, stride: int | None, max_tokens, progress: bool):
-    from qlab.eval.ttt import TTTConfig, score_first_ttt
 
     cfg = TTTConfig(seq_len=seq_len, stride=stride) if ttt is True else ttt
     if not isinstance(cfg, TTTConfig):

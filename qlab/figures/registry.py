@@ -14,8 +14,24 @@ from dataclasses import dataclass
 import pandas as pd
 from matplotlib.figure import Figure
 
+from qlab.analysis.papers import pr639_results, pr1718_levers
+from qlab.analysis.rd import compare_from_sweep, summarize_sweep
+from qlab.errors import ConfigError
 from qlab.figures import tables as T
 from qlab.figures.workspace import Workspace
+from qlab.plots.experiments import (
+    plot_eval_levers,
+    plot_passthrough_savings,
+    plot_ttt_epochs,
+    plot_ttt_optimizers,
+    plot_ttt_recovery,
+)
+from qlab.plots.fingerprints import figure_makers
+from qlab.plots.matrix import matrix_figures
+from qlab.plots.paper_figures import paper_figure
+from qlab.plots.pr1394 import plot_train_curves
+from qlab.plots.pr1818 import plot_damage_gap
+from qlab.plots.rd import plot_entropy_vs_k, plot_sdclip_vs_quantile
 
 __all__ = ["FigureSpec", "FIGURES", "NOTEBOOKS", "figure_table", "get_figure"]
 
@@ -58,7 +74,6 @@ class FigureSpec:
 # ---------------------------------------------------------------- builders needing a few lines
 def _paper(name: str) -> Callable[[Workspace], Figure]:
     def build(ws: Workspace) -> Figure:
-        from qlab.plots.paper_figures import paper_figure
 
         return paper_figure(name)
 
@@ -66,27 +81,21 @@ def _paper(name: str) -> Callable[[Workspace], Figure]:
 
 
 def _sweep_summary(ws: Workspace) -> pd.DataFrame:
-    from qlab.analysis.rd import summarize_sweep
 
     return summarize_sweep(T.rd_sweep(ws))
 
 
 def _entropy_vs_k(ws: Workspace) -> Figure:
-    from qlab.plots.rd import plot_entropy_vs_k
 
     return plot_entropy_vs_k(_sweep_summary(ws), bits=ws.scale.sweep_bits)
 
 
 def _sdclip_vs_quantile(ws: Workspace) -> Figure:
-    from qlab.analysis.rd import compare_from_sweep
-    from qlab.plots.rd import plot_sdclip_vs_quantile
 
     return plot_sdclip_vs_quantile(compare_from_sweep(T.rd_sweep(ws)))
 
 
 def _ttt_optimizers(ws: Workspace) -> Figure:
-    from qlab.analysis.papers import pr639_results
-    from qlab.plots.experiments import plot_ttt_optimizers
 
     p = pr639_results()
     adamw = p[p["setting"].str.startswith("AdamW TTT")]["value"]
@@ -94,7 +103,6 @@ def _ttt_optimizers(ws: Workspace) -> Figure:
 
 
 def _ttt_recovery(ws: Workspace) -> Figure:
-    from qlab.plots.experiments import plot_ttt_recovery
 
     runs = T.ttt_optimizers(ws)
     sgd = runs[runs["optimizer"].str.startswith("SGD")]
@@ -106,14 +114,12 @@ def _ttt_recovery(ws: Workspace) -> Figure:
 def _damage_gap(ws: Workspace) -> Figure:
     """This checkpoint's stages alone: on one axis with the PR's seeds (bpb 1.1–3.5) the two
     sets of lines and annotations overlap; the PR's figure is ``paper_pr1818_damage_gap``."""
-    from qlab.plots.pr1818 import plot_damage_gap
 
     rows = T.damage_gap(ws)
     return plot_damage_gap(rows[rows["source"] == "qlab"])
 
 
 def _pr1718_lever(lever_prefix: str) -> float | None:
-    from qlab.analysis.papers import pr1718_levers
 
     p = pr1718_levers()
     hit = p[p["lever"].str.startswith(lever_prefix)]["delta_bpb"].dropna()
@@ -121,26 +127,21 @@ def _pr1718_lever(lever_prefix: str) -> float | None:
 
 
 def _eval_levers(ws: Workspace) -> Figure:
-    from qlab.analysis.papers import pr1718_levers
-    from qlab.plots.experiments import plot_eval_levers
 
     return plot_eval_levers(T.eval_levers(ws), pr1718_levers())
 
 
 def _passthrough(ws: Workspace) -> Figure:
-    from qlab.plots.experiments import plot_passthrough_savings
 
     return plot_passthrough_savings(T.passthrough(ws), paper_saving_bytes=40_000.0)
 
 
 def _ttt_epochs(ws: Workspace) -> Figure:
-    from qlab.plots.experiments import plot_ttt_epochs
 
     return plot_ttt_epochs(T.ttt_epochs(ws), _pr1718_lever("TTT_EPOCHS"))
 
 
 def _train_curve(ws: Workspace) -> Figure:
-    from qlab.plots.pr1394 import plot_train_curves
 
     return plot_train_curves(T.train_curve(ws))
 
@@ -163,13 +164,11 @@ def _fingerprint(table: str, file: str) -> Callable[[Workspace], Figure]:
     """A figure of ``qlab fingerprint`` drawn exactly as ``render_fingerprint_figures`` does."""
 
     def build(ws: Workspace) -> Figure:
-        from qlab.plots.fingerprints import figure_makers
 
         make = dict(figure_makers()[table])[file]
         return make(T.fingerprint(ws, table))
 
     def source() -> tuple[str, str, str] | None:
-        from qlab.plots.fingerprints import figure_makers
 
         make = dict(figure_makers()[table])[file]
         if "<locals>" in make.__qualname__:  # a wrapper that reshapes the table first
@@ -182,7 +181,6 @@ def _fingerprint(table: str, file: str) -> Callable[[Workspace], Figure]:
 
 def _matrix(stem: str) -> Callable[[Workspace], Figure]:
     def build(ws: Workspace) -> Figure:
-        from qlab.plots.matrix import matrix_figures
 
         if getattr(ws, "_matrix_figures", None) is None:
             ws._matrix_figures = matrix_figures(T.matrix(ws))
@@ -572,7 +570,6 @@ FIGURES: dict[str, FigureSpec] = {
 
 
 def get_figure(figure_id: str) -> FigureSpec:
-    from qlab.errors import ConfigError
 
     if figure_id not in FIGURES:
         raise ConfigError(f"unknown figure id {figure_id!r}; `qlab figures --list` shows them")

@@ -16,8 +16,26 @@ import numpy as np
 import pandas as pd
 import torch
 
+from qlab.analysis.fingerprint import fingerprint as run
+from qlab.analysis.marginal import document_sums, marginal_table, paired_delta
+from qlab.analysis.matrix import collect_results, run_matrix, spec_from_dict
+from qlab.analysis.papers import pr639_results, pr1818_seeds
+from qlab.analysis.rd import quantize_setting, sweep
+from qlab.analysis.rd_compare import quantize_setting_fixed, rd_curve, std_vs_ratio
+from qlab.compress.predict import measure_compressed_bytes
+from qlab.errors import DataError
+from qlab.eval.bpb import token_scores
+from qlab.eval.pipeline import pipeline_row, run_pipeline
+from qlab.eval.ttt import TTTConfig, score_first_ttt
 from qlab.figures.workspace import Workspace
+from qlab.io.checkpoint import read_config
+from qlab.io.runlog import read_runlog
+from qlab.quant.codebook import NF4_LEVELS, quantize_codebook
+from qlab.quant.freezedry import freeze_dry
 from qlab.quant.policy import Policy, policy_from_dict
+from qlab.quant.sparsity import BITS_PER_BLOCK, pack_24, unpack_24
+from qlab.quant.tensor import dequantize
+from qlab.train.curriculum import schedule_table
 
 __all__ = [
     "QUANT_EXAMPLE",
@@ -55,9 +73,6 @@ def quant_example(ws: Workspace) -> pd.DataFrame:
     def build() -> pd.DataFrame:
         import torch
 
-        from qlab.analysis.rd_compare import quantize_setting_fixed
-        from qlab.quant.codebook import NF4_LEVELS, quantize_codebook
-
         name, w = ws.largest_matrix()
         sigma = float(w.std(correction=0))
         counts, edges = np.histogram((w / sigma).numpy().ravel(), bins=73, range=(-6, 6), density=True)
@@ -90,7 +105,6 @@ def rd_sweep(ws: Workspace) -> pd.DataFrame:
     """SDClip over k and quantile search, per bit width, each setting evaluated (Δval_bpb)."""
 
     def build() -> pd.DataFrame:
-        from qlab.analysis.rd import sweep
 
         return sweep(
             ws.state_dict,
@@ -110,7 +124,6 @@ def std_ratio(ws: Workspace) -> pd.DataFrame:
     """Matrix σ vs compression ratio at one fixed clip (PR #1394's R² claim)."""
 
     def build() -> pd.DataFrame:
-        from qlab.analysis.rd_compare import std_vs_ratio
 
         return std_vs_ratio(ws.state_dict, bits=6, min_numel=_MIN_NUMEL).table
 
@@ -121,7 +134,6 @@ def rd_curves(ws: Workspace) -> pd.DataFrame:
     """Rate–distortion points of int-b SDClip, NF4 and Lloyd-Max against the Gaussian bound."""
 
     def build() -> pd.DataFrame:
-        from qlab.analysis.rd_compare import rd_curve
 
         return rd_curve(
             ws.state_dict, min_numel=_MIN_NUMEL, max_rows=ws.scale.rd_max_rows, progress=ws.progress
@@ -135,8 +147,6 @@ def byte_allocation(ws: Workspace) -> pd.DataFrame:
     change (bits ± 1, k × 0.8 / × 1.25) to one tensor family at a time."""
 
     def build() -> pd.DataFrame:
-        from qlab.analysis.marginal import marginal_table
-
         return marginal_table(
             ws.model, ws.policy, ws.val_tokens, ws.byte_tables, ws.hessians,
             seq_len=ws.seq_len, max_tokens=ws.eval_tokens, progress=ws.progress,
@@ -148,7 +158,6 @@ def byte_allocation(ws: Workspace) -> pd.DataFrame:
 # ---------------------------------------------------------------- pipeline stages (PR #1818, #639)
 def ttt_config(ws: Workspace, **changes) -> object:
     """The record's score-first TTT (SGD 0.005, 3 epochs) sized to the scale."""
-    from qlab.eval.ttt import TTTConfig
 
     base = TTTConfig(
         seq_len=ws.seq_len,
@@ -165,7 +174,6 @@ def stages(ws: Workspace) -> pd.DataFrame:
     """One pipeline row of the figure policy: pre-quant → quantized → sliding → score-first TTT."""
 
     def build() -> pd.DataFrame:
-        from qlab.eval.pipeline import run_pipeline
 
         res = run_pipeline(
             ws.model,
@@ -185,8 +193,6 @@ def stages(ws: Workspace) -> pd.DataFrame:
 
 def damage_gap(ws: Workspace) -> pd.DataFrame:
     """PR #1818's per-seed stage rows next to qlab's (seed = the run's seed)."""
-    from qlab.analysis.papers import pr1818_seeds
-    from qlab.io.checkpoint import read_config
 
     row = stages(ws).iloc[0]
     seed = int(read_config(ws.run_dir).get("train", {}).get("seed", 0))
@@ -227,10 +233,8 @@ GAP_METHODS = (
 
 def quant_gap(ws: Workspace) -> pd.DataFrame:
     """Quantization gap (quantized − pre-quant, mBPB) per method, qlab's and PR #639's."""
-    from qlab.analysis.papers import pr639_results
 
     def build() -> pd.DataFrame:
-        from qlab.eval.pipeline import pipeline_row
 
         rows = []
         for label, method, clip, params in GAP_METHODS:
@@ -271,7 +275,6 @@ def ttt_optimizers(ws: Workspace) -> pd.DataFrame:
     lr 1e-4), plus the no-adaptation reference (lr 0): running bpb per chunk."""
 
     def build() -> pd.DataFrame:
-        from qlab.eval.ttt import score_first_ttt
 
         runs = {
             "no TTT (lr 0)": ttt_config(ws, lr=0.0, epochs=1),
@@ -292,7 +295,6 @@ def ttt_epochs(ws: Workspace) -> pd.DataFrame:
     """Final score-first TTT bpb vs TTT epochs (PR #1718 tried 4 instead of 3)."""
 
     def build() -> pd.DataFrame:
-        from qlab.eval.ttt import score_first_ttt
 
         rows = []
         for epochs in ws.scale.ttt_epochs:
@@ -308,7 +310,6 @@ def ttt_epochs(ws: Workspace) -> pd.DataFrame:
 # ---------------------------------------------------------------- PR #1818 mechanisms
 def curriculum(ws: Workspace | None = None, n_buckets: int = 8, floor: float = 0.02) -> pd.DataFrame:
     """The entropy-bucket crossfade and sampling probabilities over training (no model)."""
-    from qlab.train.curriculum import schedule_table
 
     return schedule_table(np.linspace(0.0, 1.0, 51), n_buckets=n_buckets, floor=floor)
 
@@ -317,7 +318,6 @@ def freezedry(ws: Workspace) -> pd.DataFrame:
     """Freeze-dry residual histogram of the largest matrix (|residual| bins, threshold 0.005)."""
 
     def build() -> pd.DataFrame:
-        from qlab.quant.freezedry import freeze_dry
 
         name, w = ws.largest_matrix()
         res = freeze_dry(w, name=name)
@@ -342,10 +342,6 @@ def sparsity(ws: Workspace) -> pd.DataFrame:
     nominal and after brotli-11, summed over every matrix whose width is a multiple of 4."""
 
     def build() -> pd.DataFrame:
-        from qlab.analysis.rd import quantize_setting
-        from qlab.compress.predict import measure_compressed_bytes
-        from qlab.quant.sparsity import BITS_PER_BLOCK, pack_24, unpack_24
-        from qlab.quant.tensor import dequantize
 
         tot = {"int6": [0.0, 0.0, 0.0], "2:4": [0.0, 0.0, 0.0]}  # bytes, squared error, blocks
         var_sum = 0.0
@@ -385,7 +381,6 @@ def eval_levers(ws: Workspace) -> pd.DataFrame:
     bootstrap 95 % interval over documents."""
 
     def build() -> pd.DataFrame:
-        from qlab.eval.bpb import token_scores
 
         train_len = int(ws.config.train_seq_len)
         strides = (None, train_len // 2, train_len // 4)
@@ -411,7 +406,6 @@ def eval_levers(ws: Workspace) -> pd.DataFrame:
 
 def _paired_on_common_tokens(ref: tuple, other: tuple, tokens: torch.Tensor) -> tuple[float, float, float]:
     """``other``'s paired Δbpb against ``ref`` on the targets both scored, CI over documents."""
-    from qlab.analysis.marginal import document_sums, paired_delta
 
     ref_nll = torch.full((tokens.numel(),), float("nan"), dtype=torch.float64)
     ref_nll[ref[2]] = ref[0]
@@ -427,7 +421,6 @@ def passthrough(ws: Workspace) -> pd.DataFrame:
     (control tensors int8 per tensor, small matrices int8 per row), real brotli-11 bytes."""
 
     def build() -> pd.DataFrame:
-        from qlab.eval.pipeline import pipeline_row
 
         rows = []
         for name in ("record", "record_pathA"):
@@ -456,8 +449,6 @@ def passthrough(ws: Workspace) -> pd.DataFrame:
 # ---------------------------------------------------------------- training, fingerprints, matrix
 def train_curve(ws: Workspace) -> pd.DataFrame:
     """The run's logged train loss and validation bpb per step (plot_train_curves' schema)."""
-    from qlab.io.checkpoint import read_config
-    from qlab.io.runlog import read_runlog
 
     log = read_runlog(ws.run_dir)
     seed = int(read_config(ws.run_dir).get("train", {}).get("seed", 0))
@@ -470,7 +461,6 @@ def train_curve(ws: Workspace) -> pd.DataFrame:
 def fingerprint(ws: Workspace, table: str) -> pd.DataFrame:
     """One table of :func:`qlab.analysis.fingerprint.fingerprint` of the checkpoint against
     its GPTQ-quantized copy (activation tables on the scale's validation tokens)."""
-    from qlab.analysis.fingerprint import fingerprint as run
 
     key = f"fingerprint.{table}"
     if key not in ws._tables and not (ws.work / "tables" / f"{key}.json").is_file():
@@ -490,7 +480,6 @@ def fingerprint(ws: Workspace, table: str) -> pd.DataFrame:
 
 
 def _missing(key: str) -> pd.DataFrame:
-    from qlab.errors import DataError
 
     raise DataError(f"figure table {key!r}: the fingerprint did not produce it")
 
@@ -498,7 +487,6 @@ def _missing(key: str) -> pd.DataFrame:
 def matrix_spec(ws: Workspace) -> object:
     """A small reg × quant matrix on the embedded corpus: two bases (PR #2011's A and B
     shapes at CPU size), the scale's variants and seeds, every hidden-state scheme."""
-    from qlab.analysis.matrix import spec_from_dict
 
     s = ws.scale
     small = {
@@ -554,7 +542,6 @@ def matrix_spec(ws: Workspace) -> object:
 
 def matrix(ws: Workspace) -> object:
     """Run (or resume) the small matrix under the work directory and collect its results."""
-    from qlab.analysis.matrix import collect_results, run_matrix
 
     if getattr(ws, "_matrix", None) is None:
         out = ws.work / "matrix"

@@ -24,10 +24,21 @@ import pandas as pd
 import torch
 from torch import nn
 
+from qlab.analysis.rd import bpb_eval_fn
+from qlab.analysis.spectra import weight_family
+from qlab.data import build_byte_tables, default_dataset, load_tokenizer, load_validation_tokens, open_dataset
+from qlab.data.corpus import default_cache_dir
 from qlab.errors import CheckpointError, DataError
 from qlab.figures.scale import Scale, get_scale
 from qlab.io.atomic import atomic_write_text
+from qlab.io.checkpoint import committed_file, has_checkpoint, read_config
+from qlab.loaders import load_model
+from qlab.loaders.readers import detect_format, load_state_dict
+from qlab.progress import resolve_progress
+from qlab.quant.model_quant import calibration_batches, model_hessians, quantize_model
 from qlab.quant.policy import Policy, get_policy
+from qlab.train.config import resolve_configs
+from qlab.train.trainer import train
 
 __all__ = ["Workspace", "figure_policy", "SMALL_MODEL_POLICY"]
 
@@ -44,8 +55,6 @@ def figure_policy() -> Policy:
 
 def _checkpoint_key(path: Path) -> str:
     """Path + size + mtime of the weights: a retrained checkpoint gets a fresh cache."""
-    from qlab.io.checkpoint import committed_file, has_checkpoint
-    from qlab.loaders.readers import detect_format
 
     detect_format(path)  # a path qlab cannot read fails here, naming the formats it can
     try:
@@ -74,8 +83,6 @@ class Workspace:
         work_dir: str | os.PathLike | None = None,
         progress: bool | None = None,
     ) -> None:
-        from qlab.data.corpus import default_cache_dir
-        from qlab.progress import resolve_progress
 
         self.scale = get_scale(scale)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -97,7 +104,6 @@ class Workspace:
     def weights_only(self) -> bool:
         """True for a checkpoint that is not a qlab run directory (safetensors, a Hugging
         Face directory, a state dict, an artifact): weights, but no model or data."""
-        from qlab.io.checkpoint import has_checkpoint
 
         return self.checkpoint is not None and not has_checkpoint(self.checkpoint)
 
@@ -115,7 +121,6 @@ class Workspace:
 
     def _configs(self, data: str, out_dir: str) -> tuple[Any, Any]:
         """The ``tiny`` preset with the scale's overrides (no environment variables)."""
-        from qlab.train.config import resolve_configs
 
         vocab = int(self.scale.model.get("vocab_size", 1024))
         overrides = {**self.scale.train, "data": data, "out_dir": out_dir}
@@ -131,8 +136,6 @@ class Workspace:
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def _train(self) -> Path:
-        from qlab.io.checkpoint import has_checkpoint, read_config
-        from qlab.train.trainer import train
 
         run_dir = self.work / "run"
         data = self._embedded(int(self.scale.model.get("vocab_size", 1024)))
@@ -144,13 +147,11 @@ class Workspace:
 
     @staticmethod
     def _embedded(vocab: int) -> Any:
-        from qlab.data import default_dataset
 
         return default_dataset(vocab_size=vocab)
 
     @functools.cached_property
     def model(self) -> nn.Module:
-        from qlab.loaders import load_model
 
         model, _ = load_model(self.run_dir)
         model.eval()
@@ -168,8 +169,6 @@ class Workspace:
     def dataset(self) -> Any:
         """``data`` when given (a dataset directory or ``"embedded"``), else the run's own
         dataset directory when it still exists, else the embedded corpus."""
-        from qlab.data import open_dataset
-        from qlab.io.checkpoint import read_config
 
         data = self.data or read_config(self.run_dir).get("train", {}).get("data", "embedded")
         if data != "embedded" and Path(data).is_dir():
@@ -178,7 +177,6 @@ class Workspace:
 
     @functools.cached_property
     def val_tokens(self) -> torch.Tensor:
-        from qlab.data import load_validation_tokens
 
         return load_validation_tokens(
             self.dataset.val_files, self.seq_len, vocab_size=self.dataset.vocab_size
@@ -186,7 +184,6 @@ class Workspace:
 
     @functools.cached_property
     def byte_tables(self) -> Any:
-        from qlab.data import build_byte_tables, load_tokenizer
 
         return build_byte_tables(load_tokenizer(self.dataset.tokenizer_path), self.config.vocab_size)
 
@@ -197,7 +194,6 @@ class Workspace:
 
     def eval_fn(self, seq_len: int | None = None) -> Callable[[nn.Module], float]:
         """``model -> val_bpb`` on the scale's validation slice."""
-        from qlab.analysis.rd import bpb_eval_fn
 
         return bpb_eval_fn(
             self.val_tokens, self.byte_tables, seq_len=seq_len or self.seq_len, max_tokens=self.eval_tokens
@@ -207,8 +203,6 @@ class Workspace:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every floating-point tensor as fp32: the model's, or the weights file's."""
         if self.weights_only:
-            from qlab.loaders.readers import load_state_dict
-
             sd = load_state_dict(self.checkpoint)
         else:
             sd = self.model.state_dict()
@@ -216,7 +210,6 @@ class Workspace:
 
     def largest_matrix(self, exclude_embedding: bool = True) -> tuple[str, torch.Tensor]:
         """The biggest 2-D weight (by elements), the embedding left out unless asked."""
-        from qlab.analysis.spectra import weight_family
 
         mats = {
             n: t
@@ -234,7 +227,6 @@ class Workspace:
         return figure_policy()
 
     def calibration(self) -> list[torch.Tensor]:
-        from qlab.quant.model_quant import calibration_batches
 
         return calibration_batches(
             self.dataset, self.scale.calib_batches, seq_len=int(self.config.train_seq_len), batch_seqs=8
@@ -243,14 +235,12 @@ class Workspace:
     @functools.cached_property
     def hessians(self) -> dict[str, torch.Tensor]:
         """Hessians of the figure policy's GPTQ tensors (the record's calibration recipe)."""
-        from qlab.quant.model_quant import model_hessians
 
         return model_hessians(self.model, self.policy, self.calibration(), progress=self.progress)
 
     @functools.cached_property
     def quantized(self) -> Any:
         """The model quantized by :attr:`policy` with GPTQ (a QuantizedModel)."""
-        from qlab.quant.model_quant import quantize_model
 
         qm = quantize_model(self.model, self.policy, hessians=self.hessians, progress=self.progress)
         qm.meta["calib_batches"] = self.scale.calib_batches

@@ -13,6 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from qlab.analysis.papers import STAGE_LABELS
 from qlab.errors import DataError
 from qlab.plots.style import (
     annotate_bars,
@@ -342,7 +343,6 @@ def plot_eval_levers(ours: pd.DataFrame, paper: pd.DataFrame | None = None) -> F
             ax = axes[0, 1]
             p = paper.dropna(subset=["delta_bpb"])
             p = p[p["stage"].notna()]
-            from qlab.analysis.papers import STAGE_LABELS
 
             labels = [f"{lv}\n[{STAGE_LABELS.get(st, st)}]" for lv, st in zip(p["lever"], p["stage"])]
             y = np.arange(len(p))

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from qlab.errors import DataError
+from qlab.plots.pr2011 import plot_canonical_metrics, plot_cka_heatmap, plot_depth_trajectory
 from qlab.plots.style import (
     annotate_bars,
     label_axes,
@@ -536,7 +537,6 @@ def _last_block_metrics(df: pd.DataFrame) -> pd.DataFrame:
 
 def figure_makers() -> dict[str, tuple[str, object]]:
     """Fingerprint table name → (PNG file name, plot function) pairs, as the PR names them."""
-    from qlab.plots.pr2011 import plot_canonical_metrics, plot_cka_heatmap, plot_depth_trajectory
 
     def canonical(df: pd.DataFrame) -> Figure:
         last = _last_block_metrics(_with_variant(df))

@@ -16,6 +16,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from qlab.analysis.matrix.stats import t_halfwidth
 from qlab.analysis.papers import REGULARIZERS
 from qlab.errors import DataError
 from qlab.eval.stages import STAGE_LABELS, STAGES
@@ -267,7 +268,6 @@ def plot_pre_post_quant(wide: pd.DataFrame, base: str | None = "A") -> Figure:
 def _pre_post_rows(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (base, variant, source): mean pre/post bpb, mean tax (mBPB), the 95 % t
     half-widths over seeds (0 with one row) and the count, in first-appearance order."""
-    from qlab.analysis.matrix.stats import t_halfwidth
 
     d = df.assign(base=df["base"].astype(str) if "base" in df.columns else "", src=_src(df),
                   tax=1e3 * (df["quantized_bpb"] - df["pre_quant_bpb"]))  # fmt: skip

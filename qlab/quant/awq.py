@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from qlab.errors import QuantError
+from qlab.quant.rtn import quantize_rtn
 from qlab.quant.tensor import QuantizedTensor, check_finite, dequantize, register_dequantizer
 
 __all__ = ["channel_scales", "awq_quantize", "awq_search_alpha"]
@@ -56,7 +57,6 @@ def awq_quantize(
     ``w`` is (out, in) and ``act_mean_abs`` the per-input-channel mean |x| (length in);
     extra keyword arguments (``clip``, ``symmetric``, ``granularity``…) go to quantize_rtn.
     """
-    from qlab.quant.rtn import quantize_rtn
 
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise QuantError(f"AWQ {name!r}: needs a 2-D floating-point weight matrix")

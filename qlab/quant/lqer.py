@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from qlab.errors import QuantError
+from qlab.quant.rtn import quantize_rtn
 from qlab.quant.tensor import QuantizedTensor, check_finite, dequantize
 
 __all__ = [
@@ -108,7 +109,6 @@ def _quantize_a(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fit_low_rank(w: torch.Tensor, deq: torch.Tensor, rank: int = 4, *, name: str = "") -> LowRankCorrection:
     """Fit the packed rank-``rank`` correction of E = w − deq for one matrix."""
-    from qlab.quant.rtn import quantize_rtn
 
     if w.dim() != 2 or tuple(w.shape) != tuple(deq.shape):
         raise QuantError(

@@ -26,7 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlab.data.loader import ShuffledSequenceLoader
 from qlab.errors import DataError, QuantError
+from qlab.io.checkpoint import load_weights
+from qlab.quant.hessian import collect_hessians
 from qlab.quant.policy import Passthrough, Policy, dequantize_state_dict, quantize_state_dict
 from qlab.quant.tensor import QuantizedTensor
 
@@ -62,7 +65,6 @@ def calibration_batches(
 ) -> list[torch.Tensor]:
     """``n_batches`` input batches (B = ``batch_seqs``, T = ``seq_len``) of the dataset's
     training shards, deterministic in ``seed`` (the records calibrate on training data)."""
-    from qlab.data.loader import ShuffledSequenceLoader
 
     if not isinstance(n_batches, int) or n_batches < 1:
         raise DataError(f"calibration needs a positive number of batches, got {n_batches!r}")
@@ -82,7 +84,6 @@ def model_hessians(
     model: nn.Module, policy: Policy, batches: Iterable, *, progress: bool = False
 ) -> dict[str, torch.Tensor]:
     """Hessians of exactly the policy's GPTQ tensors (hooks below the policy's size cut)."""
-    from qlab.quant.hessian import collect_hessians
 
     sd = model.state_dict()
     names = gptq_names(sd, policy)
@@ -192,7 +193,6 @@ def dequantize_entries(entries: Mapping[str, Any], aliases: Mapping[str, str] | 
 
 def load_dequantized(model: nn.Module, entries: Mapping[str, Any], aliases=None, where: str = "") -> None:
     """Load dequantized ``entries`` into ``model`` in place (strict: names and shapes must match)."""
-    from qlab.io.checkpoint import load_weights
 
     state = dequantize_entries(entries, aliases)
     own = model.state_dict()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qlab.errors import QuantError
+from qlab.quant.rtn import quantize_rtn
 from qlab.quant.tensor import QuantizedTensor, check_finite, dequantize, register_dequantizer
 
 __all__ = [
@@ -132,7 +133,6 @@ def quantize_rotated(
     **rtn_kwargs,
 ) -> QuantizedTensor:
     """RTN-quantize W·Q; ``dequantize`` of the result returns to the original basis."""
-    from qlab.quant.rtn import quantize_rtn
 
     check_rotatable(w, name)
     rot = make_rotation(int(w.shape[-1]), seed=seed, block_size=block_size)

@@ -39,14 +39,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qlab.config import ModelConfig
+from qlab.data import build_byte_tables, default_dataset, load_tokenizer, load_validation_tokens, open_dataset
 from qlab.data.loader import ShuffledSequenceLoader
 from qlab.data.record_loader import RecordSequenceLoader
 from qlab.errors import ConfigError, NumericalError
 from qlab.eval.bpb import autocast_context, evaluate_bpb, resolve_autocast
 from qlab.io import checkpoint as ckpt
 from qlab.io.runlog import METRICS_NAME, RunLog
+from qlab.model.gpt import GPT
 from qlab.train import distributed as D
 from qlab.train.config import TrainConfig, build_regularizers
+from qlab.train.curriculum import CurriculumSampler, build_manifest
 from qlab.train.ema import EMA
 from qlab.train.optim import Optimizers, build_optimizers
 from qlab.train.qat import disable_qat, enable_qat, qat_modules
@@ -123,7 +126,6 @@ def resolve_device(name: str) -> str:
 
 def open_training_data(config: TrainConfig, vocab_size: int):
     """The DatasetInfo to train on; the embedded corpus is built by rank 0 first (cache)."""
-    from qlab.data import default_dataset, open_dataset
 
     def load():
         if config.data == "embedded":
@@ -163,12 +165,6 @@ class _Trainer:
     """State of one training run; methods are the steps of the loop."""
 
     def __init__(self, config: TrainConfig, model_config: ModelConfig, resume: bool, progress: bool) -> None:
-        from qlab.data import (
-            build_byte_tables,
-            load_tokenizer,
-            load_validation_tokens,
-        )
-        from qlab.model.gpt import GPT
 
         self.config, self.model_config = config, model_config
         self.device = D.setup(resolve_device(config.device))
@@ -253,7 +249,6 @@ class _Trainer:
 
     def _build_sampler(self):
         """The curriculum sampler over the loader's shards (every rank builds the same manifest)."""
-        from qlab.train.curriculum import CurriculumSampler, build_manifest
 
         c = self.config
         manifest = build_manifest(self.loader, c.train_seq_len, c.curriculum_buckets)

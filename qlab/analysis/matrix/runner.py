@@ -35,9 +35,12 @@ import torch
 from tqdm.auto import tqdm
 
 from qlab.analysis.matrix.measure import EvalData, measure_hidden, measure_pipeline
-from qlab.analysis.matrix.spec import Cell, MatrixSpec, plan_cells, resolve_base, resolve_policy, shard_cells
+from qlab.analysis.matrix.spec import Cell, MatrixSpec, plan_cells, resolve_base, shard_cells, spec_policy
+from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
 from qlab.errors import ConfigError, DataError
 from qlab.io.atomic import atomic_write_json
+from qlab.loaders import load_model
+from qlab.train.trainer import open_training_data, resolve_device, train
 
 __all__ = ["CELLS_DIR", "RUNS_DIR", "cell_result_path", "run_cell", "run_matrix", "with_overrides"]
 
@@ -129,7 +132,6 @@ def _finished(path: Path, eval_key: str) -> bool:
 
 
 def _train(tc, mc, progress: bool) -> dict[str, Any]:
-    from qlab.train.trainer import train
 
     r = train(tc, mc, resume=True, progress=progress)
     return {
@@ -144,15 +146,13 @@ def _train(tc, mc, progress: bool) -> dict[str, Any]:
 
 
 def _measure(spec: MatrixSpec, cell: Cell, tc, run_dir: Path, progress: bool) -> dict[str, Any]:
-    from qlab.loaders import load_model
-    from qlab.train.trainer import resolve_device
 
     device = torch.device(resolve_device(tc.device))
     model, mc = load_model(run_dir, device)
     # the run as `qlab quantize runs/<cell id>` from the matrix folder names it: no absolute
     # path in the artifact, so a cell's bytes do not depend on where the matrix lives
     data = dataclasses.replace(_eval_data(spec, tc, mc, device), source=f"{RUNS_DIR}/{cell.cell_id}")
-    policies = {name: resolve_policy(spec, name) for name in spec.eval.weight_policies}
+    policies = {name: spec_policy(spec, name) for name in spec.eval.weight_policies}
     pipeline = measure_pipeline(model, data, spec.eval, policies, progress=progress)
     hidden, geometry = measure_hidden(model, data, spec.eval)
     v = cell.variant
@@ -174,8 +174,6 @@ def _measure(spec: MatrixSpec, cell: Cell, tc, run_dir: Path, progress: bool) ->
 
 
 def _eval_data(spec: MatrixSpec, tc, mc, device: torch.device) -> EvalData:
-    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
-    from qlab.train.trainer import open_training_data
 
     info = open_training_data(tc, mc.vocab_size)
     sp = load_tokenizer(tc.tokenizer_path or info.tokenizer_path)

@@ -47,6 +47,10 @@ from qlab.analysis.hidden_quant import HIDDEN_SCHEMES
 from qlab.checks import is_int as _is_int
 from qlab.config import ModelConfig
 from qlab.errors import ConfigError
+from qlab.eval.ttt import TTTConfig
+from qlab.quant.policy import resolve_policy
+from qlab.train.config import resolve_configs
+from qlab.train.regularizers import canonical_name, parse_reg_spec
 
 __all__ = [
     "CONTROL",
@@ -194,7 +198,6 @@ class Cell:
 
 def parse_variant(text: str) -> Variant:
     """ "QAHSP=0.3+ES=0.05" → Variant with canonical regularizer names; "no-reg"/"" → the control."""
-    from qlab.train.regularizers import parse_reg_spec
 
     if not isinstance(text, str):
         raise ConfigError(f"matrix variant must be a string like 'ES=0.05', got {text!r}")
@@ -308,7 +311,6 @@ def _base(name: str, obj: Any, where: str) -> BaseSpec:
 
 def _base_regs(regs: Any, where: str) -> dict[str, float]:
     """A base's own regularizers (part of the base, e.g. PR #2011's base A trains with SimCTG)."""
-    from qlab.train.regularizers import canonical_name
 
     if not isinstance(regs, Mapping):
         raise ConfigError(f"{where}.train.regs must be a table NAME = weight")
@@ -359,8 +361,6 @@ def _eval(quant: Any, ev: Any, where: str) -> EvalSpec:
         _resolve_policy(p, policies)  # raises for unknown names
     ttt = e.get("ttt")
     if ttt is not None:
-        from qlab.eval.ttt import TTTConfig
-
         ttt = _table(ttt, f"{where}: eval.ttt")
         bad = set(ttt) & {"seq_len", "stride", "max_tokens"}
         if bad:
@@ -395,14 +395,13 @@ def _eval(quant: Any, ev: Any, where: str) -> EvalSpec:
 
 
 def _resolve_policy(name: str, inline: Mapping[str, Mapping[str, Any]]):
-    from qlab.quant.policy import resolve_policy
 
     if name in inline:
         return resolve_policy({"name": name, **inline[name]})
     return resolve_policy(name)
 
 
-def resolve_policy(spec: MatrixSpec, name: str):
+def spec_policy(spec: MatrixSpec, name: str):
     """The :class:`qlab.quant.policy.Policy` a spec calls ``name`` (inline first, then presets)."""
     return _resolve_policy(name, spec.eval.policies)
 
@@ -412,7 +411,6 @@ def resolve_policy(spec: MatrixSpec, name: str):
 
 def resolve_base(spec: MatrixSpec, base: BaseSpec, variant: Variant, seed: int, out_dir: str = "."):
     """(TrainConfig, ModelConfig) of one cell: preset → base overrides → regs, seed, data, device."""
-    from qlab.train.config import resolve_configs
 
     data = base.data if base.data == "embedded" else str((spec.root / base.data).resolve())
     fixed = _base_regs(base.train.get("regs", {}), f"base {base.name!r}")

@@ -1,0 +1,27 @@
+"""The layer rule's second half: qlab imports sit at the top of each file.
+
+`lint-imports` (make lint) checks that every import points down the layer order of
+docs/design.md; this test checks the imports are where a reader looks for them. A
+function-level qlab import is allowed only with a comment on its line saying why.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "qlab"
+
+
+def test_no_function_level_qlab_import_without_a_reason():
+    hidden = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for sub in ast.walk(node):
+                qlab_import = isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("qlab")
+                if qlab_import and "#" not in lines[sub.lineno - 1]:
+                    hidden.append(f"{path.relative_to(PACKAGE.parent)}:{sub.lineno}")
+    assert not hidden, hidden
