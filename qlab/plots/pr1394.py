@@ -22,6 +22,7 @@ from qlab.plots.style import (
     new_figure,
     palette,
     require_columns,
+    source_column,
     sources,
     style_context,
 )
@@ -31,15 +32,11 @@ __all__ = ["plot_seed_stages", "plot_train_curves"]
 _STAGE_COLS = {"pre_quant_bpb": "pre-quant", "quantized_bpb": "quantized", "sliding_bpb": "sliding window"}
 
 
-def _src(df: pd.DataFrame) -> pd.Series:
-    return df["source"].astype(str) if "source" in df.columns else pd.Series("data", index=df.index)
-
-
 def plot_seed_stages(df: pd.DataFrame) -> Figure:
     """Left: val_bpb per seed at pre-quant → quantized → sliding window (lines, bpb axis).
     Right: the two stage differences per seed in mBPB as bars from zero."""
     require_columns(df, ["seed", *_STAGE_COLS], "plot_seed_stages")
-    d = df.assign(src=_src(df)).sort_values(["src", "seed"])
+    d = df.assign(src=source_column(df)).sort_values(["src", "seed"])
     styles = dict(zip(sources(d), SOURCE_LINESTYLES))
     multi = len(styles) > 1
     names = [f"{k}" + (f" [{s}]" if multi else "") for k, s in zip(d["seed"], d["src"])]
@@ -128,7 +125,7 @@ def plot_train_curves(
     require_columns(df, ["seed", x, "train_loss", "val_bpb"], "plot_train_curves")
     if x not in ("step", "elapsed_s"):
         raise DataError(f"plot_train_curves: x must be 'step' or 'elapsed_s', got {x!r}")
-    d = df.assign(src=_src(df))
+    d = df.assign(src=source_column(df))
     keys = list(dict.fromkeys(zip(d["src"], d["seed"])))
     styles = dict(zip(sources(d), SOURCE_LINESTYLES))
     xlabel = "training step (optimizer steps)" if x == "step" else "training time (s)"

@@ -28,6 +28,7 @@ from qlab.plots.style import (
     new_figure,
     palette,
     require_columns,
+    source_column,
     sources,
     style_context,
 )
@@ -45,10 +46,6 @@ __all__ = [
 ]
 
 _MBPB = "(mBPB)"
-
-
-def _src(df: pd.DataFrame) -> pd.Series:
-    return df["source"].astype(str) if "source" in df.columns else pd.Series("data", index=df.index)
 
 
 def _tested_reg(regs: str, base: str) -> str:
@@ -73,7 +70,7 @@ def plot_cross_base_signs(deltas: pd.DataFrame, bases: tuple[str, ...] = ("A", "
     df = df[df["reg"].isin(REGULARIZERS)]
     if df.empty:
         raise DataError(f"plot_cross_base_signs: no single-regularizer rows on bases {bases}")
-    df["src"] = _src(df)
+    df["src"] = source_column(df)
     first = df[df["base"] == bases[0]].groupby("reg")["delta_mbpb"].min()
     order = sorted(df["reg"].unique(), key=lambda r: (first.get(r, np.inf), r))
     colors = dict(zip(bases, palette(len(bases))))
@@ -174,7 +171,9 @@ def plot_lambda_budget(deltas: pd.DataFrame, base: str = "A") -> Figure:
     singles, pairs = singles.sort_values("delta_mbpb"), pairs.sort_values("delta_mbpb")
     rows = pd.concat([singles.assign(kind="single"), pairs.assign(kind="pair")])
     labels = [" + ".join(x.replace("=", " λ=") for x in s.split(",")) for s in rows["lambdas"]]
-    labels = [lab + (f" [{s}]" if len(sources(rows)) > 1 else "") for lab, s in zip(labels, _src(rows))]
+    labels = [
+        lab + (f" [{s}]" if len(sources(rows)) > 1 else "") for lab, s in zip(labels, source_column(rows))
+    ]
     c_single, c_pair = palette(2)
     with style_context():
         fig, axes = new_figure(1, 1, size=(7.2, 0.42 * len(rows) + 1.6))
@@ -269,7 +268,7 @@ def _pre_post_rows(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (base, variant, source): mean pre/post bpb, mean tax (mBPB), the 95 % t
     half-widths over seeds (0 with one row) and the count, in first-appearance order."""
 
-    d = df.assign(base=df["base"].astype(str) if "base" in df.columns else "", src=_src(df),
+    d = df.assign(base=df["base"].astype(str) if "base" in df.columns else "", src=source_column(df),
                   tax=1e3 * (df["quantized_bpb"] - df["pre_quant_bpb"]))  # fmt: skip
     multi_src = len(sources(d)) > 1
     out = []
@@ -290,7 +289,7 @@ def plot_pipeline_waterfall(long: pd.DataFrame, variants: list[str] | None = Non
     df = long if variants is None else long[long["variant"].isin(variants)]
     if df.empty:
         raise DataError("plot_pipeline_waterfall: no rows left after selecting variants")
-    df = df.assign(base=df["base"] if "base" in df.columns else "all", src=_src(df))
+    df = df.assign(base=df["base"] if "base" in df.columns else "all", src=source_column(df))
     bases = list(dict.fromkeys(df["base"]))
     styles = dict(zip(sources(df), SOURCE_LINESTYLES))
     with style_context():
@@ -322,7 +321,7 @@ def plot_depth_trajectory(df: pd.DataFrame) -> Figure:
     """Mean ‖h‖₂ and mean per-token excess kurtosis per block, one line per variant
     (PR #2011 fig_depth_trajectory). Kurtosis uses a symlog axis (it spans 0.7 … 390)."""
     require_columns(df, ["variant", "block", "mean_norm", "kurtosis"], "plot_depth_trajectory")
-    d = df.assign(src=_src(df))
+    d = df.assign(src=source_column(df))
     keys = list(dict.fromkeys(zip(d["variant"], d["src"])))
     styles = dict(zip(sources(d), SOURCE_LINESTYLES))
     with style_context():
@@ -379,7 +378,7 @@ def plot_canonical_metrics(
     fig_real_canonical_metrics); several sources become grouped bars. The default title
     describes the paper's measurement; pass ``title`` for other data."""
     require_columns(df, ["variant", *metrics], "plot_canonical_metrics")
-    d = df.assign(src=_src(df))
+    d = df.assign(src=source_column(df))
     variants, srcs = list(dict.fromkeys(d["variant"])), sources(d)
     n = len(metrics)
     ncols = 2 if n > 1 else 1
@@ -473,7 +472,9 @@ def plot_reg_quant_heatmaps(df: pd.DataFrame, metrics: tuple[str, ...] | None = 
     require_columns(df, list(metrics), "plot_reg_quant_heatmaps")
     if not metrics:
         raise DataError("plot_reg_quant_heatmaps: no metric columns found")
-    d = df.assign(row=df["variant"] if len(sources(df)) == 1 else df["variant"] + " [" + _src(df) + "]")
+    d = df.assign(
+        row=df["variant"] if len(sources(df)) == 1 else df["variant"] + " [" + source_column(df) + "]"
+    )
     rows, cols = list(dict.fromkeys(d["row"])), list(dict.fromkeys(d["scheme"]))
     ncols = 2 if len(metrics) > 1 else 1
     nrows = math.ceil(len(metrics) / ncols)
@@ -495,7 +496,7 @@ def plot_reg_quant_heatmaps(df: pd.DataFrame, metrics: tuple[str, ...] | None = 
 
 def _square_cka(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     if {"variant_a", "variant_b", "cka"} <= set(df.columns):
-        d = df.assign(src=_src(df))
+        d = df.assign(src=source_column(df))
         out = {}
         for s in sources(d):
             g = d[d["src"] == s]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import matplotlib as mpl
 import numpy as np
+import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -170,8 +171,6 @@ SOURCE_HATCHES = ("", "//", "..", "xx")
 
 def require_columns(df: object, columns: list[str] | tuple[str, ...], what: str) -> None:
     """Raise :class:`DataError` unless ``df`` is a non-empty DataFrame with ``columns``."""
-    import pandas as pd
-
     if not isinstance(df, pd.DataFrame):
         raise DataError(f"{what}: expected a pandas DataFrame, got {type(df).__name__}")
     missing = [c for c in columns if c not in df.columns]
@@ -179,6 +178,11 @@ def require_columns(df: object, columns: list[str] | tuple[str, ...], what: str)
         raise DataError(f"{what}: DataFrame lacks column(s) {missing}; has {list(df.columns)}")
     if df.empty:
         raise DataError(f"{what}: DataFrame has no rows")
+
+
+def source_column(df: pd.DataFrame) -> pd.Series:
+    """Each row's ``source`` as text ("data" for every row when the column is absent)."""
+    return df["source"].astype(str) if "source" in df.columns else pd.Series("data", index=df.index)
 
 
 def sources(df: object) -> list[str]:
