@@ -119,3 +119,9 @@ def test_quantize_checkpoint_is_the_pipeline_plus_its_byte_table(tiny_dataset, t
     same = run_pipeline(_model(), _policy(), tiny_dataset, calib_batches=2, calib_batch_seqs=2, stride=16,
                         max_eval_tokens=EVAL_TOKENS, codec="ans", extra={"source": "GPT"})  # fmt: skip
     assert same.artifact == res.artifact and same.row["quantized_bpb"].iloc[0] == row["quantized_bpb"]
+
+
+def test_attribution_columns_name_what_attribute_stages_returns():
+    from qlab.eval.stages import ATTRIBUTION_COLUMNS, STAGES, attribute_stages
+
+    assert tuple(attribute_stages({STAGES[0]: 1.0, "quantized": 1.002})) == ATTRIBUTION_COLUMNS

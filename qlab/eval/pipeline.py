@@ -29,7 +29,7 @@ from qlab.compress.container import encode_artifact
 from qlab.data import build_byte_tables, default_dataset, load_tokenizer, load_validation_tokens, open_dataset
 from qlab.errors import ConfigError
 from qlab.eval.bpb import evaluate_bpb
-from qlab.eval.stages import STAGES, attribute_stages
+from qlab.eval.stages import ATTRIBUTION_COLUMNS, STAGES, attribute_stages
 from qlab.eval.ttt import TTTConfig, score_first_ttt
 from qlab.io.checkpoint import load_weights
 from qlab.loaders import load_model, load_quantized
@@ -44,14 +44,7 @@ COLUMNS = [
     "variant",
     "checkpoint",
     "policy",
-    "pre_quant_bpb",
-    "quantized_bpb",
-    "sliding_bpb",
-    "ttt_bpb",
-    "quant_tax_mbpb",
-    "sliding_gain_mbpb",
-    "ttt_gain_mbpb",
-    "final_bpb",
+    *(c for c in ATTRIBUTION_COLUMNS if c != "prequant_ttt_bpb"),  # no pre-quant TTT stage here
     "pre_quant_loss",
     "quantized_loss",
     "eval_tokens",

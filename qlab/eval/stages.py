@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-__all__ = ["STAGES", "STAGE_LABELS", "TTT_STAGES", "attribute_stages"]
+__all__ = ["STAGES", "STAGE_LABELS", "TTT_STAGES", "ATTRIBUTION_COLUMNS", "attribute_stages"]
 
 #: Evaluation stages in pipeline order, named as the records' logs name them.
 STAGES = (
@@ -33,6 +33,20 @@ STAGE_LABELS = {
     "legal_ttt": "score-first TTT",
 }
 TTT_STAGES = ("quantized_ttt_phased", "legal_ttt")
+
+
+#: The columns :func:`attribute_stages` returns, in table order.
+ATTRIBUTION_COLUMNS = (
+    "pre_quant_bpb",
+    "prequant_ttt_bpb",
+    "quantized_bpb",
+    "sliding_bpb",
+    "ttt_bpb",
+    "quant_tax_mbpb",
+    "sliding_gain_mbpb",
+    "ttt_gain_mbpb",
+    "final_bpb",
+)
 
 
 def attribute_stages(by: Mapping[str, float]) -> dict:

@@ -10,7 +10,6 @@ from qlab.analysis.papers._files import _csv, _num
 from qlab.errors import DataError
 from qlab.eval.stages import STAGES
 
-
 _PR1818_STAGES = {"pre-quant": STAGES[0], "post-quant": "quantized", "post-TTT": "legal_ttt"}
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 from qlab.analysis.papers._files import _json, _mapping, _num
 from qlab.errors import DataError
-from qlab.eval.stages import STAGES, attribute_stages
+from qlab.eval.stages import ATTRIBUTION_COLUMNS, STAGES, attribute_stages
 
 REGULARIZERS = ("QAHSP", "ES", "AOS", "HSU", "WBC", "WOP", "PCS", "SimCTG")
 _RENAME_ISO = {"isoscore": "mean_abs_cos", "isoscore_post": "mean_abs_cos_post"}
@@ -61,23 +61,7 @@ def _transcribed(root: str | Path | None) -> Mapping:
 # ---------------------------------------------------------------- PR #2011 pipeline tables
 _ATTR_KEYS = ("cell", "base", "pre_quant", "quantized", "sliding", "ttt", "quant_cost_mBPB")
 _ATTR_KEYS += ("sliding_gain_mBPB", "ttt_gain_mBPB", "final")
-_WIDE_COLUMNS = [
-    "source",
-    "base",
-    "variant",
-    "regs",
-    "lambda",
-    "lambdas",
-    "pre_quant_bpb",
-    "prequant_ttt_bpb",
-    "quantized_bpb",
-    "sliding_bpb",
-    "ttt_bpb",
-    "quant_tax_mbpb",
-    "sliding_gain_mbpb",
-    "ttt_gain_mbpb",
-    "final_bpb",
-]
+_WIDE_COLUMNS = ["source", "base", "variant", "regs", "lambda", "lambdas", *ATTRIBUTION_COLUMNS]
 
 
 def eval_pipeline_breakdown(root: str | Path | None = None) -> pd.DataFrame:
