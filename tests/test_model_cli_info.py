@@ -58,7 +58,7 @@ def test_info_unknown_preset():
 
 def test_info_lists_policies_and_regularizers(capsys):
     from qlab.quant.policy import POLICIES
-    from qlab.train.config import REGULARIZERS
+    from qlab.train.regularizers import REGULARIZERS
 
     assert run_info(["--policies"]) == 0
     out = capsys.readouterr().out

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+import qlab.train as train_pkg
 from qlab.config import ModelConfig
 from qlab.errors import ConfigError, DataError
 from qlab.model.gpt import GPT
-from qlab.train import config as train_config
 from qlab.train import regularizers as R
 
 
@@ -154,7 +154,7 @@ def test_build_regularizers_shares_the_trainer_registry():
     regs = R.build_regularizers({"es": 0.05, "WOP": 0.0, "Qahsp": 0.3})
     assert [(n, w) for n, w, _ in regs] == [("ES", 0.05), ("QAHSP", 0.3)]
     assert regs[0][2] is R.embedding_spread
-    assert R.REGULARIZERS is train_config.REGULARIZERS
+    assert R.REGULARIZERS is train_pkg.REGULARIZERS  # one registry, the trainer's
     names = {"QAHSP", "QAHSP_GRID", "ES", "AOS", "HSU", "WBC", "WOP", "PCS", "SimCTG"}
     assert names <= set(R.REGULARIZERS)
     with pytest.raises(ConfigError, match="twice"):

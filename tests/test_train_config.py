@@ -7,13 +7,8 @@ import math
 import pytest
 
 from qlab.errors import ConfigError
-from qlab.train.config import (
-    REGULARIZERS,
-    TrainConfig,
-    build_regularizers,
-    register_regularizer,
-    resolve_configs,
-)
+from qlab.train.config import TrainConfig, resolve_configs
+from qlab.train.regularizers import REGULARIZERS, build_regularizers, register_regularizer
 
 
 def test_record_defaults_are_the_papers_numbers():

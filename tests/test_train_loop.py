@@ -10,7 +10,7 @@ from qlab.errors import ConfigError
 from qlab.io import checkpoint as ckpt
 from qlab.io.runlog import read_runlog
 from qlab.loaders import load_model
-from qlab.train.config import REGULARIZERS, register_regularizer
+from qlab.train.regularizers import REGULARIZERS, register_regularizer
 from qlab.train.schedule import lr_multiplier
 from qlab.train.trainer import train
 

@@ -14,7 +14,8 @@ from qlab.config import PRESETS, ModelConfig, get_preset
 from qlab.errors import ConfigError
 from qlab.model.gpt import GPT, parameter_table
 from qlab.quant.policy import POLICIES, RecordQuant, get_policy
-from qlab.train.config import REGULARIZERS, resolve_configs
+from qlab.train.config import resolve_configs
+from qlab.train.regularizers import REGULARIZERS
 
 FAMILIES = ("embedding", "attention", "mlp", "control")
 

@@ -28,15 +28,36 @@ MSE(h, sg(h_q)), which pulls h towards its int6 grid.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlab.errors import ConfigError, DataError
-from qlab.train.config import REGULARIZERS, Regularizer, register_regularizer
-from qlab.train.config import build_regularizers as _build_registered
+
+# ---- the registry -------------------------------------------------------------------------
+# The extension point for loss regularizers (PAPERS.md §5). A regularizer is a callable
+# ``reg(hidden, model) -> scalar Tensor`` (hidden = the final-norm output, shape (B, T, d));
+# ``TrainConfig.regs`` maps registered names to weights. The trainer adds Σ λ·reg to the
+# loss and logs every term separately. Modules register with ``@register_regularizer``.
+
+Regularizer = Callable[..., Any]
+REGULARIZERS: dict[str, Regularizer] = {}
+
+
+def register_regularizer(name: str) -> Callable[[Regularizer], Regularizer]:
+    """Decorator: make ``fn`` available as ``TrainConfig.regs[name]``."""
+
+    def deco(fn: Regularizer) -> Regularizer:
+        if name in REGULARIZERS and REGULARIZERS[name] is not fn:
+            raise ConfigError(f"regularizer {name!r} is registered twice")
+        REGULARIZERS[name] = fn
+        return fn
+
+    return deco
+
 
 __all__ = [
     "REGULARIZERS",
@@ -219,11 +240,8 @@ def parse_reg_spec(spec: str) -> tuple[str, float]:
 
 
 def build_regularizers(spec: Mapping[str, float]) -> list[tuple[str, float, Regularizer]]:
-    """(name, λ, fn) for every non-zero entry; names are matched case-insensitively.
-
-    Delegates to :func:`qlab.train.config.build_regularizers` after canonicalising the
-    names, so the trainer and this module agree on one registry.
-    """
+    """(name, λ, fn) for every non-zero entry; names are matched case-insensitively,
+    weights must be finite numbers, a name given twice is an error."""
     if not isinstance(spec, Mapping):
         raise ConfigError(f"regularizer spec must be a mapping name -> weight, got {type(spec).__name__}")
     canonical: dict[str, float] = {}
@@ -234,4 +252,4 @@ def build_regularizers(spec: Mapping[str, float]) -> list[tuple[str, float, Regu
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ConfigError(f"regularizer {key!r}: weight must be a finite number, got {weight!r}")
         canonical[key] = float(weight)
-    return _build_registered(canonical)
+    return [(name, weight, REGULARIZERS[name]) for name, weight in canonical.items() if weight]

@@ -48,11 +48,12 @@ from qlab.io import checkpoint as ckpt
 from qlab.io.runlog import METRICS_NAME, RunLog
 from qlab.model.gpt import GPT
 from qlab.train import distributed as D
-from qlab.train.config import TrainConfig, build_regularizers
+from qlab.train.config import TrainConfig
 from qlab.train.curriculum import CurriculumSampler, build_manifest
 from qlab.train.ema import EMA
 from qlab.train.optim import Optimizers, build_optimizers
 from qlab.train.qat import disable_qat, enable_qat, qat_modules
+from qlab.train.regularizers import build_regularizers
 from qlab.train.schedule import (
     looping_enabled,
     lr_multiplier,
