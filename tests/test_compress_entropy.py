@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from qlab.compress.entropy import entropy_bits, order0_entropy, order1_entropy, row_entropy
+from qlab.compress.entropy import entropy_bits, order0_entropy, order1_entropy, row_entropy, symbol_entropies
 from qlab.errors import QuantError
 
 
@@ -68,3 +68,17 @@ def test_float_input_raises() -> None:
         order0_entropy(np.zeros(3))
     with pytest.raises(QuantError, match="at least 2"):
         order1_entropy(np.zeros((3, 1), dtype=np.int8))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int64])
+def test_one_pass_entropies_equal_the_three_plain_functions(dtype) -> None:
+    """The entropy report's bounded-memory path and the plain estimators: one idea, one answer."""
+    g = torch.Generator().manual_seed(3)
+    lo, hi = (-31, 32) if dtype == torch.int8 else (-3000, 3000)
+    codes = (torch.randn(37, 53, generator=g) * hi / 4).round().clamp(lo, hi).to(dtype)
+    h0, h_row, h1 = symbol_entropies(codes)
+    arr = codes.numpy()
+    assert h0 == pytest.approx(order0_entropy(arr), abs=1e-12)
+    assert h_row == pytest.approx(row_entropy(arr), abs=1e-12)
+    assert h1 == pytest.approx(order1_entropy(arr), abs=1e-12)
+    assert math.isnan(symbol_entropies(codes.to(torch.int16), order1_max=100)[2])  # the cap holds

@@ -48,7 +48,7 @@ from qlab.compress import predict as P
 from qlab.compress.budget import CAP
 from qlab.compress.codecs import get_codec
 from qlab.compress.container import read_artifact
-from qlab.compress.entropy import entropy_from_counts
+from qlab.compress.entropy import symbol_entropies
 from qlab.errors import CheckpointError, ConfigError, QlabError, QuantError
 from qlab.io.atomic import atomic_write_text
 from qlab.loaders.readers import detect_format, iter_tensors
@@ -172,67 +172,6 @@ def _overhead_bytes(stored: Stored) -> int:
     return sum(p.numel() * p.element_size() for p in parts if p is not None)
 
 
-def _h_counts(counts: np.ndarray | torch.Tensor) -> float:
-    """Entropy in bits/symbol of one histogram."""
-    return float(entropy_from_counts(np.asarray(counts).reshape(-1)))
-
-
-def _row_entropy_from_counts(c: np.ndarray, rows: int, cols: int) -> float:
-    """Mean over rows of each row's entropy, from the nonzero (row, symbol) counts ``c``.
-
-    Every row holds ``cols`` symbols, so mean_r H(row r) = log2(cols) − Σ c·log2(c) / (rows·cols).
-    """
-    c = c[c > 0].astype(np.float64)
-    return math.log2(cols) - float((c * np.log2(c)).sum()) / (rows * cols)
-
-
-def _byte_entropies(u: torch.Tensor) -> tuple[float, float, float]:
-    """(order-0, mean per-row, order-1) of a (rows, cols) uint8 tensor, from two bincounts."""
-    rows, cols = u.shape
-    idx = torch.int32 if rows * 256 < 2**31 else torch.int64
-    key = torch.arange(rows, dtype=idx).mul_(256).reshape(-1, 1) + u
-    per_row = torch.bincount(key.reshape(-1), minlength=rows * 256).reshape(rows, 256).numpy()
-    h_row = _row_entropy_from_counts(per_row.reshape(-1), rows, cols)
-    h0 = _h_counts(per_row.sum(axis=0))
-    if cols < 2:
-        return h0, h_row, float("nan")
-    pair = u[:, :-1].to(torch.int32).mul_(256).add_(u[:, 1:])
-    joint = torch.bincount(pair.reshape(-1), minlength=65536).numpy().reshape(256, 256)
-    return h0, h_row, _h_counts(joint) - _h_counts(joint.sum(axis=1))
-
-
-def _sorted_counts(keys: np.ndarray) -> np.ndarray:
-    return np.unique(keys, return_counts=True)[1]
-
-
-def _wide_entropies(rows2: torch.Tensor) -> tuple[float, float, float]:
-    """The same three entropies for wider integer symbols, counted by sorting.
-
-    The symbols are first relabelled 0..m−1 (m distinct values), so (row, symbol) and
-    (previous, current) keys fit an int64 whatever the symbols' range.
-    """
-    rows, cols = rows2.shape
-    _, inv, counts = np.unique(rows2.numpy().reshape(-1), return_inverse=True, return_counts=True)
-    lab, m = inv.reshape(rows, cols).astype(np.int64, copy=False), len(counts)
-    h0 = _h_counts(counts)
-    h_row = _row_entropy_from_counts(_sorted_counts(np.arange(rows)[:, None] * m + lab), rows, cols)
-    if cols < 2 or lab.size > WIDE_ORDER1_MAX:
-        return h0, h_row, float("nan")
-    prev = lab[:, :-1].reshape(-1)
-    joint = _sorted_counts(prev * m + lab[:, 1:].reshape(-1))
-    return h0, h_row, _h_counts(joint) - _h_counts(np.bincount(prev, minlength=m))
-
-
-def _entropies(sym: torch.Tensor) -> tuple[float, float, float]:
-    """(order-0, mean per-row, order-1) entropies in bits/symbol of a tensor's symbols."""
-    if sym.numel() == 0:
-        return 0.0, 0.0, float("nan")
-    rows = sym.reshape(sym.shape[0], -1) if sym.dim() > 1 else sym.reshape(1, -1)
-    if sym.element_size() == 1:
-        return _byte_entropies(rows.contiguous().view(torch.uint8))
-    return _wide_entropies(rows.contiguous())
-
-
 # --------------------------------------------------------------------------- streaming
 
 
@@ -351,7 +290,7 @@ def _tensor_row(
     name: str, t: torch.Tensor | None, stored: Stored, method: str, spec: TensorSpec | None
 ) -> dict:
     sym = _symbols(stored)
-    h0, hrow, h1 = _entropies(sym)
+    h0, hrow, h1 = symbol_entropies(sym, order1_max=WIDE_ORDER1_MAX)
     values = t if t is not None else _values(stored)
     numel = int(values.numel())
     std = float(values.to(torch.float32).std(correction=0)) if numel > 1 else 0.0

@@ -3,14 +3,18 @@
 These are the floor any order-0 / order-1 coder can reach on the codes themselves:
 ``entropy_bits`` is what an ideal per-tensor entropy coder would need, ``row_entropy``
 what per-row models would reach, ``order1_entropy`` what conditioning on the previous
-code in the same row could buy (≈ order-0 for i.i.d.-like weights).
+code in the same row could buy (≈ order-0 for i.i.d.-like weights). ``symbol_entropies``
+gives all three at once with bounded memory (what the entropy report streams through);
+the tests hold it to the three plain functions.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from qlab.errors import QuantError
 
@@ -93,3 +97,69 @@ def order1_entropy(codes: Any) -> float:
         _, joint = np.unique(pairs, return_counts=True)
     prev = np.bincount(sym[:, :-1].reshape(-1), minlength=m)
     return entropy_from_counts(joint) - entropy_from_counts(prev)
+
+
+# ---------------------------------------------------------------- all three in one pass
+def _h_counts(counts: np.ndarray | torch.Tensor) -> float:
+    """Entropy in bits/symbol of one histogram."""
+    return float(entropy_from_counts(np.asarray(counts).reshape(-1)))
+
+
+def _row_entropy_from_counts(c: np.ndarray, rows: int, cols: int) -> float:
+    """Mean over rows of each row's entropy, from the nonzero (row, symbol) counts ``c``.
+
+    Every row holds ``cols`` symbols, so mean_r H(row r) = log2(cols) − Σ c·log2(c) / (rows·cols).
+    """
+    c = c[c > 0].astype(np.float64)
+    return math.log2(cols) - float((c * np.log2(c)).sum()) / (rows * cols)
+
+
+def _byte_entropies(u: torch.Tensor) -> tuple[float, float, float]:
+    """(order-0, mean per-row, order-1) of a (rows, cols) uint8 tensor, from two bincounts."""
+    rows, cols = u.shape
+    idx = torch.int32 if rows * 256 < 2**31 else torch.int64
+    key = torch.arange(rows, dtype=idx).mul_(256).reshape(-1, 1) + u
+    per_row = torch.bincount(key.reshape(-1), minlength=rows * 256).reshape(rows, 256).numpy()
+    h_row = _row_entropy_from_counts(per_row.reshape(-1), rows, cols)
+    h0 = _h_counts(per_row.sum(axis=0))
+    if cols < 2:
+        return h0, h_row, float("nan")
+    pair = u[:, :-1].to(torch.int32).mul_(256).add_(u[:, 1:])
+    joint = torch.bincount(pair.reshape(-1), minlength=65536).numpy().reshape(256, 256)
+    return h0, h_row, _h_counts(joint) - _h_counts(joint.sum(axis=1))
+
+
+def _sorted_counts(keys: np.ndarray) -> np.ndarray:
+    return np.unique(keys, return_counts=True)[1]
+
+
+def _wide_entropies(rows2: torch.Tensor, order1_max: int) -> tuple[float, float, float]:
+    """The same three entropies for wider integer symbols, counted by sorting.
+
+    The symbols are first relabelled 0..m−1 (m distinct values), so (row, symbol) and
+    (previous, current) keys fit an int64 whatever the symbols' range.
+    """
+    rows, cols = rows2.shape
+    _, inv, counts = np.unique(rows2.numpy().reshape(-1), return_inverse=True, return_counts=True)
+    lab, m = inv.reshape(rows, cols).astype(np.int64, copy=False), len(counts)
+    h0 = _h_counts(counts)
+    h_row = _row_entropy_from_counts(_sorted_counts(np.arange(rows)[:, None] * m + lab), rows, cols)
+    if cols < 2 or lab.size > order1_max:
+        return h0, h_row, float("nan")
+    prev = lab[:, :-1].reshape(-1)
+    joint = _sorted_counts(prev * m + lab[:, 1:].reshape(-1))
+    return h0, h_row, _h_counts(joint) - _h_counts(np.bincount(prev, minlength=m))
+
+
+def symbol_entropies(sym: torch.Tensor, order1_max: int = 1 << 20) -> tuple[float, float, float]:
+    """(order-0, mean per-row, order-1) entropies in bits/symbol of a tensor's symbols —
+    :func:`order0_entropy`, :func:`row_entropy` and :func:`order1_entropy` computed in one
+    pass with bounded memory: bytes (int8 codes) by two bincounts, wider symbols (fp16
+    passthroughs seen as int16, ids) by sorting. Order-1 of wider symbols is NaN above
+    ``order1_max`` elements (its pair alphabet would need 2^32 bins)."""
+    if sym.numel() == 0:
+        return 0.0, 0.0, float("nan")
+    rows = sym.reshape(sym.shape[0], -1) if sym.dim() > 1 else sym.reshape(1, -1)
+    if sym.element_size() == 1:
+        return _byte_entropies(rows.contiguous().view(torch.uint8))
+    return _wide_entropies(rows.contiguous(), order1_max)
