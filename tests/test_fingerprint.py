@@ -300,7 +300,7 @@ def test_cli_safetensors_with_figures(st_file, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "activations: skipped" in text
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["fig_spectral_layers.png", "fig_svd_flatness.png", "fig_svd_spectrum.png"]
+    assert pngs == ["pr2011_spectral_layers.png", "pr2011_svd_flatness.png", "pr2011_svd_spectrum.png"]
     assert all(p.stat().st_size < 300_000 for p in out.glob("*.png"))
 
 

@@ -172,7 +172,9 @@ def test_cli_list_report_paper(spec, killed_run, tmp_path, capsys, tiny_dataset)
     text = capsys.readouterr().out
     assert "paired across seeds" in text and "cross-base sign table" in text and "λ budget" in text
     pngs = {p.name for p in tmp_path.glob("*.png")}
-    assert {"matrix_hidden_heatmaps.png", "matrix_paired_deltas.png", "matrix_cross_base_signs.png"} <= pngs
+    # named by their FIGURES ids, as `qlab figures` names them
+    assert {"pr2011_matrix_hidden_heatmaps.png", "pr2011_matrix_paired_deltas.png",
+            "pr2011_matrix_cross_base_signs.png"} <= pngs  # fmt: skip
     assert main(["matrix", "paper", str(out)]) == 0
     assert "paper:pr2011" in capsys.readouterr().out
     assert main(["matrix", "report", str(out), "--policy", "nope"]) == 2

@@ -150,10 +150,10 @@ def test_render_saves_small_pngs(results, tmp_path):
     paths = fp.render_fingerprint_figures(subset | {"meta": pd.DataFrame({"key": ["a"]})}, tmp_path)
     names = [p.name for p in paths]
     assert names == [
-        "fig_svd_spectrum.png",
-        "fig_real_3d_pca.png",
-        "fig_depth_trajectory.png",
-        "fig_logit_lens.png",
+        "pr2011_svd_spectrum.png",
+        "pr2011_3d_pca.png",
+        "pr2011_depth_trajectory.png",
+        "pr2011_logit_lens.png",
     ]
     for p in paths:
         assert 10_000 < p.stat().st_size < 300_000

@@ -160,7 +160,7 @@ def _report(args: argparse.Namespace) -> int:
     _show("λ budget: pairs vs their best single", lambda_budget(pipe, args.metric))
     if args.figures:
         for name, fig in matrix_figures(res, args.metric, policy).items():
-            save_figure(fig, Path(args.figures) / f"{name}.png")
+            save_figure(fig, Path(args.figures) / f"pr2011_{name}.png")  # the FIGURES id
         print(f"\nfigures written to {args.figures}")
     return 0
 

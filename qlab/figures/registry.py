@@ -409,16 +409,15 @@ _FIGS: list[FigureSpec] = [
             fig,
             f"{_P}.{func}",
             "pr2011",
-            _fingerprint(table, file),
+            _fingerprint(table, f"pr2011_{stem}.png"),
             description=desc,
         )
-        for stem, fig, func, table, file, desc in (
+        for stem, fig, func, table, desc in (
             (
                 "svd_spectrum",
                 "fig_svd_spectrum.png",
                 "fingerprints.plot_svd_spectrum",
                 "family_spectra",
-                "fig_svd_spectrum.png",
                 "layer-averaged singular-value spectra per weight family",
             ),
             (
@@ -426,7 +425,6 @@ _FIGS: list[FigureSpec] = [
                 "fig_svd_flatness.png",
                 "fingerprints.plot_svd_flatness",
                 "family_summary",
-                "fig_svd_flatness.png",
                 "spectral flatness per family",
             ),
             (
@@ -434,7 +432,6 @@ _FIGS: list[FigureSpec] = [
                 "fig_svd_differential.png",
                 "fingerprints.plot_svd_differential",
                 "spectral_differential",
-                "fig_svd_differential.png",
                 "Δσ% of the quantized copy vs the model",
             ),
             (
@@ -442,7 +439,6 @@ _FIGS: list[FigureSpec] = [
                 "fig_real_3d_pca.png",
                 "fingerprints.plot_pca3",
                 "pca3",
-                "fig_real_3d_pca.png",
                 "3-D PCA of final hidden states",
             ),
             (
@@ -450,7 +446,6 @@ _FIGS: list[FigureSpec] = [
                 "fig_real_coord_distribution.png",
                 "fingerprints.plot_coord_distribution",
                 "coord_hist",
-                "fig_real_coord_distribution.png",
                 "hidden-state coordinate distribution",
             ),
             (
@@ -458,7 +453,6 @@ _FIGS: list[FigureSpec] = [
                 "fig_real_l2norm_distribution.png",
                 "fingerprints.plot_norm_distribution",
                 "norm_hist",
-                "fig_real_l2norm_distribution.png",
                 "hidden-state L2-norm distribution",
             ),
             (
@@ -466,7 +460,6 @@ _FIGS: list[FigureSpec] = [
                 "fig_real_canonical_metrics.png",
                 "pr2011.plot_canonical_metrics",
                 "hidden_metrics",
-                "fig_real_canonical_metrics.png",
                 "isoscore, effective rank, norm variance, max|h|",
             ),
             (
@@ -474,7 +467,6 @@ _FIGS: list[FigureSpec] = [
                 "fig_depth_trajectory.png",
                 "pr2011.plot_depth_trajectory",
                 "depth",
-                "fig_depth_trajectory.png",
                 "‖h‖ and kurtosis per block",
             ),
             (
@@ -482,7 +474,6 @@ _FIGS: list[FigureSpec] = [
                 "(qlab extension)",
                 "fingerprints.plot_logit_lens",
                 "depth",
-                "fig_logit_lens.png",
                 "logit-lens bpb per block",
             ),
             (
@@ -490,7 +481,6 @@ _FIGS: list[FigureSpec] = [
                 "fig_cka_heatmap.png",
                 "pr2011.plot_cka_heatmap",
                 "cka_variants",
-                "fig_cka_heatmap.png",
                 "linear CKA between the model and its quantized copy",
             ),
             (
@@ -498,7 +488,6 @@ _FIGS: list[FigureSpec] = [
                 "(qlab extension)",
                 "fingerprints.plot_cka_layers",
                 "cka_layers",
-                "fig_cka_layers.png",
                 "layer × layer CKA",
             ),
             (
@@ -506,7 +495,6 @@ _FIGS: list[FigureSpec] = [
                 "fig_reg_quant_matrix_real.png",
                 "fingerprints.plot_hidden_quant",
                 "hidden_quant",
-                "fig_hidden_quant.png",
                 "PR #2011's seven schemes on this model's final hidden states",
             ),
         )

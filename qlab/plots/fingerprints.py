@@ -536,7 +536,8 @@ def _last_block_metrics(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def figure_makers() -> dict[str, tuple[str, object]]:
-    """Fingerprint table name → (PNG file name, plot function) pairs, as the PR names them."""
+    """Fingerprint table name → (PNG file name, plot function) pairs; the names are the
+    figure ids of :data:`qlab.figures.FIGURES` (``pr2011_<figure>.png``)."""
 
     def canonical(df: pd.DataFrame) -> Figure:
         last = _last_block_metrics(_with_variant(df))
@@ -552,20 +553,20 @@ def figure_makers() -> dict[str, tuple[str, object]]:
         return plot_cka_heatmap(df, title="Linear CKA of final hidden states\n(last block output)")
 
     return {  # table: [(file name, function)]
-        "family_spectra": [("fig_svd_spectrum.png", plot_svd_spectrum)],
-        "family_summary": [("fig_svd_flatness.png", plot_svd_flatness)],
-        "spectral_differential": [("fig_svd_differential.png", plot_svd_differential)],
-        "spectral_summary": [("fig_spectral_layers.png", plot_spectral_layers)],
-        "pca3": [("fig_real_3d_pca.png", plot_pca3)],
-        "coord_hist": [("fig_real_coord_distribution.png", plot_coord_distribution)],
-        "norm_hist": [("fig_real_l2norm_distribution.png", plot_norm_distribution)],
-        "depth": [("fig_depth_trajectory.png", depth), ("fig_logit_lens.png", plot_logit_lens)],
-        "hidden_metrics": [("fig_real_canonical_metrics.png", canonical)],
-        "sensitivity": [("fig_layer_sensitivity.png", plot_layer_sensitivity)],
-        "cka_layers": [("fig_cka_layers.png", plot_cka_layers)],
-        "cka_across": [("fig_cka_across.png", plot_cka_layers)],
-        "cka_variants": [("fig_cka_heatmap.png", cka_variants)],
-        "hidden_quant": [("fig_hidden_quant.png", plot_hidden_quant)],
+        "family_spectra": [("pr2011_svd_spectrum.png", plot_svd_spectrum)],
+        "family_summary": [("pr2011_svd_flatness.png", plot_svd_flatness)],
+        "spectral_differential": [("pr2011_svd_differential.png", plot_svd_differential)],
+        "spectral_summary": [("pr2011_spectral_layers.png", plot_spectral_layers)],
+        "pca3": [("pr2011_3d_pca.png", plot_pca3)],
+        "coord_hist": [("pr2011_coord_distribution.png", plot_coord_distribution)],
+        "norm_hist": [("pr2011_l2norm_distribution.png", plot_norm_distribution)],
+        "depth": [("pr2011_depth_trajectory.png", depth), ("pr2011_logit_lens.png", plot_logit_lens)],
+        "hidden_metrics": [("pr2011_canonical_metrics.png", canonical)],
+        "sensitivity": [("pr2011_layer_sensitivity.png", plot_layer_sensitivity)],
+        "cka_layers": [("pr2011_cka_layers.png", plot_cka_layers)],
+        "cka_across": [("pr2011_cka_across.png", plot_cka_layers)],
+        "cka_variants": [("pr2011_cka_heatmap.png", cka_variants)],
+        "hidden_quant": [("pr2011_hidden_quant.png", plot_hidden_quant)],
     }
 
 
