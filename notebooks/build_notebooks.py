@@ -5,7 +5,8 @@
 Every notebook starts with a parameter cell (tag ``parameters``: checkpoint, data, scale,
 work_dir) and a setup cell that opens a :class:`qlab.figures.Workspace`; the rest calls
 library functions only — the measured tables of :mod:`qlab.figures.tables`, the plot
-functions of :mod:`qlab.plots`, and the figures registered in :data:`qlab.figures.FIGURES`.
+functions of :mod:`qlab.plots`, each figure drawn by the code its registry entry runs
+(:meth:`qlab.figures.registry.FigureSpec.code`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ SETUP = """\
 import torch
 from IPython.display import display
 
-from qlab.figures import FIGURES, Workspace
+from qlab.figures import Workspace
 from qlab.figures import tables as T
 
 torch.set_num_threads(1)  # small models: one thread is fastest on a shared CPU

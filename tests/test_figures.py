@@ -110,6 +110,8 @@ def test_registry_points_at_real_functions_and_notebooks():
             shown |= {f for f, spec in FIGURES.items() if _draws(spec, src)}
             assert not cell.get("outputs"), f"{nb} is committed with outputs"
     assert shown <= set(FIGURES), shown - set(FIGURES)
+    # every figure's cell spells its drawing out (no opaque FIGURES[id].build(ws) left)
+    assert not [f for f, spec in FIGURES.items() if spec.code().startswith("FIGURES[")]
     assert shown == set(FIGURES), f"figures no notebook shows: {set(FIGURES) - shown}"
 
 

@@ -51,7 +51,7 @@ def monkeypatch_module():
 def _draws(source: str) -> bool:
     """A cell whose last line draws a figure (a plot function or a registered figure)."""
     last = [ln for ln in source.splitlines() if ln.strip()][-1:]
-    return bool(last) and (last[0].startswith("plot_") or 'FIGURES["' in last[0])
+    return bool(last) and any(k in last[0] for k in ("plot_", "matrix_figures(", 'FIGURES["'))
 
 
 @pytest.mark.parametrize("name", list(NOTEBOOKS))

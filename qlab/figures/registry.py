@@ -14,24 +14,12 @@ from dataclasses import dataclass
 import pandas as pd
 from matplotlib.figure import Figure
 
-from qlab.analysis.papers import pr639_results, pr1718_levers
-from qlab.analysis.rd import compare_from_sweep, summarize_sweep
 from qlab.errors import ConfigError
 from qlab.figures import tables as T
 from qlab.figures.workspace import Workspace
-from qlab.plots.experiments import (
-    plot_eval_levers,
-    plot_passthrough_savings,
-    plot_ttt_epochs,
-    plot_ttt_optimizers,
-    plot_ttt_recovery,
-)
 from qlab.plots.fingerprints import figure_makers
 from qlab.plots.matrix import matrix_figures
-from qlab.plots.paper_figures import paper_figure
-from qlab.plots.pr1394 import plot_train_curves
-from qlab.plots.pr1818 import plot_damage_gap
-from qlab.plots.rd import plot_entropy_vs_k, plot_sdclip_vs_quantile
+from qlab.plots.paper_figures import PAPER_FIGURES, compile_snippet, paper_figure
 
 __all__ = ["FigureSpec", "FIGURES", "NOTEBOOKS", "figure_table", "get_figure"]
 
@@ -66,84 +54,86 @@ class FigureSpec:
         parts = source() if callable(source) else None
         if parts is None:
             return f'FIGURES["{self.id}"].build(ws)'
+        if isinstance(parts, str):  # the builder's own code (see _snippet)
+            return parts
         module, func, table = parts
         body = f"table = {table}\ndisplay(table.head())\n{func}(table)" if show_table else f"{func}({table})"
         return f"from {module} import {func}\n\n{body}"
 
 
 # ---------------------------------------------------------------- builders needing a few lines
-def _paper(name: str) -> Callable[[Workspace], Figure]:
+def _snippet(code: str) -> Callable[[Workspace], Figure]:
+    """A builder whose implementation is ``code`` (the Workspace as ``ws``, the tables module
+    as ``T``, the last line the figure): the notebook cell shows exactly what runs."""
+    run = compile_snippet(code)
+
     def build(ws: Workspace) -> Figure:
+        return run({"ws": ws, "T": T})
 
-        return paper_figure(name)
-
+    build.source = lambda: code  # type: ignore[attr-defined]
     return build
 
 
-def _sweep_summary(ws: Workspace) -> pd.DataFrame:
+def _paper(name: str) -> Callable[[Workspace], Figure]:
+    def build(ws: Workspace) -> Figure:
+        return paper_figure(name)
 
-    return summarize_sweep(T.rd_sweep(ws))
-
-
-def _entropy_vs_k(ws: Workspace) -> Figure:
-
-    return plot_entropy_vs_k(_sweep_summary(ws), bits=ws.scale.sweep_bits)
+    build.source = lambda: PAPER_FIGURES[name].code  # type: ignore[attr-defined]
+    return build
 
 
-def _sdclip_vs_quantile(ws: Workspace) -> Figure:
+_ENTROPY_VS_K = """\
+from qlab.analysis.rd import summarize_sweep
+from qlab.plots.rd import plot_entropy_vs_k
 
-    return plot_sdclip_vs_quantile(compare_from_sweep(T.rd_sweep(ws)))
+plot_entropy_vs_k(summarize_sweep(T.rd_sweep(ws)), bits=ws.scale.sweep_bits)"""
+_SDCLIP_VS_QUANTILE = """\
+from qlab.analysis.rd import compare_from_sweep
+from qlab.plots.rd import plot_sdclip_vs_quantile
 
+plot_sdclip_vs_quantile(compare_from_sweep(T.rd_sweep(ws)))"""
+_TTT_OPTIMIZERS = """\
+from qlab.analysis.papers import pr639_results
+from qlab.plots.experiments import plot_ttt_optimizers
 
-def _ttt_optimizers(ws: Workspace) -> Figure:
+paper = pr639_results()
+adamw = paper[paper["setting"].str.startswith("AdamW TTT")]["value"]
+plot_ttt_optimizers(T.ttt_optimizers(ws), float(adamw.iloc[0]) if len(adamw) else None)"""
+_TTT_RECOVERY = """\
+from qlab.plots.experiments import plot_ttt_recovery
 
-    p = pr639_results()
-    adamw = p[p["setting"].str.startswith("AdamW TTT")]["value"]
-    return plot_ttt_optimizers(T.ttt_optimizers(ws), float(adamw.iloc[0]) if len(adamw) else None)
+runs = T.ttt_optimizers(ws)
+sgd = runs[runs["optimizer"].str.startswith("SGD")]
+no_ttt = runs[runs["optimizer"].str.startswith("no TTT")]
+stages = T.stages(ws).iloc[0]
+plot_ttt_recovery(sgd, float(stages["pre_quant_bpb"]), float(stages["quantized_bpb"]), no_ttt)"""
+# This checkpoint's stages alone: on one axis with the PR's seeds (bpb 1.1–3.5) the two sets
+# of lines and annotations overlap; the PR's figure is paper_pr1818_damage_gap.
+_DAMAGE_GAP = """\
+from qlab.plots.pr1818 import plot_damage_gap
 
+rows = T.damage_gap(ws)
+plot_damage_gap(rows[rows["source"] == "qlab"])"""
+_EVAL_LEVERS = """\
+from qlab.analysis.papers import pr1718_levers
+from qlab.plots.experiments import plot_eval_levers
 
-def _ttt_recovery(ws: Workspace) -> Figure:
+plot_eval_levers(T.eval_levers(ws), pr1718_levers())"""
+_PASSTHROUGH = """\
+from qlab.plots.experiments import plot_passthrough_savings
 
-    runs = T.ttt_optimizers(ws)
-    sgd = runs[runs["optimizer"].str.startswith("SGD")]
-    reference = runs[runs["optimizer"].str.startswith("no TTT")]
-    row = T.stages(ws).iloc[0]
-    return plot_ttt_recovery(sgd, float(row["pre_quant_bpb"]), float(row["quantized_bpb"]), reference)
+plot_passthrough_savings(T.passthrough(ws), paper_saving_bytes=40_000.0)"""
+_TTT_EPOCHS = """\
+from qlab.analysis.papers import pr1718_levers
+from qlab.plots.experiments import plot_ttt_epochs
 
+levers = pr1718_levers()
+paper = levers[levers["lever"].str.startswith("TTT_EPOCHS")]["delta_bpb"].dropna()
+plot_ttt_epochs(T.ttt_epochs(ws), float(paper.iloc[0]) if len(paper) else None)"""
+_TRAIN_CURVE = """\
+from qlab.plots.pr1394 import plot_train_curves
 
-def _damage_gap(ws: Workspace) -> Figure:
-    """This checkpoint's stages alone: on one axis with the PR's seeds (bpb 1.1–3.5) the two
-    sets of lines and annotations overlap; the PR's figure is ``paper_pr1818_damage_gap``."""
-
-    rows = T.damage_gap(ws)
-    return plot_damage_gap(rows[rows["source"] == "qlab"])
-
-
-def _pr1718_lever(lever_prefix: str) -> float | None:
-
-    p = pr1718_levers()
-    hit = p[p["lever"].str.startswith(lever_prefix)]["delta_bpb"].dropna()
-    return float(hit.iloc[0]) if len(hit) else None
-
-
-def _eval_levers(ws: Workspace) -> Figure:
-
-    return plot_eval_levers(T.eval_levers(ws), pr1718_levers())
-
-
-def _passthrough(ws: Workspace) -> Figure:
-
-    return plot_passthrough_savings(T.passthrough(ws), paper_saving_bytes=40_000.0)
-
-
-def _ttt_epochs(ws: Workspace) -> Figure:
-
-    return plot_ttt_epochs(T.ttt_epochs(ws), _pr1718_lever("TTT_EPOCHS"))
-
-
-def _train_curve(ws: Workspace) -> Figure:
-
-    return plot_train_curves(T.train_curve(ws))
+plot_train_curves(T.train_curve(ws))"""
 
 
 def _plot(func: str, table: Callable[[Workspace], pd.DataFrame]) -> Callable[[Workspace], Figure]:
@@ -181,11 +171,12 @@ def _fingerprint(table: str, file: str) -> Callable[[Workspace], Figure]:
 
 def _matrix(stem: str) -> Callable[[Workspace], Figure]:
     def build(ws: Workspace) -> Figure:
-
-        if getattr(ws, "_matrix_figures", None) is None:
+        if getattr(ws, "_matrix_figures", None) is None:  # one matrix run draws every figure
             ws._matrix_figures = matrix_figures(T.matrix(ws))
         return ws._matrix_figures[stem]
 
+    code = f'from qlab.plots.matrix import matrix_figures\n\nmatrix_figures(T.matrix(ws))["{stem}"]'
+    build.source = lambda: code  # type: ignore[attr-defined]
     return build
 
 
@@ -208,7 +199,7 @@ _FIGS: list[FigureSpec] = [
         "H(q) ≈ b − log₂k + ½log₂(πe/2) (text)",
         f"{_P}.rd.plot_entropy_vs_k",
         "pr1394",
-        _entropy_vs_k,
+        _snippet(_ENTROPY_VS_K),
         description="code entropy vs b and k: measured vs Gaussian theory",
     ),
     FigureSpec(
@@ -226,7 +217,7 @@ _FIGS: list[FigureSpec] = [
         "SDClip replaces GPTQ-lite's clip search (text)",
         f"{_P}.rd.plot_sdclip_vs_quantile",
         "pr1394",
-        _sdclip_vs_quantile,
+        _snippet(_SDCLIP_VS_QUANTILE),
         description="bytes vs MSE and Δbpb: SDClip over k vs quantile search",
     ),
     FigureSpec(
@@ -253,7 +244,7 @@ _FIGS: list[FigureSpec] = [
         "train_seed*.log (no figure in the PR)",
         f"{_P}.pr1394.plot_train_curves",
         "quickstart",
-        _train_curve,
+        _snippet(_TRAIN_CURVE),
         description="this checkpoint's training loss and validation bpb",
     ),
     FigureSpec(
@@ -290,7 +281,7 @@ _FIGS: list[FigureSpec] = [
         "AdamW TTT +0.076 on GPTQ weights (table)",
         f"{_P}.experiments.plot_ttt_optimizers",
         "pr639",
-        _ttt_optimizers,
+        _snippet(_TTT_OPTIMIZERS),
         description="SGD vs AdamW score-first TTT on a GPTQ model",
     ),
     # PR #1818: post-quantization damage
@@ -300,7 +291,7 @@ _FIGS: list[FigureSpec] = [
         "fig1_damage_gap.png",
         f"{_P}.pr1818.plot_damage_gap",
         "pr1818",
-        _damage_gap,
+        _snippet(_DAMAGE_GAP),
         description="val_bpb by stage of this checkpoint (the PR's: paper_pr1818_damage_gap)",
     ),
     FigureSpec(
@@ -309,7 +300,7 @@ _FIGS: list[FigureSpec] = [
         "fig2_ttt_recovery.png",
         f"{_P}.experiments.plot_ttt_recovery",
         "pr1818",
-        _ttt_recovery,
+        _snippet(_TTT_RECOVERY),
         description="running bpb over score-first TTT chunks, beside the same chunks without TTT",
     ),
     FigureSpec(
@@ -365,7 +356,7 @@ _FIGS: list[FigureSpec] = [
         "EVAL_SEQ_LEN / stride rows (table)",
         f"{_P}.experiments.plot_eval_levers",
         "pr1718",
-        _eval_levers,
+        _snippet(_EVAL_LEVERS),
         description="val_bpb vs eval length and stride, beside the PR's lever table",
     ),
     FigureSpec(
@@ -374,7 +365,7 @@ _FIGS: list[FigureSpec] = [
         "Path A passthrough −40 KB (table)",
         f"{_P}.experiments.plot_passthrough_savings",
         "pr1718",
-        _passthrough,
+        _snippet(_PASSTHROUGH),
         description="artifact bytes and bpb of record vs record_pathA",
     ),
     FigureSpec(
@@ -383,7 +374,7 @@ _FIGS: list[FigureSpec] = [
         "TTT_EPOCHS = 4 (table)",
         f"{_P}.experiments.plot_ttt_epochs",
         "pr1718",
-        _ttt_epochs,
+        _snippet(_TTT_EPOCHS),
         description="final TTT bpb vs epochs per chunk",
     ),
     # PR #2011: cross-base regularizers — the paper's numbers

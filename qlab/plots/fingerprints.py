@@ -36,6 +36,9 @@ from qlab.plots.style import (
 
 __all__ = [
     "FAMILY_TITLES",
+    "plot_final_geometry",
+    "plot_depth_by_position",
+    "plot_cka_variants",
     "plot_svd_spectrum",
     "plot_svd_flatness",
     "plot_svd_differential",
@@ -535,23 +538,28 @@ def _last_block_metrics(df: pd.DataFrame) -> pd.DataFrame:
     return blocks.loc[blocks.groupby("variant", sort=False)["position"].idxmax()]
 
 
+def plot_final_geometry(df: pd.DataFrame) -> Figure:
+    """PR #2011's canonical metrics of the last block's output per variant (``hidden_metrics``)."""
+    last = _last_block_metrics(_with_variant(df))
+    n, dim = int(last["n_tokens"].iloc[0]), int(last["dim"].iloc[0])
+    title = f"Final hidden-state geometry per variant: last block output ({n} tokens × {dim} dims)"
+    return plot_canonical_metrics(last, title=title)
+
+
+def plot_depth_by_position(df: pd.DataFrame) -> Figure:
+    """PR #2011's depth trajectory drawn against executed block positions (``depth``), so a
+    looped block's passes stay apart."""
+    return plot_depth_trajectory(_with_variant(df).assign(block=df["position"]))
+
+
+def plot_cka_variants(df: pd.DataFrame) -> Figure:
+    """Linear CKA between the variants' final hidden states (``cka_variants``)."""
+    return plot_cka_heatmap(df, title="Linear CKA of final hidden states\n(last block output)")
+
+
 def figure_makers() -> dict[str, tuple[str, object]]:
     """Fingerprint table name → (PNG file name, plot function) pairs; the names are the
     figure ids of :data:`qlab.figures.FIGURES` (``pr2011_<figure>.png``)."""
-
-    def canonical(df: pd.DataFrame) -> Figure:
-        last = _last_block_metrics(_with_variant(df))
-        n, dim = int(last["n_tokens"].iloc[0]), int(last["dim"].iloc[0])
-        title = f"Final hidden-state geometry per variant: last block output ({n} tokens × {dim} dims)"
-        return plot_canonical_metrics(last, title=title)
-
-    def depth(df: pd.DataFrame) -> Figure:
-        # pr2011 draws against "block"; executed positions keep looped blocks apart.
-        return plot_depth_trajectory(_with_variant(df).assign(block=df["position"]))
-
-    def cka_variants(df: pd.DataFrame) -> Figure:
-        return plot_cka_heatmap(df, title="Linear CKA of final hidden states\n(last block output)")
-
     return {  # table: [(file name, function)]
         "family_spectra": [("pr2011_svd_spectrum.png", plot_svd_spectrum)],
         "family_summary": [("pr2011_svd_flatness.png", plot_svd_flatness)],
@@ -560,12 +568,15 @@ def figure_makers() -> dict[str, tuple[str, object]]:
         "pca3": [("pr2011_3d_pca.png", plot_pca3)],
         "coord_hist": [("pr2011_coord_distribution.png", plot_coord_distribution)],
         "norm_hist": [("pr2011_l2norm_distribution.png", plot_norm_distribution)],
-        "depth": [("pr2011_depth_trajectory.png", depth), ("pr2011_logit_lens.png", plot_logit_lens)],
-        "hidden_metrics": [("pr2011_canonical_metrics.png", canonical)],
+        "depth": [
+            ("pr2011_depth_trajectory.png", plot_depth_by_position),
+            ("pr2011_logit_lens.png", plot_logit_lens),
+        ],
+        "hidden_metrics": [("pr2011_canonical_metrics.png", plot_final_geometry)],
         "sensitivity": [("pr2011_layer_sensitivity.png", plot_layer_sensitivity)],
         "cka_layers": [("pr2011_cka_layers.png", plot_cka_layers)],
         "cka_across": [("pr2011_cka_across.png", plot_cka_layers)],
-        "cka_variants": [("pr2011_cka_heatmap.png", cka_variants)],
+        "cka_variants": [("pr2011_cka_heatmap.png", plot_cka_variants)],
         "hidden_quant": [("pr2011_hidden_quant.png", plot_hidden_quant)],
     }
 
