@@ -115,10 +115,6 @@ def _state_dict(source: StateDictLike, what: str) -> dict[str, torch.Tensor]:
     raise ConfigError(f"{what}: expected a state dict or a checkpoint path, got {type(source).__name__}")
 
 
-def _policy(policy: str | Policy) -> Policy:
-    return resolve_policy(policy)
-
-
 def _quantized_weights(sd: Mapping[str, torch.Tensor], policy: Policy) -> dict[str, torch.Tensor]:
     """Dequantized copy of ``sd`` under ``policy`` (GPTQ tensors fall back to RTN: no Hessians)."""
     return dequantize_state_dict(quantize_state_dict(sd, policy), torch.float32)
@@ -163,7 +159,7 @@ def weight_fingerprint(
     """
     if policy is not None and quantized is not None:
         raise ConfigError("give either policy or an already quantized state dict, not both")
-    pol = _policy(policy) if policy is not None else None
+    pol = resolve_policy(policy) if policy is not None else None
     if pol is not None or quantized is not None:
         quantized_label = quantized_label or f"{label} quantized" + (f" ({pol.name})" if pol else "")
     _distinct(
@@ -449,7 +445,7 @@ def fingerprint(
     if against is not None:
         against_label = _label(against)
         against_label = f"{against_label} (reference)" if against_label == label else against_label
-    pol = _policy(policy) if policy is not None else None
+    pol = resolve_policy(policy) if policy is not None else None
     job = _Job(
         ckpt, label, against, against_label, pol, n_tokens, sensitivity_bits if sensitivity else None,
         calib_batches, progress,
