@@ -16,9 +16,8 @@ from qlab.compress.budget import (
     predict_artifact_bytes,
 )
 from qlab.compress.container import encode_artifact
-from qlab.compress.ptz import ptz_bytes
+from qlab.compress.ptz import ptz_bytes, ptz_tree
 from qlab.errors import ConfigError, DataError
-from qlab.quant.model_quant import ptz_tree
 from qlab.quant.policy import Policy, Rule, TensorSpec, quantize_state_dict
 
 

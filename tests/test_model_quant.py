@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from qlab.compress.container import encode_artifact
-from qlab.compress.ptz import write_ptz
+from qlab.compress.ptz import ptz_tree, write_ptz
 from qlab.config import ModelConfig
 from qlab.errors import ArtifactError, DataError, QuantError
 from qlab.loaders import load_quantized, save_quantized
@@ -18,7 +18,6 @@ from qlab.quant.model_quant import (
     dequantize_entries,
     gptq_names,
     model_hessians,
-    ptz_tree,
     quantize_model,
 )
 from qlab.quant.policy import Policy, Rule, TensorSpec, dequantize_state_dict, quantize_state_dict

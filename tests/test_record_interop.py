@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from qlab.cli import main
-from qlab.compress.ptz import load_ptz_bytes
+from qlab.compress.ptz import load_ptz_bytes, ptz_tree
 from qlab.compress.shuffle import shuffle
 from qlab.config import get_preset
 from qlab.model.gpt import GPT
 from qlab.model.infer import infer_model_config, model_shapes
-from qlab.quant.model_quant import ptz_tree, quantize_model
+from qlab.quant.model_quant import quantize_model
 from qlab.quant.policy import record_policy
 
 

@@ -33,9 +33,8 @@ from qlab.compress.codecs import get_codec
 from qlab.compress.container import REST_CODEC, SYMBOL_CODEC, artifact_header, encode_artifact, to_arrays
 from qlab.compress.entropy import entropy_bits
 from qlab.compress.predict import BROTLI_OVERHEAD, predict_table, skeleton_bytes
-from qlab.compress.ptz import ptz_bytes
+from qlab.compress.ptz import ptz_bytes, ptz_tree
 from qlab.errors import ConfigError, DataError
-from qlab.quant.model_quant import ptz_tree
 from qlab.quant.policy import Passthrough
 from qlab.quant.tensor import QuantizedTensor
 

@@ -21,7 +21,6 @@ import math
 import mmap
 import os
 import pickle
-import re
 import sys
 import zipfile
 from collections.abc import Mapping
@@ -335,79 +334,3 @@ def release_pages(t: torch.Tensor) -> None:
     hi = (end // page) * page
     if hi > lo:
         _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
-
-
-# --------------------------------------------------------------------------- Parameter Golf trees
-# The records torch.save one of two object trees into their .ptz artifacts:
-#  * "int8_clean_per_row_v1" (baseline) / "mixed_intN_per_row_v1": {"__quant_format__",
-#    "quantized": {name: int codes}, "scales": {name: per-row or scalar scale},
-#    "dtypes", "passthrough": {name: tensor}, "passthrough_orig_dtypes"?, "qmeta"?};
-#  * the int6 records: {"w": {name + ".q", name + ".scale", passthrough names},
-#    "m": {name: "passthrough*" | {"type": "int5" | "int6" | "int8", ...}}}.
-# Value = codes · scale, the scale broadcast over each row when it has a dimension.
-
-_PG_PLAIN_KEYS = {"type", "bits", "scheme", "axis"}
-# PR #1394 writes its per-tensor info as plain strings: "gptq (int6)", "passthrough (float16)".
-_PG_ROW_SCALED = re.compile(r"^(gptq|rtn|int\d+|sdclip)\b.*$|^\w+ \(int\d+\)$")
-
-
-def decode_pg_tree(obj: object, path: str | os.PathLike, raw_codes: bool) -> dict[str, torch.Tensor]:
-    """Tensors of a .ptz object tree: Parameter Golf quantized formats or a plain state dict.
-
-    Quantized entries come back dequantized to float32, or as their integer codes with
-    ``raw_codes``; variants this reader does not know (LQER factors, grouped int4, …)
-    are refused by name unless ``raw_codes`` is set.
-    """
-    if isinstance(obj, Mapping) and {"quantized", "scales", "passthrough"} <= obj.keys():
-        return _decode_pg_clean(obj, path, raw_codes)
-    if isinstance(obj, Mapping) and set(obj) == {"w", "m"} and isinstance(obj["m"], Mapping):
-        return _decode_pg_mixed(obj["w"], obj["m"], path, raw_codes)
-    return flatten_state(obj, path)
-
-
-def _decode_pg_clean(obj: Mapping, path, raw_codes: bool) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, q in obj["quantized"].items():
-        out[name] = q if raw_codes else _row_scaled(q, obj["scales"][name], name, path)
-    orig = obj.get("passthrough_orig_dtypes", {})
-    for name, t in obj["passthrough"].items():
-        out[name] = t.to(dtype_from_name(orig[name], f"{path}: {name}")) if name in orig else t
-    return out
-
-
-def _decode_pg_mixed(w: Mapping, meta: Mapping, path, raw_codes: bool) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, info in meta.items():
-        if isinstance(info, str) and info.startswith("passthrough"):
-            out[name] = _pg_get(w, name, path)
-            continue
-        q = _pg_get(w, name + ".q", path)
-        if raw_codes:
-            out[name] = q
-        elif (isinstance(info, Mapping) and set(info) <= _PG_PLAIN_KEYS) or (
-            isinstance(info, str) and _PG_ROW_SCALED.match(info)
-        ):
-            out[name] = _row_scaled(q, _pg_get(w, name + ".scale", path), name, path)
-        else:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} uses a Parameter Golf quantization variant this reader "
-                f"cannot dequantize ({info!r}); read its codes with raw_codes=True"
-            )
-    return out
-
-
-def _pg_get(w: Mapping, key: str, path) -> torch.Tensor:
-    if key not in w or not isinstance(w[key], torch.Tensor):
-        raise CheckpointError(f"{path}: Parameter Golf artifact lacks tensor {key!r}")
-    return w[key]
-
-
-def _row_scaled(q: torch.Tensor, s: torch.Tensor, name: str, path) -> torch.Tensor:
-    if s.ndim == 0 or s.numel() == 1:
-        return q.float() * s.float().reshape(())
-    if q.ndim == 0 or s.numel() != q.shape[0]:
-        raise CheckpointError(
-            f"{path}: tensor {name!r}: scale of shape {tuple(s.shape)} does not match the "
-            f"{tuple(q.shape)[:1]} rows of its codes"
-        )
-    return q.float() * s.float().reshape(q.shape[0], *([1] * (q.ndim - 1)))

@@ -23,11 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from qlab.compress.container import read_artifact
-from qlab.compress.ptz import read_ptz
+from qlab.compress.ptz import decode_pg_tree, read_ptz
 from qlab.errors import CheckpointError, QlabError
 from qlab.io.checkpoint import committed_file
 from qlab.io.formats import (
-    decode_pg_tree,
     dtype_from_name,
     load_torch_file,
     normalize_tensor,

@@ -12,7 +12,7 @@ that alias an earlier state-dict entry are stored once and restored from it.
 
 Artifacts: :func:`save_quantized` writes a qlab container whose ``extra`` header holds the
 model config, so :func:`load_quantized` rebuilds the model from the file alone;
-:func:`ptz_tree` gives the Parameter Golf ``{"w", "m"}`` tree for ``.ptz`` export.
+:func:`qlab.compress.ptz.ptz_tree` gives the Parameter Golf ``{"w", "m"}`` tree for ``.ptz`` export.
 """
 
 from __future__ import annotations
@@ -218,37 +218,3 @@ def model_extra(model: nn.Module, aliases: Mapping[str, str] | None = None, **mo
 
 
 # --------------------------------------------------------------------------- .ptz export
-
-
-def ptz_tree(qstate: Mapping[str, Any]) -> dict[str, dict]:
-    """Parameter Golf's ``{"w": tensors, "m": per-tensor info}`` tree of a quantized state.
-
-    Symmetric per-row / per-tensor integer tensors become ``name.q`` + ``name.scale`` with
-    the record's info string (``"gptq (int6)"``, ``"rtn (int8)"``); int8 passthroughs
-    likewise; fp16/raw passthroughs and plain tensors are stored as is with an info string
-    holding ``"passthrough"`` — so PR #1394's own ``dequantize_mixed`` reads the tree.
-    Other schemes raise QuantError.
-    """
-    w: dict[str, torch.Tensor] = {}
-    m: dict[str, Any] = {}
-    for name, v in qstate.items():
-        if isinstance(v, QuantizedTensor):
-            if v.scheme != "int" or v.zero is not None or v.group_size is not None:
-                raise QuantError(
-                    f"tensor {name!r}: only symmetric per-row/per-tensor int codes fit a .ptz "
-                    f"(got scheme {v.scheme!r}, zero={'yes' if v.zero is not None else 'no'}, "
-                    f"group_size={v.group_size})"
-                )
-            w[name + ".q"], w[name + ".scale"] = v.codes, v.scale.reshape(-1)
-            m[name] = f"{v.meta.get('method', 'rtn')} (int{v.bits})"
-        elif isinstance(v, Passthrough) and v.kind.startswith("int8"):
-            w[name + ".q"], w[name + ".scale"] = v.data, v.scale.reshape(-1)
-            m[name] = "rtn (int8)"
-        elif isinstance(v, Passthrough):
-            w[name] = v.data
-            m[name] = "passthrough (float16)" if v.kind == "fp16" else f"passthrough ({v.kind})"
-        elif isinstance(v, torch.Tensor):
-            w[name], m[name] = v, "passthrough"
-        else:
-            raise QuantError(f"tensor {name!r}: cannot export a {type(v).__name__} to .ptz")
-    return {"w": w, "m": m}

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from qlab.analysis.matrix.spec import load_spec
-from qlab.compress.ptz import ptz_bytes
+from qlab.compress.ptz import ptz_bytes, ptz_tree
 from qlab.config import get_preset
 from qlab.data.dataset import open_dataset
 from qlab.data.shards import read_shard, write_shard
@@ -34,7 +34,7 @@ from qlab.data.tokenizer import load_tokenizer
 from qlab.errors import QlabError
 from qlab.loaders import load_model, save_quantized
 from qlab.loaders.readers import load_state_dict
-from qlab.quant.model_quant import ptz_tree, quantize_model
+from qlab.quant.model_quant import quantize_model
 from qlab.quant.policy import load_policy, record_policy
 from qlab.train.config import TrainConfig
 
