@@ -24,13 +24,13 @@ from qlab.analysis.entropy_report import entropy_report
 from qlab.analysis.fingerprint import fingerprint, write_fingerprint
 from qlab.analysis.matrix import load_spec, merge_results, run_matrix, with_overrides
 from qlab.analysis.rd import sweep
-from qlab.data import default_dataset, load_tokenizer, load_validation_tokens
+from qlab.data import default_dataset
 from qlab.data.dataset import DatasetInfo
 from qlab.data.shards import read_shard
-from qlab.data.tokenizer import build_byte_tables
 from qlab.errors import ConfigError
 from qlab.eval.baselines import uniform_bpb, unigram_bpb
 from qlab.eval.bpb import evaluate_bpb
+from qlab.eval.pipeline import validation_inputs
 from qlab.eval.quantize import quantize_checkpoint
 from qlab.figures import generate_figures
 from qlab.io.atomic import atomic_write_json, atomic_write_text
@@ -121,8 +121,7 @@ def step_evaluate(state: DemoState) -> None:
 
     model, model_cfg = load_model(state.run_dir)
     info = state.dataset
-    tables = build_byte_tables(load_tokenizer(info.tokenizer_path), info.vocab_size)
-    val = load_validation_tokens(info.val_files, model_cfg.eval_seq_len)
+    val, tables = validation_inputs(info, model_cfg.eval_seq_len)
     train_tokens = torch.from_numpy(
         np.concatenate([read_shard(f).astype(np.int64) for f in info.train_files])
     )

@@ -15,8 +15,9 @@ import numpy as np
 
 from qlab.analysis import rd, rd_compare
 from qlab.cli._args import plain
-from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens, open_dataset
+from qlab.data import open_dataset
 from qlab.errors import ConfigError
+from qlab.eval.pipeline import validation_inputs
 from qlab.io.atomic import atomic_write_text
 from qlab.loaders import load_model
 from qlab.plots import rd as plots
@@ -71,8 +72,7 @@ def _evaluator(ckpt: str, data: str, eval_tokens: int):
 
     model, cfg = load_model(ckpt)
     ds = open_dataset(data, vocab_size=cfg.vocab_size)
-    tables = build_byte_tables(load_tokenizer(ds.tokenizer_path), cfg.vocab_size)
-    tokens = load_validation_tokens(ds.val_files, cfg.eval_seq_len, cfg.vocab_size)
+    tokens, tables = validation_inputs(ds, cfg.eval_seq_len, cfg.vocab_size)
     return model, rd.bpb_eval_fn(tokens, tables, seq_len=cfg.eval_seq_len, max_tokens=eval_tokens)
 
 

@@ -118,12 +118,16 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return out, time.perf_counter() - t
 
 
-def validation_inputs(data: Any, seq_len: int, vocab_size: int | None = None) -> tuple[Any, Any]:
+def validation_inputs(
+    data: Any, seq_len: int, vocab_size: int | None = None, tokenizer_path: str | os.PathLike | None = None
+) -> tuple[Any, Any]:
     """(validation tokens, byte tables) of a dataset for a model of ``vocab_size`` (default:
-    the dataset's): what every bpb evaluation needs besides the model."""
-
+    the dataset's), with its tokenizer or ``tokenizer_path``: what every bpb evaluation
+    needs besides the model. The one place qlab assembles them (trainer, pipeline, demo,
+    CLI, matrix cells, figures)."""
     val = load_validation_tokens(data.val_files, seq_len, vocab_size=data.vocab_size)
-    return val, build_byte_tables(load_tokenizer(data.tokenizer_path), vocab_size or data.vocab_size)
+    sp = load_tokenizer(tokenizer_path or data.tokenizer_path)
+    return val, build_byte_tables(sp, vocab_size or data.vocab_size)
 
 
 def run_pipeline(

@@ -26,9 +26,10 @@ from torch import nn
 
 from qlab.analysis.rd import bpb_eval_fn
 from qlab.analysis.spectra import weight_family
-from qlab.data import build_byte_tables, default_dataset, load_tokenizer, load_validation_tokens, open_dataset
+from qlab.data import default_dataset, open_dataset
 from qlab.data.corpus import default_cache_dir
 from qlab.errors import CheckpointError, DataError
+from qlab.eval.pipeline import validation_inputs
 from qlab.figures.scale import Scale, get_scale
 from qlab.io.atomic import atomic_write_text
 from qlab.io.checkpoint import committed_file, has_checkpoint, read_config
@@ -176,16 +177,16 @@ class Workspace:
         return self._embedded(int(self.config.vocab_size))
 
     @functools.cached_property
+    def _validation(self) -> tuple[torch.Tensor, Any]:
+        return validation_inputs(self.dataset, self.seq_len, self.config.vocab_size)
+
+    @property
     def val_tokens(self) -> torch.Tensor:
+        return self._validation[0]
 
-        return load_validation_tokens(
-            self.dataset.val_files, self.seq_len, vocab_size=self.dataset.vocab_size
-        )
-
-    @functools.cached_property
+    @property
     def byte_tables(self) -> Any:
-
-        return build_byte_tables(load_tokenizer(self.dataset.tokenizer_path), self.config.vocab_size)
+        return self._validation[1]
 
     @property
     def eval_tokens(self) -> int | None:

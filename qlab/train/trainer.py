@@ -39,11 +39,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qlab.config import ModelConfig
-from qlab.data import build_byte_tables, default_dataset, load_tokenizer, load_validation_tokens, open_dataset
+from qlab.data import default_dataset, open_dataset
 from qlab.data.loader import ShuffledSequenceLoader
 from qlab.data.record_loader import RecordSequenceLoader
 from qlab.errors import ConfigError, NumericalError
 from qlab.eval.bpb import autocast_context, evaluate_bpb, resolve_autocast
+from qlab.eval.pipeline import validation_inputs
 from qlab.io import checkpoint as ckpt
 from qlab.io.runlog import METRICS_NAME, RunLog
 from qlab.model.gpt import GPT
@@ -190,9 +191,9 @@ class _Trainer:
         self.sampler = self._build_sampler() if config.curriculum_buckets > 0 else None
         self.swa = SWA(config.swa_every) if config.swa_every > 0 else None
         self.frac = 0.0  # progress fraction of the step about to run
-        sp = load_tokenizer(config.tokenizer_path or info.tokenizer_path)
-        self.byte_tables = build_byte_tables(sp, model_config.vocab_size)
-        self.val_tokens = load_validation_tokens(info.val_files, config.train_seq_len)
+        self.val_tokens, self.byte_tables = validation_inputs(
+            info, config.train_seq_len, model_config.vocab_size, config.tokenizer_path
+        )
 
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self.saved_step = -1

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from qlab.analysis.matrix.measure import EvalData, measure_hidden, measure_pipeline
 from qlab.analysis.matrix.spec import Cell, MatrixSpec, plan_cells, resolve_base, shard_cells, spec_policy
-from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
 from qlab.errors import ConfigError, DataError
+from qlab.eval.pipeline import validation_inputs
 from qlab.io.atomic import atomic_write_json
 from qlab.loaders import load_model
 from qlab.train.trainer import open_training_data, resolve_device, train
@@ -176,10 +176,10 @@ def _measure(spec: MatrixSpec, cell: Cell, tc, run_dir: Path, progress: bool) ->
 def _eval_data(spec: MatrixSpec, tc, mc, device: torch.device) -> EvalData:
 
     info = open_training_data(tc, mc.vocab_size)
-    sp = load_tokenizer(tc.tokenizer_path or info.tokenizer_path)
+    val, tables = validation_inputs(info, tc.train_seq_len, mc.vocab_size, tc.tokenizer_path)
     return EvalData(
-        val_tokens=load_validation_tokens(info.val_files, tc.train_seq_len),
-        byte_tables=build_byte_tables(sp, mc.vocab_size),
+        val_tokens=val,
+        byte_tables=tables,
         seq_len=tc.train_seq_len,
         device=device,
         dataset=info,
