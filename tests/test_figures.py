@@ -173,3 +173,15 @@ def test_table_cache_builds_once_and_survives_damage(tmp_path):
     (ws.work / "tables" / "t.json").write_text("{not json")
     Workspace(None, "smoke", work_dir=tmp_path).table("t", build)
     assert len(calls) == 2
+
+
+def test_every_figure_writer_names_files_by_the_figures_ids(tmp_path):
+    from qlab.plots.fingerprints import figure_makers
+    from qlab.plots.paper_figures import PAPER_FIGURES, render_paper_figures
+
+    (path,) = render_paper_figures(tmp_path, ["pr2011_cka_heatmap"])
+    assert path.stem in FIGURES
+    assert {f"paper_{name}" for name in PAPER_FIGURES} <= set(FIGURES)
+    stems = {Path(file).stem for pairs in figure_makers().values() for file, _ in pairs}
+    unregistered = stems - set(FIGURES)  # drawn by `qlab fingerprint` only, named the same way
+    assert unregistered == {"pr2011_spectral_layers", "pr2011_layer_sensitivity", "pr2011_cka_across"}

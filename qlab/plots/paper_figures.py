@@ -116,8 +116,9 @@ def paper_figure(name: str) -> Figure:
 def render_paper_figures(
     outdir: str | Path, names: Iterable[str] | None = None, dpi: float = 110
 ) -> list[Path]:
-    """Build and save the named figures (default: all) as ``outdir/<name>.png``."""
+    """Build and save the named figures (default: all) as ``outdir/paper_<name>.png``, the
+    ids ``qlab figures`` gives them."""
     out = []
     for name in names or PAPER_FIGURES:
-        out.append(save_figure(paper_figure(name), Path(outdir) / f"{name}.png", dpi=dpi))
+        out.append(save_figure(paper_figure(name), Path(outdir) / f"paper_{name}.png", dpi=dpi))
     return out
