@@ -30,7 +30,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     for name in ("stride", "seq_len", "max_tokens", "batch_seqs"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -47,7 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-
     if args.list:
         table = figure_table()
         for row in table.itertuples():

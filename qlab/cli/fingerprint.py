@@ -57,7 +57,6 @@ def _policy(spec: str):
 
 
 def run(args: argparse.Namespace) -> int:
-
     if args.tokens < 8 or args.calib_batches < 0:
         raise ConfigError("--tokens must be ≥ 8 and --calib-batches ≥ 0")
     out = Path(args.out or f"fingerprint-{Path(args.checkpoint).resolve().name}")

@@ -61,7 +61,6 @@ def _first_line(doc: str | None) -> str:
 
 
 def _print_policies() -> None:
-
     for name in POLICIES:
         rules = get_policy(name).rules
         summary = "; ".join(f"{r.pattern}{_floor(r.min_numel)}: {_spec_text(r.spec)}" for r in rules)

@@ -88,14 +88,12 @@ def register(subparsers) -> None:
 
 
 def _spec(args: argparse.Namespace):
-
     return with_overrides(
         load_spec(args.spec), data=getattr(args, "data", None), device=getattr(args, "device", None)
     )
 
 
 def _list(args: argparse.Namespace) -> int:
-
     cells = shard_cells(plan_cells(_spec(args)), *parse_shard(args.shard))
     for c in cells:
         print(f"{c.cell_id}\tbase={c.base}\tvariant={c.variant.label}\tseed={c.seed}")
@@ -103,7 +101,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-
     status = run_matrix(
         _spec(args), args.out, shard=parse_shard(args.shard), cells=args.cell, progress=args.progress
     )
@@ -113,7 +110,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-
     res = merge_results(args.dir)
     n = res.pipeline["cell_id"].nunique()
     print(f"{n} cells → {Path(args.dir) / 'results.csv'}, hidden.csv, geometry.csv, results.json")
@@ -129,7 +125,6 @@ def _show(title: str, df: pd.DataFrame) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-
     res = collect_results(args.dir)
     policy = args.policy or str(res.pipeline["policy"].iloc[0])
     if policy not in set(res.pipeline["policy"]):
@@ -166,7 +161,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _paper(args: argparse.Namespace) -> int:
-
     table = reg_quant_matrix()
     if args.dir:
         table = pd.concat([table, hidden_heatmap_rows(collect_results(args.dir).hidden)], ignore_index=True)

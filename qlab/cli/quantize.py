@@ -109,7 +109,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     _env_defaults(args, os.environ)
     _check_args(args)
     policy = _policy(args.policy, os.environ, args.gptq_arithmetic)

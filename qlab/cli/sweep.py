@@ -69,7 +69,6 @@ def parse_ks(text: str) -> list[float]:
 
 
 def _evaluator(ckpt: str, data: str, eval_tokens: int):
-
     model, cfg = load_model(ckpt)
     ds = open_dataset(data, vocab_size=cfg.vocab_size)
     tokens, tables = validation_inputs(ds, cfg.eval_seq_len, cfg.vocab_size)

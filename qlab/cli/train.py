@@ -167,7 +167,6 @@ def _adopt_dataset_vocab(train: TrainConfig, model: ModelConfig) -> ModelConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-
     train_cfg, model_cfg, resume = build_configs(args)
     result = train(train_cfg, model_cfg, resume=resume, progress=cli_progress(args.no_progress))
     if D.rank() == 0 and int(os.environ.get("RANK", "0")) == 0:

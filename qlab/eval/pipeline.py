@@ -200,7 +200,6 @@ def run_pipeline(
 
 
 def _run_ttt(model, val, tables, ttt, seq_len: int, stride: int | None, max_tokens, progress: bool):
-
     cfg = TTTConfig(seq_len=seq_len, stride=stride) if ttt is True else ttt
     if not isinstance(cfg, TTTConfig):
         raise ConfigError(f"pipeline: ttt must be None, True or a TTTConfig, got {type(ttt).__name__}")

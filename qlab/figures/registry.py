@@ -154,12 +154,10 @@ def _fingerprint(table: str, file: str) -> Callable[[Workspace], Figure]:
     """A figure of ``qlab fingerprint`` drawn exactly as ``render_fingerprint_figures`` does."""
 
     def build(ws: Workspace) -> Figure:
-
         make = dict(figure_makers()[table])[file]
         return make(T.fingerprint(ws, table))
 
     def source() -> tuple[str, str, str] | None:
-
         make = dict(figure_makers()[table])[file]
         if "<locals>" in make.__qualname__:  # a wrapper that reshapes the table first
             return None
@@ -549,7 +547,6 @@ FIGURES: dict[str, FigureSpec] = {
 
 
 def get_figure(figure_id: str) -> FigureSpec:
-
     if figure_id not in FIGURES:
         raise ConfigError(f"unknown figure id {figure_id!r}; `qlab figures --list` shows them")
     return FIGURES[figure_id]

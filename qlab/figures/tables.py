@@ -105,7 +105,6 @@ def rd_sweep(ws: Workspace) -> pd.DataFrame:
     """SDClip over k and quantile search, per bit width, each setting evaluated (Δval_bpb)."""
 
     def build() -> pd.DataFrame:
-
         return sweep(
             ws.state_dict,
             ws.scale.sweep_bits,
@@ -124,7 +123,6 @@ def std_ratio(ws: Workspace) -> pd.DataFrame:
     """Matrix σ vs compression ratio at one fixed clip (PR #1394's R² claim)."""
 
     def build() -> pd.DataFrame:
-
         return std_vs_ratio(ws.state_dict, bits=6, min_numel=_MIN_NUMEL).table
 
     return ws.table("std_ratio", build)
@@ -134,7 +132,6 @@ def rd_curves(ws: Workspace) -> pd.DataFrame:
     """Rate–distortion points of int-b SDClip, NF4 and Lloyd-Max against the Gaussian bound."""
 
     def build() -> pd.DataFrame:
-
         return rd_curve(
             ws.state_dict, min_numel=_MIN_NUMEL, max_rows=ws.scale.rd_max_rows, progress=ws.progress
         )
@@ -174,7 +171,6 @@ def stages(ws: Workspace) -> pd.DataFrame:
     """One pipeline row of the figure policy: pre-quant → quantized → sliding → score-first TTT."""
 
     def build() -> pd.DataFrame:
-
         res = run_pipeline(
             ws.model,
             ws.policy,
@@ -235,7 +231,6 @@ def quant_gap(ws: Workspace) -> pd.DataFrame:
     """Quantization gap (quantized − pre-quant, mBPB) per method, qlab's and PR #639's."""
 
     def build() -> pd.DataFrame:
-
         rows = []
         for label, method, clip, params in GAP_METHODS:
             row = pipeline_row(
@@ -275,7 +270,6 @@ def ttt_optimizers(ws: Workspace) -> pd.DataFrame:
     lr 1e-4), plus the no-adaptation reference (lr 0): running bpb per chunk."""
 
     def build() -> pd.DataFrame:
-
         runs = {
             "no TTT (lr 0)": ttt_config(ws, lr=0.0, epochs=1),
             "SGD lr 0.005 (record)": ttt_config(ws),
@@ -295,7 +289,6 @@ def ttt_epochs(ws: Workspace) -> pd.DataFrame:
     """Final score-first TTT bpb vs TTT epochs (PR #1718 tried 4 instead of 3)."""
 
     def build() -> pd.DataFrame:
-
         rows = []
         for epochs in ws.scale.ttt_epochs:
             res = score_first_ttt(
@@ -318,7 +311,6 @@ def freezedry(ws: Workspace) -> pd.DataFrame:
     """Freeze-dry residual histogram of the largest matrix (|residual| bins, threshold 0.005)."""
 
     def build() -> pd.DataFrame:
-
         name, w = ws.largest_matrix()
         res = freeze_dry(w, name=name)
         r = res.residuals.abs().flatten().numpy()
@@ -342,7 +334,6 @@ def sparsity(ws: Workspace) -> pd.DataFrame:
     nominal and after brotli-11, summed over every matrix whose width is a multiple of 4."""
 
     def build() -> pd.DataFrame:
-
         tot = {"int6": [0.0, 0.0, 0.0], "2:4": [0.0, 0.0, 0.0]}  # bytes, squared error, blocks
         var_sum = 0.0
         for name, w in ws.state_dict.items():
@@ -381,7 +372,6 @@ def eval_levers(ws: Workspace) -> pd.DataFrame:
     bootstrap 95 % interval over documents."""
 
     def build() -> pd.DataFrame:
-
         train_len = int(ws.config.train_seq_len)
         strides = (None, train_len // 2, train_len // 4)
         configs = [(seq, stride) for seq in (train_len // 2, train_len, 2 * train_len)
@@ -421,7 +411,6 @@ def passthrough(ws: Workspace) -> pd.DataFrame:
     (control tensors int8 per tensor, small matrices int8 per row), real brotli-11 bytes."""
 
     def build() -> pd.DataFrame:
-
         rows = []
         for name in ("record", "record_pathA"):
             row = pipeline_row(
@@ -480,7 +469,6 @@ def fingerprint(ws: Workspace, table: str) -> pd.DataFrame:
 
 
 def _missing(key: str) -> pd.DataFrame:
-
     raise DataError(f"figure table {key!r}: the fingerprint did not produce it")
 
 

@@ -84,7 +84,6 @@ class Workspace:
         work_dir: str | os.PathLike | None = None,
         progress: bool | None = None,
     ) -> None:
-
         self.scale = get_scale(scale)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.data = data
@@ -137,7 +136,6 @@ class Workspace:
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def _train(self) -> Path:
-
         run_dir = self.work / "run"
         data = self._embedded(int(self.scale.model.get("vocab_size", 1024)))
         tc, mc = self._configs(str(data.root), str(run_dir))
@@ -148,12 +146,10 @@ class Workspace:
 
     @staticmethod
     def _embedded(vocab: int) -> Any:
-
         return default_dataset(vocab_size=vocab)
 
     @functools.cached_property
     def model(self) -> nn.Module:
-
         model, _ = load_model(self.run_dir)
         model.eval()
         return model
@@ -228,7 +224,6 @@ class Workspace:
         return figure_policy()
 
     def calibration(self) -> list[torch.Tensor]:
-
         return calibration_batches(
             self.dataset, self.scale.calib_batches, seq_len=int(self.config.train_seq_len), batch_seqs=8
         )

@@ -167,7 +167,6 @@ class _Trainer:
     """State of one training run; methods are the steps of the loop."""
 
     def __init__(self, config: TrainConfig, model_config: ModelConfig, resume: bool, progress: bool) -> None:
-
         self.config, self.model_config = config, model_config
         self.device = D.setup(resolve_device(config.device))
         self.rank, self.world = D.rank(), D.world_size()

@@ -132,7 +132,6 @@ def _finished(path: Path, eval_key: str) -> bool:
 
 
 def _train(tc, mc, progress: bool) -> dict[str, Any]:
-
     r = train(tc, mc, resume=True, progress=progress)
     return {
         "steps": r.steps,
@@ -146,7 +145,6 @@ def _train(tc, mc, progress: bool) -> dict[str, Any]:
 
 
 def _measure(spec: MatrixSpec, cell: Cell, tc, run_dir: Path, progress: bool) -> dict[str, Any]:
-
     device = torch.device(resolve_device(tc.device))
     model, mc = load_model(run_dir, device)
     # the run as `qlab quantize runs/<cell id>` from the matrix folder names it: no absolute
@@ -174,7 +172,6 @@ def _measure(spec: MatrixSpec, cell: Cell, tc, run_dir: Path, progress: bool) ->
 
 
 def _eval_data(spec: MatrixSpec, tc, mc, device: torch.device) -> EvalData:
-
     info = open_training_data(tc, mc.vocab_size)
     val, tables = validation_inputs(info, tc.train_seq_len, mc.vocab_size, tc.tokenizer_path)
     return EvalData(

@@ -395,7 +395,6 @@ def _eval(quant: Any, ev: Any, where: str) -> EvalSpec:
 
 
 def _resolve_policy(name: str, inline: Mapping[str, Mapping[str, Any]]):
-
     if name in inline:
         return resolve_policy({"name": name, **inline[name]})
     return resolve_policy(name)
