@@ -72,6 +72,7 @@ class PipelineResult:
     quantized: QuantizedModel
     artifact: bytes
     policy: Policy
+    pre_quant: Any = None  # the float model's EvalResult (reusable on the same tokens)
 
 
 def resolve_model(
@@ -145,6 +146,7 @@ def run_pipeline(
     code_bytes: int = 0,
     cap: int = CAP,
     hessians: dict | None = None,
+    pre_quant: Any = None,
     extra: dict | None = None,
     eval_batch_seqs: int = 8,
     autocast: str | None = None,
@@ -154,7 +156,9 @@ def run_pipeline(
 
     The one quantize→evaluate path: ``qlab quantize``, the demo and every matrix cell
     call it, so ``artifact_bytes`` (the real container + ``code_bytes``) and the stage bpbs
-    mean the same everywhere. Evaluation runs on the model's device, with ``autocast``
+    mean the same everywhere. ``pre_quant`` (an earlier ``evaluate_bpb`` result of this
+    model on the same tokens and settings) skips re-scoring the float model, as a matrix
+    cell does for its second policy. Evaluation runs on the model's device, with ``autocast``
     (e.g. ``"bf16"`` on CUDA) and ``eval_batch_seqs`` sequences per forward pass."""
     model, label = resolve_model(model_or_ckpt)
     policy = get_policy(policy) if isinstance(policy, str) else policy
@@ -168,7 +172,7 @@ def run_pipeline(
     val, tables = validation_inputs(data, seq_len, vocab)
     ev = dict(seq_len=seq_len, max_tokens=max_eval_tokens, batch_seqs=eval_batch_seqs, autocast=autocast,
               progress=progress)  # fmt: skip
-    pre, t_pre = _timed(evaluate_bpb, model, val, tables, **ev)
+    pre, t_pre = (pre_quant, 0.0) if pre_quant is not None else _timed(evaluate_bpb, model, val, tables, **ev)
     train_len = getattr(getattr(model, "config", None), "train_seq_len", seq_len)
     batches = None
     if hessians is None and calib_batches:
@@ -196,7 +200,7 @@ def run_pipeline(
     times = dict(calib_quant=t_quant, pre_quant=t_pre, quantized=t_q, sliding=t_s, ttt=t_ttt, compress=t_c)
     sizes = dict(artifact=len(blob) + code_bytes, predicted=predicted + code_bytes, code=code_bytes, cap=cap)
     row = _row(label, policy.name, stages, qm, sizes, times)
-    return PipelineResult(row, qm, blob, policy)
+    return PipelineResult(row, qm, blob, policy, pre)
 
 
 def _run_ttt(model, val, tables, ttt, seq_len: int, stride: int | None, max_tokens, progress: bool):

@@ -108,14 +108,16 @@ def measure_pipeline(
         raise DataError("matrix cell: EvalData.dataset is needed for calibration and the pipeline")
     calib = math.ceil(spec.calibration_seqs / CALIBRATION_BATCH) if spec.calibration_seqs else 0
     ttt = _ttt_config(data, spec) if spec.ttt is not None else None
-    rows = []
+    rows, pre = [], None
     for name, policy in policies.items():
-        res = run_pipeline(
+        res = run_pipeline(  # the float model is scored once per cell, not once per policy
             model, policy, data.dataset, calib_batches=calib, calib_batch_seqs=CALIBRATION_BATCH,
             seq_len=data.seq_len, stride=spec.sliding_stride or None,
             max_eval_tokens=spec.val_max_tokens or None, ttt=ttt, eval_batch_seqs=spec.batch_seqs,
-            autocast=data.autocast, extra={"source": data.source} if data.source else None, progress=progress,
+            autocast=data.autocast, extra={"source": data.source} if data.source else None, pre_quant=pre,
+            progress=progress,
         )  # fmt: skip
+        pre = res.pre_quant
         r = res.row.iloc[0]
         row = {"policy": name, **{k: float(r[k]) for k in _STAGE_COLUMNS}}
         rows.append(
