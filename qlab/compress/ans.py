@@ -21,7 +21,7 @@ from qlab.errors import ArtifactError, QuantError
 
 MAGIC = b"QANS"
 VERSION = 1
-_DTYPES = {1: np.dtype(np.int8), 2: np.dtype(np.int16), 3: np.dtype(np.uint8)}
+_DTYPES: dict[int, np.dtype] = {1: np.dtype(np.int8), 2: np.dtype(np.int16), 3: np.dtype(np.uint8)}
 _DTYPE_IDS = {v: k for k, v in _DTYPES.items()}
 
 

@@ -264,7 +264,8 @@ def _encode_symbol_payload(
 ) -> tuple[bytes, dict]:
     """Payload of the ``ans`` layout: each code array's symbol stream, then the remaining
     raw bytes (scales, passthrough tensors, padding) compressed together."""
-    streams, lengths, pieces, pos, previous = [], [], [], 0, {}
+    streams, lengths, pieces, pos = [], [], [], 0
+    previous: dict[str, np.ndarray] = {}
     for name, a, start, length in coded:
         codes = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
         stream = encode_symbols(codes, context=previous.get(role_key(name)))
@@ -365,7 +366,8 @@ def _decode_payload(header: dict, payload: bytes, declared: int, where: str) -> 
             f"{where}: symbol stream lengths do not add up to the {len(payload)}-byte payload"
         )
     specs = {e["name"]: e["arrays"].get("codes") for e in _entries(header, where)}
-    raw, filled, pos, previous = bytearray(declared), [], 0, {}
+    raw, filled, pos = bytearray(declared), [], 0
+    previous: dict[str, np.ndarray] = {}
     for name, k in streams:
         spec = specs.get(name)
         if spec is None or spec["offset"] + spec["length"] > declared:
@@ -491,7 +493,9 @@ def _assign_offsets(header: dict, where: str) -> int:
 
 def _entries(header: dict, where: str, need_offset: bool = True) -> list[dict]:
     entries = header.get("tensors")
-    ok = isinstance(entries, list) and all(
+    if not isinstance(entries, list):
+        raise ArtifactError(f"{where}: header 'tensors' list is malformed")
+    ok = all(
         isinstance(e, dict) and {"name", "kind", "arrays"} <= e.keys() and isinstance(e["arrays"], dict)
         for e in entries
     )

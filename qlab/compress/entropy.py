@@ -52,7 +52,7 @@ def histogram(codes: Any) -> tuple[np.ndarray, int]:
 def order0_entropy(codes: Any) -> float:
     """Empirical order-0 entropy of all codes, in bits per symbol."""
     counts, _ = histogram(codes)
-    return entropy_from_counts(counts) if counts.size else 0.0
+    return float(entropy_from_counts(counts)) if counts.size else 0.0
 
 
 def entropy_bits(codes: Any) -> float:
@@ -96,7 +96,7 @@ def order1_entropy(codes: Any) -> float:
     else:  # huge alphabets (int16): count only the pairs that occur
         _, joint = np.unique(pairs, return_counts=True)
     prev = np.bincount(sym[:, :-1].reshape(-1), minlength=m)
-    return entropy_from_counts(joint) - entropy_from_counts(prev)
+    return float(entropy_from_counts(joint)) - float(entropy_from_counts(prev))
 
 
 # ---------------------------------------------------------------- all three in one pass

@@ -115,6 +115,7 @@ def ptz_tree(qstate: Mapping[str, Any]) -> dict[str, dict]:
             w[name + ".q"], w[name + ".scale"] = v.codes, v.scale.reshape(-1)
             m[name] = f"{v.meta.get('method', 'rtn')} (int{v.bits})"
         elif isinstance(v, Passthrough) and v.kind.startswith("int8"):
+            assert v.scale is not None  # every int8 passthrough kind carries its scale
             w[name + ".q"], w[name + ".scale"] = v.data, v.scale.reshape(-1)
             m[name] = "rtn (int8)"
         elif isinstance(v, Passthrough):

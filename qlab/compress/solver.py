@@ -30,6 +30,7 @@ added until the artifact fits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -314,7 +315,9 @@ def _verify_k(search: _KSearch, k: float, lo: float, hi: float, tol: float, max_
         if not fits_pred(hi, limit):
             break
         nxt = (
-            lo if fits_pred(lo, limit) else _bisect(lambda x, t=limit: fits_pred(x, t), lo, hi, tol, max_iter)
+            lo
+            if fits_pred(lo, limit)
+            else _bisect(functools.partial(fits_pred, limit=limit), lo, hi, tol, max_iter)
         )
         if nxt in fitting or abs(nxt - k) < tol / 2:
             break

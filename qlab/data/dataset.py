@@ -120,6 +120,13 @@ def _open_qlab(root: Path, vocab_size: int | None, verify: bool = False) -> Data
     return _finish(root, train, val, root / TOKENIZER_NAME, vocab_size, declared, meta)
 
 
+def _pg_vocab(path: Path) -> int:
+    # only called on names _PG_DIR has matched
+    match = _PG_DIR.search(path.name)
+    assert match is not None, path
+    return int(match.group(1))
+
+
 def _open_parameter_golf(path: Path, vocab_size: int | None) -> DatasetInfo:
     if _PG_DIR.search(path.name):
         data_dir = path
@@ -127,7 +134,7 @@ def _open_parameter_golf(path: Path, vocab_size: int | None) -> DatasetInfo:
         search = path / "datasets" if (path / "datasets").is_dir() else path
         found = sorted(p for p in search.glob("fineweb10B_sp*") if p.is_dir() and _PG_DIR.search(p.name))
         if vocab_size is not None:
-            found = [p for p in found if int(_PG_DIR.search(p.name).group(1)) == vocab_size]
+            found = [p for p in found if _pg_vocab(p) == vocab_size]
         if not found:
             raise DataError(
                 f"{path}: no dataset found (expected tokenizer.model + train_/val_*.bin, or "
@@ -137,7 +144,7 @@ def _open_parameter_golf(path: Path, vocab_size: int | None) -> DatasetInfo:
             names = ", ".join(p.name for p in found)
             raise DataError(f"{path}: several datasets ({names}); pass vocab_size to pick one")
         data_dir = found[0]
-    v = int(_PG_DIR.search(data_dir.name).group(1))
+    v = _pg_vocab(data_dir)
     tok = data_dir.parent.parent / "tokenizers" / f"fineweb_{v}_bpe.model"
     return _finish(
         data_dir,

@@ -115,7 +115,8 @@ def _extract_documents() -> list[tuple[str, str]]:
 
 def embedded_documents() -> tuple[list[str], list[str]]:
     """The embedded corpus split into (train_docs, val_docs), deterministically."""
-    train, val = [], []
+    train: list[str] = []
+    val: list[str] = []
     for title, text in embedded_titled_documents():
         (val if is_validation(title) else train).append(text)
     return train, val
@@ -145,7 +146,7 @@ def _public_members(module) -> list[tuple[str, object]]:
         names = [n for n in dir(module) if not n.startswith("_")]
     base = module.__name__.split(".")[-1]
     owners = {module.__name__, f"_{base}", f"_{module.__name__}"}
-    members = []
+    members: list[tuple[str, object]] = []
     for name in sorted(set(names)):
         obj = getattr(module, name, None)
         if (inspect.isclass(obj) or inspect.isroutine(obj)) and (

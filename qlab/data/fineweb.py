@@ -95,7 +95,8 @@ def _check_manifest(path: Path, variant: str, train_shards: int, val_shards: int
     if entry is None:
         hint = VARIANT_REPOS["sp8192"]
         raise DataError(f"{repo_id}: manifest.json lists no dataset {name} (for sp8192 try --repo {hint})")
-    stats = entry.get("stats") if isinstance(entry.get("stats"), dict) else {}
+    stats = entry.get("stats")
+    stats = stats if isinstance(stats, dict) else {}
     for key, want in (("files_train", train_shards), ("files_val", val_shards)):
         have = stats.get(key)
         if isinstance(have, int) and want > have:

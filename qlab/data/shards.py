@@ -75,6 +75,7 @@ def read_shard(path: str | os.PathLike, vocab_size: int | None = None, mmap: boo
     """
     path = Path(path)
     n = read_shard_header(path)
+    tokens: np.ndarray
     if mmap and n > 0:
         tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
     else:

@@ -213,7 +213,7 @@ def snr_scale_grads(params: list[nn.Parameter], power: int, eps: float = 1e-12) 
     scales = []
     for p, s in zip(params, snrs):
         scale = 1.0 if s is None or top <= 0 else (s / top) ** power
-        if scale != 1.0:
+        if scale != 1.0 and p.grad is not None:  # scale ≠ 1 only where a gradient was measured
             p.grad.mul_(scale)
         scales.append(scale)
     return scales

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 from qlab.errors import ConfigError
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(f)`` on a temporary binary file, then atomically move it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -198,7 +198,7 @@ def read_safetensors_tensor(f, entry: SafetensorsEntry, path: str | os.PathLike)
     """
     nbytes = entry.end - entry.begin
     buf = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
+    view = buf.numpy().data  # a writable memoryview of the tensor's bytes
     f.seek(entry.begin)
     got = 0
     while got < nbytes:  # one read() returns at most ~2 GiB on Linux

@@ -34,6 +34,7 @@ from qlab.io.formats import (
     read_safetensors_tensor,
     release_pages,
 )
+from qlab.quant.policy import Passthrough
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
 __all__ = ["FORMATS", "TensorInfo", "detect_format", "list_tensors", "iter_tensors", "load_state_dict"]
@@ -215,22 +216,27 @@ def _iter_safetensors(src: _Source, wanted: set[str] | None) -> _Stream:
             yield e.name, read_safetensors_tensor(f, e, src.file)
 
 
-def _load_whole(src: _Source, raw_codes: bool = False) -> tuple[dict[str, object], bool]:
+def _load_whole(
+    src: _Source, raw_codes: bool = False
+) -> tuple[dict[str, torch.Tensor | QuantizedTensor], bool]:
     """Whole-file formats: torch (memory-mapped), .ptz and .qlab (small compressed artifacts).
 
     Returns the name -> tensor (or QuantizedTensor) dict and whether its tensors live
     in a file mapping.
     """
     mapped = False
+    raw: Mapping[str, object]
     if src.kind == "torch":
-        sd, mapped = load_torch_file(src.file)
+        raw, mapped = load_torch_file(src.file)
     elif src.kind == "ptz":
-        sd = _read_ptz(src.file, raw_codes)
+        raw = _read_ptz(src.file, raw_codes)
     else:
-        sd = _read_qlab(src.file)
-    for name, v in sd.items():
-        if not isinstance(v, (torch.Tensor, _quantized_type())):
+        raw = _read_qlab(src.file)
+    sd: dict[str, torch.Tensor | QuantizedTensor] = {}
+    for name, v in raw.items():
+        if not isinstance(v, (torch.Tensor, QuantizedTensor)):
             raise CheckpointError(f"{src.file}: entry {name!r} is a {type(v).__name__}, not a tensor")
+        sd[name] = v
     if src.names is not None:
         missing = [n for n in src.names if n not in sd]
         if missing:
@@ -239,11 +245,7 @@ def _load_whole(src: _Source, raw_codes: bool = False) -> tuple[dict[str, object
     return sd, mapped
 
 
-def _quantized_type() -> type:
-    return QuantizedTensor
-
-
-def _read_ptz(path: Path, raw_codes: bool) -> dict[str, object]:
+def _read_ptz(path: Path, raw_codes: bool) -> dict[str, torch.Tensor]:
     return decode_pg_tree(_wrap(read_ptz, path), path, raw_codes)
 
 
@@ -273,17 +275,13 @@ def _as_tensor_dict(obj: object, path: Path) -> dict[str, object]:
 def _artifact_value(v: object) -> object:
     if isinstance(v, np.ndarray):
         return torch.from_numpy(v)
-    if (
-        dataclasses.is_dataclass(v)
-        and not isinstance(v, _quantized_type())
-        and callable(getattr(v, "dequantize", None))
-    ):
+    if isinstance(v, Passthrough):
         # int8 passthroughs (record_pathA) hold codes and a scale: their value is the product.
         try:
             return v.dequantize()
         except (QlabError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"passthrough entry cannot be dequantized ({exc})") from None
-    if dataclasses.is_dataclass(v) and not isinstance(v, _quantized_type()):
+    if dataclasses.is_dataclass(v) and not isinstance(v, (type, QuantizedTensor)):
         # Passthrough-style wrappers: the one tensor they hold is the value.
         tensors = [x for f in dataclasses.fields(v) if isinstance(x := getattr(v, f.name), torch.Tensor)]
         if len(tensors) == 1:
@@ -308,7 +306,7 @@ def _iter_whole(src: _Source, wanted: set[str] | None, raw_codes: bool, strict: 
             yield name, v
 
 
-def _dequantize(q: object, name: str, file: Path) -> torch.Tensor:
+def _dequantize(q: QuantizedTensor, name: str, file: Path) -> torch.Tensor:
     try:
         return dequantize(q)
     except QlabError as e:
@@ -409,7 +407,7 @@ def _stream(
 def _known_names(sources: list[_Source]) -> set[str] | None:
     """Tensor names knowable without reading data: from a shard index or safetensors headers."""
     if all(s.names is not None for s in sources):
-        return {n for s in sources for n in s.names}
+        return {n for s in sources for n in s.names or ()}
     if all(s.kind == "safetensors" for s in sources):
         return {e.name for s in sources for e in _safetensors_entries(s)}
     return None

@@ -119,7 +119,8 @@ class GPT(nn.Module):
 
     # ---- initialisation ------------------------------------------------------------
     def _zero_init_linears(self) -> list[nn.Linear]:
-        zero = [b.attn.proj for b in self.blocks] + [b.mlp.proj for b in self.blocks]
+        blocks = [b for b in self.blocks if isinstance(b, Block)]  # narrows ModuleList items
+        zero: list[nn.Linear] = [b.attn.proj for b in blocks] + [b.mlp.proj for b in blocks]
         if self.bigram is not None:
             zero.append(self.bigram.proj)
         if self.lm_head is not None:

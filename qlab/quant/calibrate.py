@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qlab.errors import NumericalError, QuantError
+from qlab.model.gpt import GPT
 
 __all__ = ["DEFAULT_PATTERNS", "control_parameters", "block_mse", "calibrate_controls"]
 
@@ -65,11 +66,14 @@ def _check_pair(model_fp: nn.Module, model_q: nn.Module) -> None:
 def _block_loss(outs_q: list[torch.Tensor], outs_fp: list[torch.Tensor]) -> torch.Tensor:
     if len(outs_q) != len(outs_fp) or not outs_q:
         raise QuantError(f"calibration: block_outputs gave {len(outs_q)} vs {len(outs_fp)} blocks")
-    return sum(torch.mean((a.float() - b.float()) ** 2) for a, b in zip(outs_q, outs_fp))
+    total = torch.zeros(())
+    for a, b in zip(outs_q, outs_fp):
+        total = total + torch.mean((a.float() - b.float()) ** 2)
+    return total
 
 
 @torch.no_grad()
-def block_mse(model_fp: nn.Module, model_q: nn.Module, batches: Sequence[torch.Tensor]) -> float:
+def block_mse(model_fp: GPT, model_q: GPT, batches: Sequence[torch.Tensor]) -> float:
     """Mean over batches of Σ_blocks MSE(block_out_q, block_out_fp)."""
     _check_pair(model_fp, model_q)
     if not batches:
@@ -79,8 +83,8 @@ def block_mse(model_fp: nn.Module, model_q: nn.Module, batches: Sequence[torch.T
 
 
 def calibrate_controls(
-    model_fp: nn.Module,
-    model_q: nn.Module,
+    model_fp: GPT,
+    model_q: GPT,
     batches: Sequence[torch.Tensor],
     *,
     steps: int = 50,

@@ -236,7 +236,7 @@ def _prepare(names: list[str], ws: list[torch.Tensor], factors: list[_Factor], o
     w.masked_fill_(dead[:, None, :], 0.0)
     perm = None
     if o.act_order:
-        perm = torch.stack([f.perm for f in factors])
+        perm = torch.stack([f.perm for f in factors if f.perm is not None])  # act order: all set
         w = _permute_columns(w, perm)
     metas = [
         {

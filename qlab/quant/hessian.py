@@ -10,7 +10,7 @@ model exposes as ``model.final_hidden(idx)``; in that case the forward pass is
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -30,9 +30,11 @@ def _input_ids(batch) -> torch.Tensor:
     return batch
 
 
-def _tied_embedding(model: nn.Module, min_numel: int) -> tuple[str, nn.Embedding] | None:
-    """The embedding that doubles as the LM head, if the model has one and exposes final_hidden."""
-    if not hasattr(model, "final_hidden"):
+def _tied_embedding(model: nn.Module, min_numel: int) -> tuple[str, nn.Embedding, Callable] | None:
+    """(name, embedding, the model's final_hidden) for an embedding that doubles as the LM
+    head, if the model has one and exposes final_hidden (the head's input)."""
+    final_hidden = getattr(model, "final_hidden", None)
+    if not callable(final_hidden):
         return None
     names = {name for name, _ in model.named_parameters()}
     if "lm_head.weight" in names:
@@ -41,7 +43,7 @@ def _tied_embedding(model: nn.Module, min_numel: int) -> tuple[str, nn.Embedding
         if isinstance(mod, nn.Embedding) and mod.weight.numel() > min_numel:
             pname = f"{mod_name}.weight" if mod_name else "weight"
             if pname == "tok_emb.weight" or mod_name.endswith("tok_emb"):
-                return pname, mod
+                return pname, mod, final_hidden
     return None
 
 
@@ -120,8 +122,9 @@ def collect_hessians(
         with torch.no_grad():
             for batch in tqdm(batches, desc="hessians", disable=not progress):
                 idx = _input_ids(batch)
-                if tied is not None:
-                    _add(store, tied[0], _xtx(tied[0], model.final_hidden(idx), tied[1].weight.device))
+                if tied is not None:  # the head's input is the final hidden state
+                    name, emb, final_hidden = tied
+                    _add(store, name, _xtx(name, final_hidden(idx), emb.weight.device))
                 else:
                     model(idx)
                 n_batches += 1

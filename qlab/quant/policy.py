@@ -168,6 +168,7 @@ class Passthrough:
         target = dtype or dtype_from_name(self.dtype, "passthrough entry")
         if self.kind in ("fp16", "raw"):
             return self.data.to(target).reshape(self.shape)
+        assert self.scale is not None  # validate(): every int8 kind has a scale
         scale = self.scale.to(torch.float32)
         if self.kind == "int8_row" and self.data.dim() == 2:
             scale = scale.reshape(-1, 1)
@@ -445,7 +446,6 @@ def quantize_state_dict(
             out[name] = _rtn_for(name, t, spec)
         elif name in hessians:
             gptq_groups.setdefault(_hashable(spec), []).append(name)
-            out[name] = None  # placeholder keeps the order
         else:
             out[name] = _rtn_for(name, t, spec, note="gptq requested but no Hessian: RTN fallback")
     for spec, names in gptq_groups.items():
@@ -466,7 +466,7 @@ def quantize_state_dict(
     for name, t in state_dict.items():
         count.add(t, isinstance(out[name], QuantizedTensor))
     count.warn(policy.name)
-    return out
+    return {name: out[name] for name in state_dict}  # the state dict's order
 
 
 class NothingQuantizedWarning(UserWarning):

@@ -46,7 +46,8 @@ def _per_unit(
         return fn(w2.reshape(1, -1)).reshape(1, 1)
     if granularity == "row":
         return fn(w2).reshape(rows, 1)
-    g = int(group_size)  # validated by the caller
+    assert group_size is not None  # validated by the caller
+    g = group_size
     n_full = cols // g
     parts = []
     if n_full:
@@ -62,7 +63,8 @@ def _param_shape(shape: tuple[int, ...], granularity: str, group_size: int | Non
         return ()
     if granularity == "row":
         return (shape[0], 1)
-    n_groups = math.ceil(shape[-1] / int(group_size))
+    assert group_size is not None  # granularity 'group'
+    n_groups = math.ceil(shape[-1] / group_size)
     return (n_groups,) if len(shape) == 1 else (shape[0], n_groups)
 
 
@@ -112,7 +114,8 @@ def _units_shape(w2: torch.Tensor, granularity: str, group_size: int | None) -> 
         return (1, 1)
     if granularity == "row":
         return (rows, 1)
-    return (rows, math.ceil(cols / int(group_size)))
+    assert group_size is not None  # granularity 'group'
+    return (rows, math.ceil(cols / group_size))
 
 
 def quantize_rtn(

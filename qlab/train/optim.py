@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from qlab.errors import CheckpointError, ConfigError
+from qlab.model.gpt import GPT
 from qlab.train.config import TrainConfig
 from qlab.train.muon import Muon
 from qlab.train.schedule import muon_momentum
@@ -84,7 +84,7 @@ def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
     return all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
 
 
-def build_optimizers(model: nn.Module, config: TrainConfig) -> Optimizers:
+def build_optimizers(model: GPT, config: TrainConfig) -> Optimizers:
     """Muon for "matrix", AdamW for "embed" and "scalar" (empty groups get no optimizer)."""
     groups = model.param_groups()
     unknown = set(groups) - set(GROUP_NAMES)

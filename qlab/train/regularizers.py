@@ -92,7 +92,7 @@ def _need_rows(h: Tensor, n: int, name: str) -> None:
 
 def weight_matrices(model: nn.Module) -> list[Tensor]:
     """Every 2-D parameter of ``model`` (each tied tensor once); ConfigError if there is none."""
-    mats = [p for p in model.parameters() if p.dim() == 2 and p.numel() > 0]
+    mats: list[Tensor] = [p for p in model.parameters() if p.dim() == 2 and p.numel() > 0]
     if not mats:
         raise ConfigError(f"weight regularizer: {type(model).__name__} has no 2-D parameters")
     return mats
