@@ -20,13 +20,11 @@ def demo_available() -> bool:
 
 def demo_inputs(policy: Any, calib_batches: int = 64) -> dict[str, Any]:
     """{model, config, data, hessians, val, tables} of the demo checkpoint under ``policy``."""
-    from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
-    from qlab.quant.model_quant import calibration_batches, model_hessians
+    from qlab.eval.context import EvalContext
+    from qlab.io.checkpoint import read_config
 
-    model, _ = resolve_model(DEMO / "runs" / "tiny")
-    cfg = model.config
-    data = resolve_dataset(DEMO / "data" / f"embedded_sp{cfg.vocab_size}", cfg.vocab_size)
-    batches = calibration_batches(data, calib_batches, seq_len=cfg.train_seq_len, batch_seqs=8)
-    val, tables = validation_inputs(data, cfg.eval_seq_len, cfg.vocab_size)
-    return {"model": model, "config": cfg, "data": data, "hessians": model_hessians(model, policy, batches),
-            "val": val, "tables": tables}  # fmt: skip
+    run = DEMO / "runs" / "tiny"
+    ctx = EvalContext.open(run, DEMO / "data" / f"embedded_sp{read_config(run)['model']['vocab_size']}")
+    val, tables = ctx.validation()
+    return {"model": ctx.model, "config": ctx.config, "data": ctx.data, "val": val, "tables": tables,
+            "hessians": ctx.hessians(policy, calib_batches)}  # fmt: skip

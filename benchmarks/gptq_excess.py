@@ -16,17 +16,14 @@ import argparse
 import math
 
 from qlab.analysis.entropy_report import entropy_report
-from qlab.eval.pipeline import resolve_dataset, resolve_model
-from qlab.quant.model_quant import calibration_batches, model_hessians
+from qlab.eval.context import EvalContext
 from qlab.quant.policy import get_policy
 
 
 def excess(run: str, policy_name: str = "record_small", batches: int = 16) -> float:
-    model, _ = resolve_model(run)
-    policy = get_policy(policy_name)
-    data = resolve_dataset("embedded", model.config.vocab_size)
-    calib = calibration_batches(data, batches, seq_len=model.config.train_seq_len, batch_seqs=8)
-    hessians = model_hessians(model, policy, calib)
+    ctx = EvalContext.open(run, "embedded")
+    model, policy = ctx.model, get_policy(policy_name)
+    hessians = ctx.hessians(policy, batches)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     rtn = entropy_report(sd, policy).table.set_index("name")["predicted_bytes"]
     gptq = entropy_report(sd, policy, hessians=hessians).table.set_index("name")["predicted_bytes"]

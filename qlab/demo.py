@@ -29,13 +29,11 @@ from qlab.data.dataset import DatasetInfo
 from qlab.data.shards import read_shard
 from qlab.errors import ConfigError
 from qlab.eval.baselines import uniform_bpb, unigram_bpb
-from qlab.eval.bpb import evaluate_bpb
-from qlab.eval.pipeline import validation_inputs
+from qlab.eval.context import EvalContext
 from qlab.eval.quantize import quantize_checkpoint
 from qlab.figures import generate_figures
 from qlab.io.atomic import atomic_write_json, atomic_write_text
 from qlab.io.checkpoint import has_checkpoint, read_config
-from qlab.loaders import load_model
 from qlab.train.config import resolve_configs
 from qlab.train.trainer import train
 
@@ -119,13 +117,13 @@ def step_train(state: DemoState) -> None:
 def step_evaluate(state: DemoState) -> None:
     """Full validation bpb of the trained model beside the unigram and uniform baselines."""
 
-    model, model_cfg = load_model(state.run_dir)
     info = state.dataset
-    val, tables = validation_inputs(info, model_cfg.eval_seq_len)
+    ctx = EvalContext.open(state.run_dir, info)
+    val, tables = ctx.validation()
     train_tokens = torch.from_numpy(
         np.concatenate([read_shard(f).astype(np.int64) for f in info.train_files])
     )
-    result = evaluate_bpb(model, val, tables, seq_len=model_cfg.eval_seq_len, batch_seqs=16)
+    result = ctx.evaluate(batch_seqs=16)
     state.numbers.update(
         val_loss=result.val_loss,
         val_bpb=result.val_bpb,

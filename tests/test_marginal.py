@@ -60,7 +60,7 @@ def test_settings_change_the_spec():
 
 @pytest.fixture(scope="module")
 def setup(run_dir, tiny_dataset):  # noqa: F811
-    from qlab.eval.pipeline import resolve_model
+    from qlab.eval.context import resolve_model
     from qlab.quant.model_quant import calibration_batches, model_hessians
     from qlab.quant.policy import policy_from_dict
 

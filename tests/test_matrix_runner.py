@@ -213,9 +213,9 @@ def test_a_matrix_cell_and_qlab_quantize_report_the_same_bytes_and_bpb(
     killed_run, tiny_dataset, tmp_path, capsys, monkeypatch
 ):
     """One pipeline: a cell's measurement is run_pipeline, exactly what `qlab quantize` runs."""
-    from qlab.analysis.matrix.measure import EvalData, measure_pipeline
+    from qlab.analysis.matrix.measure import measure_pipeline
     from qlab.analysis.matrix.spec import EvalSpec
-    from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
+    from qlab.eval.context import EvalContext
     from qlab.loaders import load_model
     from qlab.quant.policy import load_policy
 
@@ -228,12 +228,9 @@ def test_a_matrix_cell_and_qlab_quantize_report_the_same_bytes_and_bpb(
     policy_file.write_text(json.dumps({"name": "gptq6", **gptq}))
     model, mc = load_model(run_dir)
     seq = mc.train_seq_len
-    data = EvalData(load_validation_tokens(tiny_dataset.val_files, seq),
-                    build_byte_tables(load_tokenizer(tiny_dataset.tokenizer_path), mc.vocab_size),
-                    seq, torch.device("cpu"), dataset=tiny_dataset,
-                    source=f"runs/{run_dir.name}")  # fmt: skip
+    ctx = EvalContext.open(model, tiny_dataset, seq)
     spec = EvalSpec(val_max_tokens=2049, batch_seqs=8, sliding_stride=32, calibration_seqs=16)
-    (cell,) = measure_pipeline(model, data, spec, {"gptq6": load_policy(policy_file)})
+    (cell,) = measure_pipeline(ctx, spec, {"gptq6": load_policy(policy_file)}, source=f"runs/{run_dir.name}")
     artifact = tmp_path / "m.qlab"
     monkeypatch.chdir(out)  # the cell names its run as `qlab quantize runs/<cell id>` does from here
     args = ["quantize", f"runs/{run_dir.name}", "--data", str(tiny_dataset.root),

@@ -13,7 +13,8 @@ from qlab.config import ModelConfig
 from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
 from qlab.errors import CheckpointError
 from qlab.eval.bpb import evaluate_bpb
-from qlab.eval.pipeline import COLUMNS, resolve_model, run_pipeline
+from qlab.eval.context import resolve_model
+from qlab.eval.pipeline import COLUMNS, run_pipeline
 from qlab.eval.ttt import TTTConfig
 from qlab.loaders import load_quantized
 from qlab.model.gpt import GPT

@@ -49,13 +49,12 @@ from qlab.analysis.spectra import (
     spectral_summary,
     weight_family,
 )
-from qlab.data.loader import load_validation_tokens
-from qlab.data.tokenizer import build_byte_tables, load_tokenizer, token_bytes
+from qlab.data.tokenizer import token_bytes
 from qlab.errors import ConfigError, DataError
-from qlab.eval.pipeline import resolve_dataset, resolve_model
+from qlab.eval.context import EvalContext, resolve_model
 from qlab.io.atomic import atomic_write_text
 from qlab.loaders.readers import detect_format, load_state_dict
-from qlab.quant.model_quant import calibration_batches, quantize_model
+from qlab.quant.model_quant import quantize_model
 from qlab.quant.policy import Policy, dequantize_state_dict, quantize_state_dict, resolve_policy
 from qlab.quant.rtn import quantize_rtn
 from qlab.quant.tensor import dequantize
@@ -372,17 +371,10 @@ def _label(path: str | os.PathLike) -> str:
     return p.name or str(p)
 
 
-def _eval_batch(
-    dataset: Any, n_tokens: int, seq_len: int, vocab_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ⌊n_tokens / L⌋ validation sequences as (idx, targets)."""
+def _eval_batch(val: torch.Tensor, n_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ⌊n_tokens / L⌋ validation sequences as (idx, targets), L = min(seq_len, n_tokens)."""
 
-    if dataset.vocab_size > vocab_size:
-        raise DataError(
-            f"dataset {dataset.root} has vocab {dataset.vocab_size}, larger than the model's {vocab_size}"
-        )
     seq_len = min(seq_len, n_tokens)
-    val = load_validation_tokens(dataset.val_files, seq_len, vocab_size=dataset.vocab_size)
     rows = min(n_tokens // seq_len, (val.numel() - 1) // seq_len)
     x = val[: rows * seq_len].view(rows, seq_len)
     y = val[1 : rows * seq_len + 1].view(rows, seq_len)
@@ -463,18 +455,14 @@ def fingerprint(
 def _with_activations(job: _Job, data: Any) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Weight and activation tables of a run directory, sharing one quantized copy."""
 
-    model, _ = resolve_model(job.ckpt)
-    cfg = model.config
-    dataset = resolve_dataset(data, cfg.vocab_size)
-    idx, targets = _eval_batch(dataset, job.n_tokens, cfg.eval_seq_len, cfg.vocab_size)
-    tables = build_byte_tables(load_tokenizer(dataset.tokenizer_path), cfg.vocab_size)
-    info: dict[str, Any] = {"data": getattr(dataset, "root", data), "activations": True}
+    ctx = EvalContext.open(job.ckpt, data)
+    model, tables = ctx.model, ctx.byte_tables
+    idx, targets = _eval_batch(ctx.val_tokens, job.n_tokens, ctx.seq_len)
+    info: dict[str, Any] = {"data": ctx.data.root, "activations": True}
     info |= {"n_tokens": idx.numel(), "seq_len": idx.shape[1], "looping": getattr(model, "looping", False)}
     quantized_model, q_sd = None, None
     if job.policy is not None:
-        quantized_model, q_sd, info["quantizer"] = _quantize(
-            model, job.policy, dataset, job.calib_batches, job.progress
-        )
+        quantized_model, q_sd, info["quantizer"] = _quantize(ctx, job.policy, job.calib_batches, job.progress)
     against_model = None
     if job.against is not None and detect_format(job.against) == "qlab-run":
         against_model, _ = resolve_model(job.against)
@@ -493,14 +481,11 @@ def _with_activations(job: _Job, data: Any) -> tuple[dict[str, pd.DataFrame], di
     return weights | acts, info
 
 
-def _quantize(model: nn.Module, pol: Policy, dataset: Any, calib_batches: int, progress: bool):
+def _quantize(ctx: EvalContext, pol: Policy, calib_batches: int, progress: bool):
     """(dequantized model, its state dict, description) under ``pol``."""
 
-    batches = None
-    if calib_batches:
-        seq_len = model.config.train_seq_len
-        batches = calibration_batches(dataset, calib_batches, seq_len=seq_len, batch_seqs=2)
-    qm = quantize_model(model, pol, batches, progress=progress)
+    hessians = ctx.hessians(pol, calib_batches, batch_seqs=2, progress=progress) if calib_batches else None
+    qm = quantize_model(ctx.model, pol, hessians=hessians, progress=progress)
     n_gptq, n_rtn = len(qm.meta["gptq_tensors"]), len(qm.meta["rtn_fallback"])
     what = f"{pol.name}: {n_gptq} GPTQ tensors ({calib_batches} calibration batches), {n_rtn} RTN fallback"
     deq = qm.dequantized_model

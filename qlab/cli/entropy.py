@@ -12,11 +12,10 @@ from qlab.analysis.rd import tensor_family
 from qlab.cli._args import plain
 from qlab.compress.predict import RECORD_CODEC
 from qlab.errors import ConfigError
-from qlab.eval.pipeline import resolve_dataset, resolve_model
+from qlab.eval.context import EvalContext
 from qlab.io.atomic import check_output
 from qlab.progress import cli_progress
-from qlab.quant.model_quant import calibration_batches, model_hessians
-from qlab.quant.policy import load_policy
+from qlab.quant.policy import resolve_policy
 
 HELP = "entropy and predicted compressed size of a checkpoint"
 
@@ -164,10 +163,8 @@ def format_totals(report: EntropyReport) -> str:
 def _hessians(args: argparse.Namespace) -> dict:
     """Hessians of the policy's GPTQ tensors from the calibration dataset (a cheap GPTQ pass)."""
 
-    model, _ = resolve_model(args.ckpt)
-    data = resolve_dataset(args.calib_data, model.config.vocab_size)
-    batches = calibration_batches(data, args.calib_batches, seq_len=model.config.train_seq_len, batch_seqs=8)
-    return model_hessians(model, load_policy(args.policy), batches)
+    ctx = EvalContext.open(args.ckpt, args.calib_data)
+    return ctx.hessians(resolve_policy(args.policy), args.calib_batches)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,8 +10,7 @@ import argparse
 
 from qlab.cli._args import add_model_checkpoint, plain
 from qlab.errors import ConfigError
-from qlab.eval.bpb import evaluate_bpb
-from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
+from qlab.eval.context import EvalContext
 from qlab.progress import cli_progress
 
 HELP = "val_loss and val_bpb of a checkpoint or artifact"
@@ -34,15 +33,9 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    model, label = resolve_model(args.checkpoint, preset=args.preset)
-    data = resolve_dataset(args.data, model.config.vocab_size)
-    seq_len = args.seq_len or model.config.eval_seq_len
-    val, tables = validation_inputs(data, seq_len, model.config.vocab_size)
-    res = evaluate_bpb(
-        model,
-        val,
-        tables,
-        seq_len=seq_len,
+    ctx = EvalContext.open(args.checkpoint, args.data, args.seq_len, preset=args.preset)
+    label, seq_len = ctx.label, ctx.seq_len
+    res = ctx.evaluate(
         stride=args.stride,
         max_tokens=args.max_tokens,
         batch_seqs=args.batch_seqs,

@@ -15,13 +15,12 @@ from pathlib import Path
 from qlab.analysis.marginal import allocate, fit_predictor, marginal_table
 from qlab.cli._args import plain
 from qlab.errors import ConfigError
-from qlab.eval.pipeline import resolve_dataset, resolve_model, validation_inputs
+from qlab.eval.context import EvalContext
 from qlab.io.atomic import atomic_write_json, check_output
 from qlab.plots.allocation import plot_marginal
 from qlab.plots.style import save_figure
 from qlab.progress import cli_progress
-from qlab.quant.model_quant import calibration_batches, model_hessians
-from qlab.quant.policy import load_policy
+from qlab.quant.policy import resolve_policy
 
 HELP = "Δbytes and paired Δbpb of changing one tensor group's bits or clip width"
 
@@ -58,16 +57,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output(out / "marginal.csv", [args.checkpoint, args.data], force=True)  # resume: rows are kept
     progress = cli_progress(args.no_progress)
-    model, _ = resolve_model(args.checkpoint)
-    cfg = model.config
-    data = resolve_dataset(args.data, cfg.vocab_size)
-    policy = load_policy(args.policy)
-    batches = calibration_batches(data, args.calib_batches, seq_len=cfg.train_seq_len, batch_seqs=8)
-    hessians = model_hessians(model, policy, batches, progress=progress)
-    val, tables = validation_inputs(data, cfg.eval_seq_len, cfg.vocab_size)
+    ctx = EvalContext.open(args.checkpoint, args.data)
+    policy = resolve_policy(args.policy)
+    hessians = ctx.hessians(policy, args.calib_batches, progress=progress)
+    model, (val, tables) = ctx.model, ctx.validation()
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     table = marginal_table(
-        model, policy, val, tables, hessians, seq_len=cfg.eval_seq_len, grouping=args.group_by,
+        model, policy, val, tables, hessians, seq_len=ctx.seq_len, grouping=args.group_by,
         settings=settings, codec=args.codec, n_boot=args.boot, max_tokens=args.eval_tokens,
         out=out / "marginal.csv", progress=progress,
     )  # fmt: skip

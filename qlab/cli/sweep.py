@@ -15,11 +15,9 @@ import numpy as np
 
 from qlab.analysis import rd, rd_compare
 from qlab.cli._args import plain
-from qlab.data import open_dataset
 from qlab.errors import ConfigError
-from qlab.eval.pipeline import validation_inputs
+from qlab.eval.context import EvalContext
 from qlab.io.atomic import atomic_write_text
-from qlab.loaders import load_model
 from qlab.plots import rd as plots
 from qlab.plots.style import save_figure
 from qlab.progress import cli_progress
@@ -69,10 +67,9 @@ def parse_ks(text: str) -> list[float]:
 
 
 def _evaluator(ckpt: str, data: str, eval_tokens: int):
-    model, cfg = load_model(ckpt)
-    ds = open_dataset(data, vocab_size=cfg.vocab_size)
-    tokens, tables = validation_inputs(ds, cfg.eval_seq_len, cfg.vocab_size)
-    return model, rd.bpb_eval_fn(tokens, tables, seq_len=cfg.eval_seq_len, max_tokens=eval_tokens)
+    ctx = EvalContext.open(ckpt, data)
+    tokens, tables = ctx.validation()
+    return ctx.model, rd.bpb_eval_fn(tokens, tables, seq_len=ctx.seq_len, max_tokens=eval_tokens)
 
 
 def _save(out: Path, name: str, df) -> None:

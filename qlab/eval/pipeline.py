@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,18 +27,13 @@ from torch import nn
 
 from qlab.compress.budget import CAP, predict_artifact_bytes
 from qlab.compress.container import encode_artifact
-from qlab.data import build_byte_tables, default_dataset, load_tokenizer, load_validation_tokens, open_dataset
 from qlab.errors import ConfigError
 from qlab.eval.bpb import evaluate_bpb
+from qlab.eval.context import EvalContext
 from qlab.eval.stages import ATTRIBUTION_COLUMNS, STAGES, attribute_stages
 from qlab.eval.ttt import TTTConfig, score_first_ttt
-from qlab.io.checkpoint import load_weights
-from qlab.loaders import load_model, load_quantized
-from qlab.loaders.readers import detect_format, load_state_dict
-from qlab.model.gpt import GPT
-from qlab.model.infer import infer_model_config
-from qlab.quant.model_quant import QuantizedModel, calibration_batches, model_extra, quantize_model
-from qlab.quant.policy import Policy, get_policy
+from qlab.quant.model_quant import QuantizedModel, model_extra, quantize_model
+from qlab.quant.policy import Policy, resolve_policy
 
 COLUMNS = [
     "source",
@@ -72,45 +68,6 @@ class PipelineResult:
     quantized: QuantizedModel
     artifact: bytes
     policy: Policy
-    pre_quant: Any = None  # the float model's EvalResult (reusable on the same tokens)
-
-
-def resolve_model(
-    model_or_ckpt: nn.Module | str | os.PathLike, preset: str | None = None
-) -> tuple[nn.Module, str]:
-    """A model and a label: a module as is, a qlab run directory via ``load_model`` (with
-    its depth-recurrence mode restored), a qlab artifact via its header's model config, or
-    any other checkpoint of qlab's GPT (the record's ``final_model.pt`` and ``.int6.ptz``,
-    safetensors) with its configuration inferred from the shapes, defaults from ``preset``
-    (``record`` when None)."""
-    if isinstance(model_or_ckpt, nn.Module):
-        return model_or_ckpt, type(model_or_ckpt).__name__
-    path = Path(model_or_ckpt)
-    fmt = detect_format(path)
-    if fmt == "qlab-run":
-        model, _ = load_model(path)
-        return model, str(path)
-    if fmt == "qlab-artifact":
-        return load_quantized(path).model, str(path)
-    state = load_state_dict(path)
-    config = infer_model_config({k: tuple(v.shape) for k, v in state.items()}, preset or "record", str(path))
-    model = GPT(config)
-    load_weights(model, {k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, str(path))
-    # A state dict does not say whether depth recurrence was on: the records' final
-    # weights were trained with it switched on for the second half, so it is on here.
-    if config.loop_layers is not None:
-        model.set_looping(True)
-    return model, f"{path} (config inferred from shapes, preset {preset or 'record'})"
-
-
-def resolve_dataset(dataset: Any, vocab_size: int) -> Any:
-    """A DatasetInfo from a DatasetInfo, a directory, or ``"embedded"`` (built once, cached)."""
-
-    if hasattr(dataset, "val_files"):
-        return dataset
-    if dataset is None or str(dataset) == "embedded":
-        return default_dataset(vocab_size=vocab_size)
-    return open_dataset(dataset)
 
 
 def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
@@ -119,22 +76,10 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return out, time.perf_counter() - t
 
 
-def validation_inputs(
-    data: Any, seq_len: int, vocab_size: int | None = None, tokenizer_path: str | os.PathLike | None = None
-) -> tuple[Any, Any]:
-    """(validation tokens, byte tables) of a dataset for a model of ``vocab_size`` (default:
-    the dataset's), with its tokenizer or ``tokenizer_path``: what every bpb evaluation
-    needs besides the model. The one place qlab assembles them (trainer, pipeline, demo,
-    CLI, matrix cells, figures)."""
-    val = load_validation_tokens(data.val_files, seq_len, vocab_size=data.vocab_size)
-    sp = load_tokenizer(tokenizer_path or data.tokenizer_path)
-    return val, build_byte_tables(sp, vocab_size or data.vocab_size)
-
-
 def run_pipeline(
-    model_or_ckpt: nn.Module | str | os.PathLike,
-    policy: Policy | str,
-    dataset: Any,
+    model_or_ckpt: EvalContext | nn.Module | str | os.PathLike,
+    policy: Policy | str | os.PathLike | Mapping,
+    dataset: Any = None,
     *,
     calib_batches: int = 64,
     calib_batch_seqs: int = 8,
@@ -146,7 +91,6 @@ def run_pipeline(
     code_bytes: int = 0,
     cap: int = CAP,
     hessians: dict | None = None,
-    pre_quant: Any = None,
     extra: dict | None = None,
     eval_batch_seqs: int = 8,
     autocast: str | None = None,
@@ -156,30 +100,28 @@ def run_pipeline(
 
     The one quantize→evaluate path: ``qlab quantize``, the demo and every matrix cell
     call it, so ``artifact_bytes`` (the real container + ``code_bytes``) and the stage bpbs
-    mean the same everywhere. ``pre_quant`` (an earlier ``evaluate_bpb`` result of this
-    model on the same tokens and settings) skips re-scoring the float model, as a matrix
-    cell does for its second policy. Evaluation runs on the model's device, with ``autocast``
-    (e.g. ``"bf16"`` on CUDA) and ``eval_batch_seqs`` sequences per forward pass."""
-    model, label = resolve_model(model_or_ckpt)
-    policy = get_policy(policy) if isinstance(policy, str) else policy
-    vocab = model.config.vocab_size if hasattr(model, "config") else None
-    data = resolve_dataset(dataset, vocab or 1024)
-    seq_len = seq_len or getattr(getattr(model, "config", None), "eval_seq_len", None)
-    if not seq_len:
-        raise ConfigError("pipeline: seq_len is needed for a model without a config")
-    if vocab is not None and data.vocab_size > vocab:
-        raise ConfigError(f"dataset vocab {data.vocab_size} exceeds the model's vocab {vocab}")
-    val, tables = validation_inputs(data, seq_len, vocab)
-    ev = dict(seq_len=seq_len, max_tokens=max_eval_tokens, batch_seqs=eval_batch_seqs, autocast=autocast,
-              progress=progress)  # fmt: skip
-    pre, t_pre = (pre_quant, 0.0) if pre_quant is not None else _timed(evaluate_bpb, model, val, tables, **ev)
-    train_len = getattr(getattr(model, "config", None), "train_seq_len", seq_len)
-    batches = None
+    mean the same everywhere. Pass an :class:`EvalContext` (then ``dataset`` and
+    ``seq_len`` are the context's) to run several policies on one model: the float model
+    is scored once and the Hessians collected once. Evaluation runs on the model's device,
+    with ``autocast`` (e.g. ``"bf16"`` on CUDA) and ``eval_batch_seqs`` sequences per
+    forward pass."""
+    if isinstance(model_or_ckpt, EvalContext):
+        if dataset is not None or seq_len is not None:
+            raise ConfigError("pipeline: an EvalContext brings its own dataset and seq_len")
+        ctx = model_or_ckpt
+    else:
+        ctx = EvalContext.open(model_or_ckpt, dataset, seq_len)
+    policy = resolve_policy(policy)
+    model, seq_len = ctx.model, ctx.seq_len
+    val, tables = ctx.validation()
+    ev = dict(max_tokens=max_eval_tokens, batch_seqs=eval_batch_seqs, autocast=autocast, progress=progress)
+    pre, t_pre = _timed(ctx.evaluate, **ev)
+    t0 = time.perf_counter()
     if hessians is None and calib_batches:
-        batches = calibration_batches(data, calib_batches, seq_len=train_len, batch_seqs=calib_batch_seqs)
-        device = next(model.parameters()).device
-        batches = [b.to(device) for b in batches]  # the Hessian hooks run where the model is
-    qm, t_quant = _timed(quantize_model, model, policy, batches, hessians=hessians, progress=progress)
+        hessians = ctx.hessians(policy, calib_batches, calib_batch_seqs, progress=progress)
+    qm = quantize_model(model, policy, hessians=hessians, progress=progress)
+    t_quant = time.perf_counter() - t0
+    ev["seq_len"] = seq_len
     if hessians is not None:
         qm.meta["calib_batches"] = calib_batches  # the batches the given Hessians came from
     quant, t_q = _timed(evaluate_bpb, qm.dequantized_model, val, tables, **ev)
@@ -199,8 +141,8 @@ def run_pipeline(
     stages = dict(pre=pre, quant=quant, slide=slide, ttt=ttt_res)
     times = dict(calib_quant=t_quant, pre_quant=t_pre, quantized=t_q, sliding=t_s, ttt=t_ttt, compress=t_c)
     sizes = dict(artifact=len(blob) + code_bytes, predicted=predicted + code_bytes, code=code_bytes, cap=cap)
-    row = _row(label, policy.name, stages, qm, sizes, times)
-    return PipelineResult(row, qm, blob, policy, pre)
+    row = _row(ctx.label, policy.name, stages, qm, sizes, times)
+    return PipelineResult(row, qm, blob, policy)
 
 
 def _run_ttt(model, val, tables, ttt, seq_len: int, stride: int | None, max_tokens, progress: bool):
@@ -240,9 +182,9 @@ def _row(label: str, policy: str, stages: dict, qm: QuantizedModel, sizes: dict,
 
 
 def pipeline_row(
-    model_or_ckpt: nn.Module | str | os.PathLike,
-    policy: Policy | str,
-    dataset: Any,
+    model_or_ckpt: EvalContext | nn.Module | str | os.PathLike,
+    policy: Policy | str | os.PathLike | Mapping,
+    dataset: Any = None,
     *,
     calib_batches: int = 64,
     seq_len: int | None = None,

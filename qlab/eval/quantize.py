@@ -20,9 +20,10 @@ from torch import nn
 from qlab.compress.budget import CAP, budget_table
 from qlab.compress.container import SYMBOL_CODEC
 from qlab.compress.solver import SolverResult, solve_k
-from qlab.eval.pipeline import resolve_dataset, resolve_model, run_pipeline
+from qlab.eval.context import EvalContext
+from qlab.eval.pipeline import run_pipeline
 from qlab.io.atomic import atomic_write_bytes
-from qlab.quant.model_quant import QuantizedModel, calibration_batches, model_extra, model_hessians
+from qlab.quant.model_quant import QuantizedModel, model_extra
 from qlab.quant.policy import Policy, resolve_policy
 
 __all__ = ["QuantizeResult", "quantize_checkpoint"]
@@ -71,26 +72,22 @@ def quantize_checkpoint(
     ``measure_budget``: compress each tensor for the byte table (default: only with the
     symbol coder, which is fast enough; brotli-11 sizes are predicted).
     """
-    model, label = resolve_model(ckpt, preset=preset)
+    ctx = EvalContext.open(ckpt, data, seq_len, preset=preset)
     pol = resolve_policy(policy)
-    dataset = resolve_dataset(data, model.config.vocab_size)
-    hessians = None
-    if calib_batches:
-        batches = calibration_batches(
-            dataset, calib_batches, seq_len=model.config.train_seq_len, batch_seqs=calib_batch_seqs
-        )
-        hessians = model_hessians(model, pol, batches, progress=progress)
-    extra = {"source": label}
+    calib = dict(n_batches=calib_batches, batch_seqs=calib_batch_seqs)
+    hessians = ctx.hessians(pol, **calib, progress=progress) if calib_batches else None
+    extra = {"source": ctx.label}
     solved = None
     if solve_cap:
-        sd = {k: v.detach() for k, v in model.state_dict().items()}
-        solved = solve_k(sd, pol, cap, k_range=tuple(k_range), tol=k_tol, hessians=hessians,
-                         code_bytes=code_bytes, codec=codec, extra=model_extra(model, **extra),
-                         progress=progress)  # fmt: skip
-        pol = solved.policy
-    res = run_pipeline(model, pol, dataset, calib_batches=calib_batches, hessians=hessians, seq_len=seq_len,
-                       stride=stride, max_eval_tokens=max_eval_tokens, codec=codec, code_bytes=code_bytes,
-                       cap=cap, extra=extra, progress=progress)  # fmt: skip
+        sd = {k: v.detach() for k, v in ctx.model.state_dict().items()}
+        lo, hi = k_range
+        head = model_extra(ctx.model, None, **extra)
+        solved = solve_k(sd, pol, cap, k_range=(lo, hi), tol=k_tol, hessians=hessians, code_bytes=code_bytes,
+                         codec=codec, extra=head, progress=progress)  # fmt: skip
+        pol = solved.policy  # a new k, the same GPTQ tensors: the Hessians still apply
+    res = run_pipeline(ctx, pol, calib_batches=calib_batches, hessians=hessians, stride=stride,
+                       max_eval_tokens=max_eval_tokens, codec=codec, code_bytes=code_bytes, cap=cap,
+                       extra=extra, progress=progress)  # fmt: skip
     qm = res.quantized
     head = model_extra(qm.dequantized_model, qm.meta["aliases"], **extra)
     measured = codec == SYMBOL_CODEC if measure_budget is None else measure_budget

@@ -26,17 +26,16 @@ from torch import nn
 
 from qlab.analysis.rd import bpb_eval_fn
 from qlab.analysis.spectra import weight_family
-from qlab.data import default_dataset, open_dataset
+from qlab.data import DatasetInfo, default_dataset
 from qlab.data.corpus import default_cache_dir
 from qlab.errors import CheckpointError, DataError
-from qlab.eval.pipeline import validation_inputs
+from qlab.eval.context import EvalContext
 from qlab.figures.scale import Scale, get_scale
 from qlab.io.atomic import atomic_write_text
 from qlab.io.checkpoint import committed_file, has_checkpoint, read_config
-from qlab.loaders import load_model
 from qlab.loaders.readers import detect_format, load_state_dict
 from qlab.progress import resolve_progress
-from qlab.quant.model_quant import calibration_batches, model_hessians, quantize_model
+from qlab.quant.model_quant import quantize_model
 from qlab.quant.policy import Policy, get_policy
 from qlab.train.config import resolve_configs
 from qlab.train.trainer import train
@@ -149,10 +148,16 @@ class Workspace:
         return default_dataset(vocab_size=vocab)
 
     @functools.cached_property
+    def context(self) -> EvalContext:
+        """The run's model (in eval mode) with ``data`` — when None, the run's own dataset
+        directory while it exists, else the embedded corpus."""
+        ctx = EvalContext.open(self.run_dir, self.data)
+        ctx.model.eval()
+        return ctx
+
+    @property
     def model(self) -> nn.Module:
-        model, _ = load_model(self.run_dir)
-        model.eval()
-        return model
+        return self.context.model
 
     @property
     def config(self) -> Any:
@@ -162,27 +167,17 @@ class Workspace:
     def seq_len(self) -> int:
         return int(self.config.eval_seq_len)
 
-    @functools.cached_property
-    def dataset(self) -> Any:
-        """``data`` when given (a dataset directory or ``"embedded"``), else the run's own
-        dataset directory when it still exists, else the embedded corpus."""
-
-        data = self.data or read_config(self.run_dir).get("train", {}).get("data", "embedded")
-        if data != "embedded" and Path(data).is_dir():
-            return open_dataset(data, self.config.vocab_size)
-        return self._embedded(int(self.config.vocab_size))
-
-    @functools.cached_property
-    def _validation(self) -> tuple[torch.Tensor, Any]:
-        return validation_inputs(self.dataset, self.seq_len, self.config.vocab_size)
+    @property
+    def dataset(self) -> DatasetInfo:
+        return self.context.data
 
     @property
     def val_tokens(self) -> torch.Tensor:
-        return self._validation[0]
+        return self.context.val_tokens
 
     @property
     def byte_tables(self) -> Any:
-        return self._validation[1]
+        return self.context.byte_tables
 
     @property
     def eval_tokens(self) -> int | None:
@@ -224,15 +219,12 @@ class Workspace:
         return figure_policy()
 
     def calibration(self) -> list[torch.Tensor]:
-        return calibration_batches(
-            self.dataset, self.scale.calib_batches, seq_len=int(self.config.train_seq_len), batch_seqs=8
-        )
+        return self.context.calibration(self.scale.calib_batches)
 
-    @functools.cached_property
+    @property
     def hessians(self) -> dict[str, torch.Tensor]:
         """Hessians of the figure policy's GPTQ tensors (the record's calibration recipe)."""
-
-        return model_hessians(self.model, self.policy, self.calibration(), progress=self.progress)
+        return self.context.hessians(self.policy, self.scale.calib_batches, progress=self.progress)
 
     @functools.cached_property
     def quantized(self) -> Any:

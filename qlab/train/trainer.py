@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ from qlab.data.loader import ShuffledSequenceLoader
 from qlab.data.record_loader import RecordSequenceLoader
 from qlab.errors import ConfigError, NumericalError
 from qlab.eval.bpb import autocast_context, evaluate_bpb, resolve_autocast
-from qlab.eval.pipeline import validation_inputs
+from qlab.eval.context import validation_inputs
 from qlab.io import checkpoint as ckpt
 from qlab.io.runlog import METRICS_NAME, RunLog
 from qlab.model.gpt import GPT
@@ -95,7 +95,7 @@ class LossWithRegularizers(nn.Module):
     computed once, fed to the head for the cross-entropy and to every regularizer.
     """
 
-    def __init__(self, model: nn.Module, regs: list[tuple[str, float, Any]]) -> None:
+    def __init__(self, model: GPT, regs: list[tuple[str, float, Any]]) -> None:
         super().__init__()
         self.model = model
         self.regs = regs
@@ -208,7 +208,8 @@ class _Trainer:
 
         self.step_module = LossWithRegularizers(self.model, build_regularizers(config.regs))
         compiled = config.compile_on(self.device.type)
-        module: nn.Module = torch.compile(self.step_module) if compiled else self.step_module
+        # torch.compile of a Module returns a Module; its stubs only promise a callable
+        module = cast(nn.Module, torch.compile(self.step_module)) if compiled else self.step_module
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
@@ -307,7 +308,8 @@ class _Trainer:
         for i, (x, y) in enumerate(zip(x_all.chunk(self.accum), y_all.chunk(self.accum))):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = i == self.accum - 1
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.module.no_sync()
+            ddp = isinstance(self.module, nn.parallel.DistributedDataParallel)  # world > 1
+            sync = self.module.no_sync() if ddp and not last else contextlib.nullcontext()
             with sync:
                 with autocast_context(self.device, self.config.autocast):
                     loss, logs = self.module(x, y)
@@ -342,7 +344,7 @@ class _Trainer:
             self.model.set_looping(False)
         self.model.load_state_dict(model_state)
         self.opts.load_state_dict(opt_state)
-        if self.ema is not None:
+        if self.ema is not None and ema_state is not None:
             self.ema.load_state_dict(ema_state)
         self.loader.load_state_dict(loader_state)
         if self.sampler is not None:

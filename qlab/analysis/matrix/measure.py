@@ -19,7 +19,6 @@ batch is the same token sequence for every variant and seed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,30 +27,14 @@ from torch import nn
 from qlab.analysis.geometry import hidden_state_metrics
 from qlab.analysis.hidden_quant import hidden_quant_table
 from qlab.analysis.matrix.spec import EvalSpec
-from qlab.data.tokenizer import ByteTables
 from qlab.errors import DataError
+from qlab.eval.context import EvalContext
 from qlab.eval.pipeline import run_pipeline
 from qlab.eval.ttt import TTTConfig
 
-__all__ = ["EvalData", "hidden_batch", "measure_hidden", "measure_pipeline"]
+__all__ = ["cell_autocast", "hidden_batch", "measure_hidden", "measure_pipeline"]
 
 CALIBRATION_BATCH = 8  # sequences per Hessian-collection forward pass
-
-
-@dataclass
-class EvalData:
-    """Everything evaluation needs besides the model."""
-
-    val_tokens: torch.Tensor
-    byte_tables: ByteTables
-    seq_len: int
-    device: torch.device
-    dataset: Any = None  # the DatasetInfo: calibration batches come from its training shards
-    source: str | None = None  # the checkpoint's path, kept in the artifact header as `qlab quantize` does
-
-    @property
-    def autocast(self) -> str | None:
-        return "bf16" if self.device.type == "cuda" else None
 
 
 def hidden_batch(tokens: torch.Tensor, seq_len: int, n_tokens: int, offset: int = 0) -> torch.Tensor:
@@ -77,47 +60,57 @@ def _final_hidden(model: nn.Module, idx: torch.Tensor, n_tokens: int, device: to
     return h.reshape(-1, h.shape[-1])[:n_tokens].cpu()
 
 
-def measure_hidden(model: nn.Module, data: EvalData, spec: EvalSpec) -> tuple[list[dict], dict[str, float]]:
+def cell_autocast(ctx: EvalContext) -> str | None:
+    """bf16 autocast on CUDA (as the records evaluate), none on CPU."""
+    return "bf16" if ctx.device.type == "cuda" else None
+
+
+def measure_hidden(ctx: EvalContext, spec: EvalSpec) -> tuple[list[dict], dict[str, float]]:
     """(one row per hidden-state scheme, geometry of the float hidden states)."""
-    idx = hidden_batch(data.val_tokens, data.seq_len, spec.hidden_tokens, spec.hidden_offset)
-    h = _final_hidden(model, idx, spec.hidden_tokens, data.device)
+    idx = hidden_batch(ctx.val_tokens, ctx.seq_len, spec.hidden_tokens, spec.hidden_offset)
+    h = _final_hidden(ctx.model, idx, spec.hidden_tokens, ctx.device)
     if not bool(torch.isfinite(h).all()):
         raise DataError("matrix cell: the trained model's final hidden states contain NaN/Inf")
     table = hidden_quant_table(h, spec.hidden_schemes)
     return table.to_dict("records"), hidden_state_metrics(h)
 
 
-def _ttt_config(data: EvalData, spec: EvalSpec) -> TTTConfig:
+def _ttt_config(ctx: EvalContext, spec: EvalSpec) -> TTTConfig:
     return TTTConfig(
         **{
             "score_batch_seqs": spec.batch_seqs,
             **dict(spec.ttt or {}),
-            "seq_len": data.seq_len,
+            "seq_len": ctx.seq_len,
             "stride": spec.sliding_stride,
             "max_tokens": spec.val_max_tokens or None,
-            "autocast": data.autocast,
+            "autocast": cell_autocast(ctx),
         }
     )
 
 
 def measure_pipeline(
-    model: nn.Module, data: EvalData, spec: EvalSpec, policies: dict[str, Any], progress: bool = False
+    ctx: EvalContext,
+    spec: EvalSpec,
+    policies: dict[str, Any],
+    *,
+    source: str | None = None,
+    progress: bool = False,
 ) -> list[dict]:
-    """One row per weight policy: policy, stage bpbs (NaN when a stage is off), artifact bytes."""
-    if data.dataset is None:
-        raise DataError("matrix cell: EvalData.dataset is needed for calibration and the pipeline")
+    """One row per weight policy: policy, stage bpbs (NaN when a stage is off), artifact bytes.
+
+    ``source`` is the checkpoint's name kept in the artifact header, as ``qlab quantize``
+    keeps its argument. The context scores the float model and collects the Hessians once
+    for all policies."""
     calib = math.ceil(spec.calibration_seqs / CALIBRATION_BATCH) if spec.calibration_seqs else 0
-    ttt = _ttt_config(data, spec) if spec.ttt is not None else None
-    rows, pre = [], None
+    ttt = _ttt_config(ctx, spec) if spec.ttt is not None else None
+    rows = []
     for name, policy in policies.items():
-        res = run_pipeline(  # the float model is scored once per cell, not once per policy
-            model, policy, data.dataset, calib_batches=calib, calib_batch_seqs=CALIBRATION_BATCH,
-            seq_len=data.seq_len, stride=spec.sliding_stride or None,
-            max_eval_tokens=spec.val_max_tokens or None, ttt=ttt, eval_batch_seqs=spec.batch_seqs,
-            autocast=data.autocast, extra={"source": data.source} if data.source else None, pre_quant=pre,
-            progress=progress,
+        res = run_pipeline(
+            ctx, policy, calib_batches=calib, calib_batch_seqs=CALIBRATION_BATCH,
+            stride=spec.sliding_stride or None, max_eval_tokens=spec.val_max_tokens or None, ttt=ttt,
+            eval_batch_seqs=spec.batch_seqs, autocast=cell_autocast(ctx),
+            extra={"source": source} if source else None, progress=progress,
         )  # fmt: skip
-        pre = res.pre_quant
         r = res.row.iloc[0]
         row = {"policy": name, **{k: float(r[k]) for k in _STAGE_COLUMNS}}
         rows.append(

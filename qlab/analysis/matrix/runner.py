@@ -34,10 +34,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from qlab.analysis.matrix.measure import EvalData, measure_hidden, measure_pipeline
+from qlab.analysis.matrix.measure import measure_hidden, measure_pipeline
 from qlab.analysis.matrix.spec import Cell, MatrixSpec, plan_cells, resolve_base, shard_cells, spec_policy
 from qlab.errors import ConfigError, DataError
-from qlab.eval.pipeline import validation_inputs
+from qlab.eval.context import EvalContext
 from qlab.io.atomic import atomic_write_json
 from qlab.loaders import load_model
 from qlab.train.trainer import open_training_data, resolve_device, train
@@ -149,10 +149,13 @@ def _measure(spec: MatrixSpec, cell: Cell, tc, run_dir: Path, progress: bool) ->
     model, mc = load_model(run_dir, device)
     # the run as `qlab quantize runs/<cell id>` from the matrix folder names it: no absolute
     # path in the artifact, so a cell's bytes do not depend on where the matrix lives
-    data = dataclasses.replace(_eval_data(spec, tc, mc, device), source=f"{RUNS_DIR}/{cell.cell_id}")
+    source = f"{RUNS_DIR}/{cell.cell_id}"
+    # matrix cells score at the training length, with the run's own tokenizer
+    ctx = EvalContext.open(model, open_training_data(tc, mc.vocab_size), tc.train_seq_len,
+                           tokenizer_path=tc.tokenizer_path)  # fmt: skip
     policies = {name: spec_policy(spec, name) for name in spec.eval.weight_policies}
-    pipeline = measure_pipeline(model, data, spec.eval, policies, progress=progress)
-    hidden, geometry = measure_hidden(model, data, spec.eval)
+    pipeline = measure_pipeline(ctx, spec.eval, policies, source=source, progress=progress)
+    hidden, geometry = measure_hidden(ctx, spec.eval)
     v = cell.variant
     return {
         "format": RESULT_FORMAT,
@@ -169,18 +172,6 @@ def _measure(spec: MatrixSpec, cell: Cell, tc, run_dir: Path, progress: bool) ->
         "hidden": hidden,
         "geometry": geometry,
     }
-
-
-def _eval_data(spec: MatrixSpec, tc, mc, device: torch.device) -> EvalData:
-    info = open_training_data(tc, mc.vocab_size)
-    val, tables = validation_inputs(info, tc.train_seq_len, mc.vocab_size, tc.tokenizer_path)
-    return EvalData(
-        val_tokens=val,
-        byte_tables=tables,
-        seq_len=tc.train_seq_len,
-        device=device,
-        dataset=info,
-    )
 
 
 def _rank() -> int:
