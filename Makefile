@@ -45,6 +45,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check qlab tests benchmarks
 	$(BIN)/ruff format --check qlab tests benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 figures: $(STAMP)
 	$(BIN)/qlab figures --out figures

@@ -73,6 +73,17 @@ class DemoState:
     written: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
+    # Steps after the first two read these; the steps run in order, so they are set.
+    @property
+    def data(self) -> DatasetInfo:
+        assert self.dataset is not None, "step_dataset runs first"
+        return self.dataset
+
+    @property
+    def run(self) -> Path:
+        assert self.run_dir is not None, "step_train runs first"
+        return self.run_dir
+
 
 def step_dataset(state: DemoState) -> None:
     """Tokenize the embedded corpus (Python's own documentation) into shards, once."""
@@ -88,12 +99,10 @@ def step_train(state: DemoState) -> None:
     """Train the ``tiny`` preset; reuse a finished run of the same length unless ``fresh``."""
 
     run_dir = state.out_dir / "runs" / "tiny"
-    overrides: dict[str, Any] = {"data": str(state.dataset.root), "out_dir": str(run_dir)}
+    overrides: dict[str, Any] = {"data": str(state.data.root), "out_dir": str(run_dir)}
     if state.iterations is not None:
         overrides["iterations"] = state.iterations
-    train_cfg, model_cfg = resolve_configs(
-        "tiny", overrides, {"vocab_size": state.dataset.vocab_size}, env={}
-    )
+    train_cfg, model_cfg = resolve_configs("tiny", overrides, {"vocab_size": state.data.vocab_size}, env={})
     state.run_dir = run_dir
     state.written["checkpoint"] = run_dir
     if state.fresh and run_dir.exists():
@@ -117,8 +126,8 @@ def step_train(state: DemoState) -> None:
 def step_evaluate(state: DemoState) -> None:
     """Full validation bpb of the trained model beside the unigram and uniform baselines."""
 
-    info = state.dataset
-    ctx = EvalContext.open(state.run_dir, info)
+    info = state.data
+    ctx = EvalContext.open(state.run, info)
     val, tables = ctx.validation()
     train_tokens = torch.from_numpy(
         np.concatenate([read_shard(f).astype(np.int64) for f in info.train_files])
@@ -143,7 +152,7 @@ def step_quantize(state: DemoState) -> None:
     """GPTQ with the record policy, the artifact on disk, and pre → post → sliding bpb."""
 
     # what `qlab quantize RUN --policy record_small --calib-batches 16` does, byte table measured
-    result = quantize_checkpoint(state.run_dir, DEMO_POLICY, state.dataset, calib_batches=16, stride=64,
+    result = quantize_checkpoint(state.run, DEMO_POLICY, state.data, calib_batches=16, stride=64,
                                  measure_budget=True)  # fmt: skip
     artifact = result.save(state.out_dir / "model.qlab")
     row = result.row.iloc[0]
@@ -162,7 +171,7 @@ def step_quantize(state: DemoState) -> None:
 def step_entropy(state: DemoState) -> None:
     """Per-tensor entropy and predicted bytes, checked against real compression."""
 
-    report = entropy_report(state.run_dir, DEMO_POLICY, measure=True, codecs=("brotli-11+shuffle",))
+    report = entropy_report(state.run, DEMO_POLICY, measure=True, codecs=("brotli-11+shuffle",))
     path = state.out_dir / "entropy.csv"
     report.to_csv(path)
     state.numbers["entropy_totals"] = {k: v for k, v in report.totals.items() if isinstance(v, (int, float))}
@@ -172,7 +181,7 @@ def step_entropy(state: DemoState) -> None:
 def step_sweep(state: DemoState) -> None:
     """Rate–distortion sweep of the block matrices: bits × k × clip rule."""
 
-    df = sweep(state.run_dir, bits=(4, 5, 6, 8), ks=(4.0, 8.0, 12.85, 20.0), min_numel=4096)
+    df = sweep(state.run, bits=(4, 5, 6, 8), ks=(4.0, 8.0, 12.85, 20.0), min_numel=4096)
     state.written["sweep"] = atomic_write_text(state.out_dir / "sweep.csv", df.to_csv(index=False))
     state.numbers["sweep_rows"] = len(df)
 
@@ -180,7 +189,7 @@ def step_sweep(state: DemoState) -> None:
 def step_fingerprint(state: DemoState) -> None:
     """SVD spectra, CKA, depth trajectory and hidden-state geometry, fp vs quantized."""
 
-    tables = fingerprint(state.run_dir, data=state.dataset, policy=DEMO_POLICY, n_tokens=1024)
+    tables = fingerprint(state.run, data=state.data, policy=DEMO_POLICY, n_tokens=1024)
     folder = state.out_dir / "fingerprint"
     write_fingerprint(tables, folder)
     state.written["fingerprint"] = folder
@@ -190,7 +199,7 @@ def step_matrix(state: DemoState) -> None:
     """The smoke reg × quant matrix: two bases × regularizers × every scheme, two seeds."""
 
     spec = load_spec(RESOURCES / "matrix" / "smoke.toml")
-    vocab = {b.model.get("vocab_size", state.dataset.vocab_size) for b in spec.bases}
+    vocab = {b.model.get("vocab_size", state.data.vocab_size) for b in spec.bases}
     data = default_dataset(cache_dir=state.out_dir / "data", vocab_size=vocab.pop())
     folder = state.out_dir / "matrix"
     run_matrix(with_overrides(spec, data=str(data.root)), folder)
@@ -205,9 +214,9 @@ def step_figures(state: DemoState) -> None:
     folder = state.out_dir / "figures"
     written = generate_figures(
         folder,
-        checkpoint=state.run_dir,
+        checkpoint=state.run,
         scale="demo",
-        data=state.dataset.root,
+        data=state.data.root,
         work_dir=state.out_dir / "figures_cache",
         progress=state.progress,
     )

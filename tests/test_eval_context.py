@@ -43,7 +43,12 @@ def test_hessians_are_collected_once_and_shared_between_policies(tiny_dataset, m
     ctx = EvalContext.open(_model(), tiny_dataset)
     calls = []
     real = context_mod.model_hessians
-    monkeypatch.setattr(context_mod, "model_hessians", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
+
+    def counted(model, policy, *args, **kwargs):
+        calls.append(policy.name)
+        return real(model, policy, *args, **kwargs)
+
+    monkeypatch.setattr(context_mod, "model_hessians", counted)
     wide = ctx.hessians(_all_matrices_policy(), 2, 2)
     narrow = ctx.hessians(_mlp_policy(), 2, 2)  # a subset of the tensors already collected
     assert calls == ["all5"] and narrow and set(narrow) < set(wide)

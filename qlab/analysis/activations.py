@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qlab.errors import ConfigError, DataError
+from qlab.model.modes import block_outputs, eval_mode, final_hidden
 
 __all__ = ["capture", "capture_hidden", "default_module_names", "flatten_tokens"]
 
@@ -36,16 +37,6 @@ def _first_tensor(out: object) -> torch.Tensor | None:
             if isinstance(item, torch.Tensor):
                 return item
     return None
-
-
-def _run(model: nn.Module, fn: Callable[[], object]) -> object:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return fn()
-    finally:
-        model.train(was_training)
 
 
 def capture(
@@ -81,7 +72,8 @@ def capture(
 
     handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
     try:
-        _run(model, lambda: model(idx))
+        with eval_mode(model), torch.no_grad():
+            model(idx)
     finally:
         for h in handles:
             h.remove()
@@ -102,12 +94,10 @@ def capture_hidden(model: nn.Module, idx: torch.Tensor) -> dict[str, torch.Tenso
             f"{type(model).__name__} lacks block_outputs()/final_hidden(); use capture(model, idx, names)"
         )
 
-    def run() -> dict[str, torch.Tensor]:
-        out = {f"block_{i}": h.detach().float().cpu() for i, h in enumerate(model.block_outputs(idx))}
-        out["final"] = model.final_hidden(idx).detach().float().cpu()
-        return out
-
-    return _run(model, run)  # type: ignore[return-value]
+    with eval_mode(model), torch.no_grad():
+        out = {f"block_{i}": h.detach().float().cpu() for i, h in enumerate(block_outputs(model, idx))}
+        out["final"] = final_hidden(model, idx).detach().float().cpu()
+    return out
 
 
 def flatten_tokens(h: torch.Tensor, name: str = "hidden states") -> torch.Tensor:

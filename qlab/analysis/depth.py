@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from qlab.analysis.geometry import excess_kurtosis, token_kurtosis
 from qlab.analysis.spectra import layer_index, weight_family
 from qlab.errors import ConfigError, DataError, NumericalError, QuantError
+from qlab.model.modes import block_outputs, eval_mode, norm_and_logits
 
 __all__ = ["depth_trajectory", "layer_sensitivity", "BLOCK_FAMILIES"]
 
@@ -100,16 +101,6 @@ def _block_labels(model: nn.Module, n_out: int) -> list[int | None]:
     return list(range(n_out)) if n_out == len(getattr(model, "blocks", [])) else [None] * n_out
 
 
-def _eval_mode(model: nn.Module, fn: Callable[[], object]) -> object:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return fn()
-    finally:
-        model.train(was)
-
-
 def depth_trajectory(
     model: nn.Module,
     idx: torch.Tensor,
@@ -130,7 +121,7 @@ def depth_trajectory(
     total = _byte_total(targets, bytes_per_token, total_bytes) if targets is not None else None
 
     def run() -> list[dict]:
-        outs = model.block_outputs(idx)
+        outs = block_outputs(model, idx)
         labels = _block_labels(model, len(outs))
         rows = []
         for pos, (x, blk) in enumerate(zip(outs, labels)):
@@ -148,12 +139,13 @@ def depth_trajectory(
                 "max_abs": float(h.abs().max()),
             }
             if targets is not None:
-                nll = _nll_sum(model.norm_and_logits(x), targets)
+                nll = _nll_sum(norm_and_logits(model, x), targets)
                 row |= _scores(nll, targets.numel(), total, prefix="lens_")
             rows.append(row)
         return rows
 
-    return pd.DataFrame(_eval_mode(model, run))
+    with eval_mode(model), torch.no_grad():
+        return pd.DataFrame(run())
 
 
 def _block_params(
@@ -216,7 +208,8 @@ def layer_sensitivity(
         raise ConfigError(f"model has no block matrices of families {sorted(set(families))}")
 
     def score() -> dict[str, float]:
-        nll = _nll_sum(_eval_mode(model, lambda: model(idx)), targets)
+        with eval_mode(model), torch.no_grad():
+            nll = _nll_sum(model(idx), targets)
         return _scores(nll, targets.numel(), total)
 
     base = score()

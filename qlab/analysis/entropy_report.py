@@ -146,7 +146,12 @@ def store_tensor(
 
 def _symbols(stored: Stored) -> torch.Tensor:
     """The integer symbols the coder sees: codes, or a float's bit patterns."""
-    t = stored.codes if isinstance(stored, QuantizedTensor) else getattr(stored, "data", stored)
+    if isinstance(stored, QuantizedTensor):
+        t = stored.codes
+    elif isinstance(stored, Passthrough):
+        t = stored.data
+    else:
+        t = stored
     if t.dtype == torch.bool:
         return t.to(torch.uint8)
     if t.is_floating_point():
@@ -294,16 +299,16 @@ def _tensor_row(
     values = t if t is not None else _values(stored)
     numel = int(values.numel())
     std = float(values.to(torch.float32).std(correction=0)) if numel > 1 else 0.0
-    quantized = isinstance(stored, QuantizedTensor)
-    k = spec.clip_params.get("k") if spec is not None and quantized else None
+    q = stored if isinstance(stored, QuantizedTensor) else None
+    k = spec.clip_params.get("k") if spec is not None and q is not None else None
     return dict(
         name=name,
         shape="x".join(str(d) for d in values.shape) or "scalar",
         numel=numel,
         std=std,
         method=method,
-        bits=int(stored.bits) if quantized else 8 * sym.element_size(),
-        clip=(spec.clip if spec is not None else str(stored.meta.get("clip", ""))) if quantized else "",
+        bits=int(q.bits) if q is not None else 8 * sym.element_size(),
+        clip=(spec.clip if spec is not None else str(q.meta.get("clip", ""))) if q is not None else "",
         k=float(k) if k is not None else float("nan"),
         h0=h0,
         h_row=hrow,

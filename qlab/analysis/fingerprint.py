@@ -159,13 +159,9 @@ def weight_fingerprint(
     if policy is not None and quantized is not None:
         raise ConfigError("give either policy or an already quantized state dict, not both")
     pol = resolve_policy(policy) if policy is not None else None
-    if pol is not None or quantized is not None:
-        quantized_label = quantized_label or f"{label} quantized" + (f" ({pol.name})" if pol else "")
-    _distinct(
-        [label]
-        + ([against_label] if against is not None else [])
-        + ([quantized_label] if quantized_label and (pol or quantized is not None) else [])
-    )
+    q_label = quantized_label or f"{label} quantized" + (f" ({pol.name})" if pol else "")
+    quantizing = pol is not None or quantized is not None
+    _distinct([label] + ([against_label] if against is not None else []) + ([q_label] if quantizing else []))
     variants = {label: _state_dict(path_or_sd, label)}
     pairs: list[tuple[str, str]] = []
     if against is not None:
@@ -174,8 +170,8 @@ def weight_fingerprint(
     if pol is not None:
         quantized = _quantized_weights(variants[label], pol)
     if quantized is not None:
-        variants[quantized_label] = _state_dict(quantized, quantized_label)
-        pairs.append((quantized_label, label))
+        variants[q_label] = _state_dict(quantized, q_label)
+        pairs.append((q_label, label))
     out = {
         "spectral_summary": _stack(
             [_tag(spectral_summary(sd, fit_alpha=fit_alpha), v) for v, sd in variants.items()]
@@ -227,7 +223,7 @@ def last_block(acts: Mapping[str, torch.Tensor]) -> str:
     blocks = [k for k in acts if _position(k) is not None]
     if not blocks:
         raise DataError(f"no block outputs captured (got {list(acts)})")
-    return max(blocks, key=_position)
+    return max(blocks, key=lambda k: _position(k) or 0)
 
 
 def _pca_table(
@@ -466,17 +462,18 @@ def _with_activations(job: _Job, data: Any) -> tuple[dict[str, pd.DataFrame], di
     against_model = None
     if job.against is not None and detect_format(job.against) == "qlab-run":
         against_model, _ = resolve_model(job.against)
-    labels = {"label": job.label, "against_label": job.against_label}
     weights = weight_fingerprint(
-        job.ckpt, against=job.against, quantized=q_sd, quantized_label=job.quantized_label, **labels
-    )
+        job.ckpt, against=job.against, quantized=q_sd, quantized_label=job.quantized_label, label=job.label,
+        against_label=job.against_label,
+    )  # fmt: skip
     sens = None
     if job.sensitivity_bits is not None:
         sens = sensitivity_quantizer(job.sensitivity_bits)
         info["sensitivity_quantizer"] = f"int{job.sensitivity_bits} per-row RTN, SD clip k=12.85"
     acts = activation_fingerprint(
         model, idx, targets, byte_tables=tables, against_model=against_model, quantized_model=quantized_model,
-        sensitivity=sens, quantized_label=job.quantized_label or "quantized", progress=job.progress, **labels,
+        sensitivity=sens, quantized_label=job.quantized_label or "quantized", progress=job.progress,
+        label=job.label, against_label=job.against_label,
     )  # fmt: skip
     return weights | acts, info
 

@@ -74,9 +74,10 @@ def group_tensors(
             layer = layer_index(name)
             key = f"{'-' if layer is None else layer}:{tensor_family(name)}"
         elif isinstance(grouping, Mapping):
-            key = next((g for g, pats in grouping.items() if any(fnmatchcase(name, p) for p in pats)), None)
-            if key is None:
+            found = next((g for g, pats in grouping.items() if any(fnmatchcase(name, p) for p in pats)), None)
+            if found is None:
                 continue
+            key = found
         else:
             raise ConfigError(f"grouping must be 'family', 'layer_family' or a mapping, got {grouping!r}")
         groups.setdefault(key, []).append(name)
@@ -89,8 +90,8 @@ def document_sums(
     nll: torch.Tensor, nbytes: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor, bos_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Σ nll and Σ bytes per document (the stream cut before each BOS token)."""
-    doc_of = torch.cumsum((tokens.to(torch.int64) == bos_id).to(torch.int64), 0)[positions]
-    doc_of = (doc_of - doc_of.min()).numpy()
+    starts = torch.cumsum((tokens.to(torch.int64) == bos_id).to(torch.int64), 0)[positions]
+    doc_of = (starts - starts.min()).numpy()
     n = int(doc_of.max()) + 1
     return (np.bincount(doc_of, weights=nll.numpy(), minlength=n),
             np.bincount(doc_of, weights=nbytes.numpy(), minlength=n))  # fmt: skip
@@ -352,7 +353,7 @@ def allocate(
     shapes = dict(model.state_dict())
     groups = group_tensors(quantize_model(model, policy, hessians=hessians).quantized_state, grouping)
     chosen = allocated_policy(policy, groups, choice, shapes)
-    kw = dict(seq_len=seq_len, codec=codec, n_boot=n_boot, max_tokens=max_tokens)
+    kw: dict[str, Any] = dict(seq_len=seq_len, codec=codec, n_boot=n_boot, max_tokens=max_tokens)
     out: dict[str, Any] = {
         "choice": choice,
         "policy": chosen,

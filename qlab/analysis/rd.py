@@ -29,6 +29,7 @@ from qlab.analysis import rd_theory
 from qlab.analysis.spectra import weight_family
 from qlab.compress import predict as P
 from qlab.compress.entropy import order0_entropy, row_entropy
+from qlab.data.tokenizer import ByteTables
 from qlab.errors import ConfigError, QuantError
 from qlab.eval.bpb import evaluate_bpb
 from qlab.loaders.readers import iter_tensors
@@ -78,16 +79,16 @@ class Fit:
 
 def linear_fit(x: Iterable[float], y: Iterable[float]) -> Fit:
     """Ordinary least squares of y on x (R² = 1 − SS_res/SS_tot; NaN when y is constant)."""
-    x, y = np.asarray(list(x), float), np.asarray(list(y), float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if x.size < 2 or np.ptp(x) == 0:
-        return Fit(float("nan"), float("nan"), float("nan"), int(x.size))
-    slope, intercept = np.polyfit(x, y, 1)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    ss_res = float(((y - (intercept + slope * x)) ** 2).sum())
+    xs, ys = np.asarray(list(x), float), np.asarray(list(y), float)
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    xs, ys = xs[ok], ys[ok]
+    if xs.size < 2 or np.ptp(xs) == 0:
+        return Fit(float("nan"), float("nan"), float("nan"), int(xs.size))
+    slope, intercept = np.polyfit(xs, ys, 1)
+    ss_tot = float(((ys - ys.mean()) ** 2).sum())
+    ss_res = float(((ys - (intercept + slope * xs)) ** 2).sum())
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
-    return Fit(float(slope), float(intercept), r2, int(x.size))
+    return Fit(float(slope), float(intercept), r2, int(xs.size))
 
 
 _COARSE = {"q": "attention", "k": "attention", "v": "attention", "qkv": "attention", "attn_out": "attention",
@@ -212,7 +213,7 @@ def swapped_weights(model: nn.Module, replacements: Mapping[str, torch.Tensor]) 
 
 def bpb_eval_fn(
     val_tokens: torch.Tensor,
-    byte_tables: object,
+    byte_tables: ByteTables,
     *,
     seq_len: int,
     max_tokens: int | None = None,
@@ -294,7 +295,7 @@ def sweep(
         raise ConfigError("Δval_bpb needs both a model and an eval_fn")
     if max_rows is not None and model is not None:
         raise ConfigError("max_rows subsamples rows, so the model cannot be evaluated with it")
-    base = eval_fn(model) if model is not None else math.nan
+    base = eval_fn(model) if model is not None and eval_fn is not None else math.nan
     rows = []
     for b, rule, k in tqdm(_settings(bits, ks, rules), desc="sweep", disable=not progress):
         setting_rows, replacements = [], {}
@@ -303,7 +304,7 @@ def sweep(
             setting_rows.append(row)
             if model is not None:
                 replacements[name] = w_hat
-        if model is not None:
+        if model is not None and eval_fn is not None:  # both or neither (checked above)
             with swapped_weights(model, replacements):
                 bpb = eval_fn(model)
             for row in setting_rows:

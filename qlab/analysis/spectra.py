@@ -151,7 +151,7 @@ def singular_values(
     mats = matrix_items(state_dict, families_only)
     if not batched:
         return {n: torch.linalg.svdvals(w.detach().to(dtype)).double().cpu() for n, w in mats.items()}
-    groups: dict[tuple[int, int], list[str]] = {}
+    groups: dict[tuple[int, ...], list[str]] = {}
     for n, w in mats.items():
         groups.setdefault(tuple(w.shape), []).append(n)
     out: dict[str, torch.Tensor] = {}

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 import zstandard
 
-from qlab.compress.codecs import get_codec
+from qlab.compress.codecs import Codec, get_codec
 from qlab.compress.shuffle import shuffle
 from qlab.errors import QuantError
 from qlab.quant.rtn import quantize_rtn
@@ -159,7 +159,7 @@ def serialize_record(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def measure_compressed_bytes(obj: Any, codec: str = RECORD_CODEC) -> int:
+def measure_compressed_bytes(obj: Any, codec: str | Codec = RECORD_CODEC) -> int:
     """Real compressed size: serialise like the records, then run ``codec`` (slow for brotli-11)."""
     data = obj if isinstance(obj, (bytes, bytearray)) else serialize_record(obj)
     return len(get_codec(codec).compress(bytes(data)))

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from qlab.data.tokenizer import ByteTables, token_bytes
 from qlab.errors import DataError
+from qlab.model.modes import eval_mode
 
 
 @dataclass
@@ -130,14 +131,10 @@ def evaluate_bpb(
     local_tables = _tables_on(byte_tables, device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         batches = range(0, len(mine), batch_seqs)
         for i in tqdm(batches, desc="eval", disable=not progress or rank != 0, leave=False):
             sums += score_windows(model, tokens, mine[i : i + batch_seqs], local_tables, device, autocast)
-    finally:
-        model.train(was_training)
     if world > 1:
         dist.all_reduce(sums)
     nll, count, nbytes = sums.tolist()
@@ -191,9 +188,7 @@ def token_scores(
         windows = sliding_windows(tokens.numel(), seq_len, stride)
     tables = _tables_on(byte_tables, device)
     out_nll, out_bytes, out_pos = [], [], []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for i in range(0, len(windows), batch_seqs):
             batch = windows[i : i + batch_seqs]
             with torch.no_grad():
@@ -203,8 +198,6 @@ def token_scores(
             out_nll.append(nll.cpu()[keep])
             out_bytes.append(nbytes.cpu()[keep])
             out_pos.append(pos[keep])
-    finally:
-        model.train(was_training)
     return torch.cat(out_nll), torch.cat(out_bytes), torch.cat(out_pos)
 
 

@@ -169,9 +169,9 @@ def _fingerprint(table: str, file: str) -> Callable[[Workspace], Figure]:
 
 def _matrix(stem: str) -> Callable[[Workspace], Figure]:
     def build(ws: Workspace) -> Figure:
-        if getattr(ws, "_matrix_figures", None) is None:  # one matrix run draws every figure
-            ws._matrix_figures = matrix_figures(T.matrix(ws))
-        return ws._matrix_figures[stem]
+        if "matrix_figures" not in ws.memo:  # one matrix run draws every figure
+            ws.memo["matrix_figures"] = matrix_figures(T.matrix(ws))
+        return ws.memo["matrix_figures"][stem]
 
     code = f'from qlab.plots.matrix import matrix_figures\n\nmatrix_figures(T.matrix(ws))["{stem}"]'
     build.source = lambda: code  # type: ignore[attr-defined]

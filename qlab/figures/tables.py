@@ -10,7 +10,9 @@ paper's numbers beside ours, the paper's rows come from :mod:`qlab.analysis.pape
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,7 +20,7 @@ import torch
 
 from qlab.analysis.fingerprint import fingerprint as run
 from qlab.analysis.marginal import document_sums, marginal_table, paired_delta
-from qlab.analysis.matrix import collect_results, run_matrix, spec_from_dict
+from qlab.analysis.matrix import MatrixResults, MatrixSpec, collect_results, run_matrix, spec_from_dict
 from qlab.analysis.papers import pr639_results, pr1818_seeds
 from qlab.analysis.rd import quantize_setting, sweep
 from qlab.analysis.rd_compare import quantize_setting_fixed, rd_curve, std_vs_ratio
@@ -153,7 +155,7 @@ def byte_allocation(ws: Workspace) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- pipeline stages (PR #1818, #639)
-def ttt_config(ws: Workspace, **changes) -> object:
+def ttt_config(ws: Workspace, **changes: Any) -> TTTConfig:
     """The record's score-first TTT (SGD 0.005, 3 epochs) sized to the scale."""
 
     base = TTTConfig(
@@ -304,7 +306,7 @@ def ttt_epochs(ws: Workspace) -> pd.DataFrame:
 def curriculum(ws: Workspace | None = None, n_buckets: int = 8, floor: float = 0.02) -> pd.DataFrame:
     """The entropy-bucket crossfade and sampling probabilities over training (no model)."""
 
-    return schedule_table(np.linspace(0.0, 1.0, 51), n_buckets=n_buckets, floor=floor)
+    return schedule_table(np.linspace(0.0, 1.0, 51).tolist(), n_buckets=n_buckets, floor=floor)
 
 
 def freezedry(ws: Workspace) -> pd.DataFrame:
@@ -455,7 +457,7 @@ def fingerprint(ws: Workspace, table: str) -> pd.DataFrame:
     if key not in ws._tables and not (ws.work / "tables" / f"{key}.json").is_file():
         weights_only = ws.weights_only  # then the weight tables alone, quantized copy by RTN
         tables = run(
-            ws.checkpoint if weights_only else ws.run_dir,
+            ws.weights_path,
             data=None if weights_only else ws.dataset,
             policy=ws.policy,
             n_tokens=ws.scale.fingerprint_tokens,
@@ -464,7 +466,7 @@ def fingerprint(ws: Workspace, table: str) -> pd.DataFrame:
         )
         for name, df in tables.items():
             if name != "meta":
-                ws.table(f"fingerprint.{name}", lambda df=df: df)
+                ws.table(f"fingerprint.{name}", functools.partial(pd.DataFrame.copy, df))
     return ws.table(key, lambda: _missing(key))
 
 
@@ -472,7 +474,7 @@ def _missing(key: str) -> pd.DataFrame:
     raise DataError(f"figure table {key!r}: the fingerprint did not produce it")
 
 
-def matrix_spec(ws: Workspace) -> object:
+def matrix_spec(ws: Workspace) -> MatrixSpec:
     """A small reg × quant matrix on the embedded corpus: two bases (PR #2011's A and B
     shapes at CPU size), the scale's variants and seeds, every hidden-state scheme."""
 
@@ -528,11 +530,11 @@ def matrix_spec(ws: Workspace) -> object:
     )
 
 
-def matrix(ws: Workspace) -> object:
+def matrix(ws: Workspace) -> MatrixResults:
     """Run (or resume) the small matrix under the work directory and collect its results."""
 
-    if getattr(ws, "_matrix", None) is None:
+    if "matrix" not in ws.memo:
         out = ws.work / "matrix"
         run_matrix(matrix_spec(ws), out, progress=ws.progress)
-        ws._matrix = collect_results(out)
-    return ws._matrix
+        ws.memo["matrix"] = collect_results(out)
+    return ws.memo["matrix"]

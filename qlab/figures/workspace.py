@@ -97,6 +97,7 @@ class Workspace:
         root = Path(work_dir) if work_dir is not None else default_cache_dir() / "figures"
         self.work = root / f"{self.scale.name}-{tag}"
         self._tables: dict[str, pd.DataFrame] = {}
+        self.memo: dict[str, Any] = {}  # in-memory results too big or too rich for the table cache
 
     # ---- checkpoint and data --------------------------------------------------------------
     @functools.cached_property
@@ -105,6 +106,11 @@ class Workspace:
         Face directory, a state dict, an artifact): weights, but no model or data."""
 
         return self.checkpoint is not None and not has_checkpoint(self.checkpoint)
+
+    @property
+    def weights_path(self) -> Path:
+        """Where the weights are: the weights file or directory, else the run directory."""
+        return self.checkpoint if self.checkpoint is not None and self.weights_only else self.run_dir
 
     @functools.cached_property
     def run_dir(self) -> Path:
@@ -195,7 +201,7 @@ class Workspace:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every floating-point tensor as fp32: the model's, or the weights file's."""
         if self.weights_only:
-            sd = load_state_dict(self.checkpoint)
+            sd = load_state_dict(self.weights_path)
         else:
             sd = self.model.state_dict()
         return {n: t.detach().float().clone() for n, t in sd.items() if t.is_floating_point()}

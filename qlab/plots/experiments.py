@@ -136,7 +136,7 @@ def plot_ttt_optimizers(df: pd.DataFrame, paper_delta_bpb: float | None = None) 
         deltas = [(o, 1e3 * (finals[o] - finals[ref_name])) for o in opts if o != ref_name]
         labels = [f"qlab\n{o}" for o, _ in deltas]
         values = [v for _, v in deltas]
-        colors = palette(len(opts))[1 : 1 + len(deltas)]
+        colors: list = list(palette(len(opts))[1 : 1 + len(deltas)])
         if paper_delta_bpb is not None:
             labels.append("PR #639 AdamW\n(published, as reported)")
             values.append(1e3 * paper_delta_bpb)
@@ -339,7 +339,7 @@ def plot_eval_levers(ours: pd.DataFrame, paper: pd.DataFrame | None = None) -> F
         ax.legend(fontsize=7.5)
         label_axes(ax, "evaluation length (tokens)", "Δ val_bpb vs standard windows at L (mBPB)",
                    "qlab: eval length and stride (95 % CI)")  # fmt: skip
-        if n == 2:
+        if paper is not None and n == 2:
             ax = axes[0, 1]
             p = paper.dropna(subset=["delta_bpb"])
             p = p[p["stage"].notna()]

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -235,7 +236,7 @@ def plot_spectral_layers(df: pd.DataFrame, metrics: tuple[str, ...] = tuple(_LAY
     if d.empty:
         raise DataError("plot_spectral_layers: no weight-family matrix with a block index (blocks.{i}.…)")
     fams, variants = _families(d), _variants(d)
-    styles = dict(zip(variants, ("-", "--", ":", "-.")))
+    styles: dict[str, Any] = dict(zip(variants, ("-", "--", ":", "-.")))
     colors = dict(zip(fams, palette(len(fams))))
     with style_context():
         fig, axes = new_figure(1, len(metrics), size=(4.1 * len(metrics) + 1.6, 3.9))
@@ -557,7 +558,7 @@ def plot_cka_variants(df: pd.DataFrame) -> Figure:
     return plot_cka_heatmap(df, title="Linear CKA of final hidden states\n(last block output)")
 
 
-def figure_makers() -> dict[str, tuple[str, object]]:
+def figure_makers() -> dict[str, list[tuple[str, Callable[..., Figure]]]]:
     """Fingerprint table name → (PNG file name, plot function) pairs; the names are the
     figure ids of :data:`qlab.figures.FIGURES` (``pr2011_<figure>.png``)."""
     return {  # table: [(file name, function)]

@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
+from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
+from matplotlib.rcsetup import cycler
 
 from qlab.errors import ConfigError, DataError
 from qlab.io.atomic import atomic_write_bytes
@@ -56,7 +58,7 @@ def style_rc() -> dict:
     rc = dict(sns.axes_style("whitegrid"))
     rc |= sns.plotting_context("notebook", font_scale=0.85)
     rc |= {
-        "axes.prop_cycle": mpl.cycler(color=sns.color_palette(PALETTE)),
+        "axes.prop_cycle": cycler(color=sns.color_palette(PALETTE)),
         "axes.titlesize": 10.5,
         "axes.titleweight": "bold",
         "axes.labelsize": 9.5,
@@ -185,19 +187,19 @@ def source_column(df: pd.DataFrame) -> pd.Series:
     return df["source"].astype(str) if "source" in df.columns else pd.Series("data", index=df.index)
 
 
-def sources(df: object) -> list[str]:
+def sources(df: pd.DataFrame) -> list[str]:
     """Distinct values of the ``source`` column in first-seen order (["data"] if absent)."""
-    if "source" not in getattr(df, "columns", ()):
+    if "source" not in df.columns:
         return ["data"]
     return list(dict.fromkeys(df["source"].astype(str)))
 
 
 def annotate_bars(
-    ax: Axes, bars: object, fmt: str = "{:.2f}", fontsize: float = 7.5, err: object = None
+    ax: Axes, bars: BarContainer, fmt: str = "{:.2f}", fontsize: float = 7.5, err: object = None
 ) -> None:
     """Write each bar's value just outside its end (above positive, below negative bars),
     beyond its error bar when ``err`` (one half-width per bar) is given."""
-    errs = np.zeros(len(bars)) if err is None else np.nan_to_num(np.asarray(err, dtype=float))  # type: ignore[arg-type]
+    errs = np.zeros(len(bars)) if err is None else np.nan_to_num(np.asarray(err, dtype=float))
     for bar, e in zip(bars, errs):
         h = bar.get_height()
         if not np.isfinite(h):

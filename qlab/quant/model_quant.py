@@ -29,6 +29,7 @@ from torch import nn
 from qlab.data.loader import ShuffledSequenceLoader
 from qlab.errors import DataError, QuantError
 from qlab.io.checkpoint import load_weights
+from qlab.model.modes import eval_mode
 from qlab.quant.hessian import collect_hessians
 from qlab.quant.policy import Passthrough, Policy, dequantize_state_dict, quantize_state_dict
 from qlab.quant.tensor import QuantizedTensor
@@ -90,12 +91,8 @@ def model_hessians(
     if not names:
         return {}
     min_numel = min(sd[n].numel() for n in names) - 1
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         hessians = collect_hessians(model, batches, min_numel=min_numel, progress=progress)
-    finally:
-        model.train(was_training)
     return {n: h for n, h in hessians.items() if n in names}
 
 

@@ -13,6 +13,7 @@ lr = base_lr × multiplier and Muon's warmed-up momentum before every step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -79,7 +80,7 @@ class Optimizers:
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
-def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
+def fused_adamw_supported(params: Sequence[torch.Tensor]) -> bool:
     """True when torch's fused AdamW kernel runs on every parameter (CPU or CUDA floats)."""
     return all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
 

@@ -97,7 +97,7 @@ def enable_qat(
         raise ConfigError(f"enable_qat: no nn.Linear weight matches patterns {list(patterns)}")
     for _, module in matched:
         setattr(module, _QAT_ATTR, (bits, k, scale_dtype))
-        module.forward = types.MethodType(_qat_forward, module)
+        module.forward = types.MethodType(_qat_forward, module)  # type: ignore[method-assign]  # by design
     return [n for n, _ in matched]
 
 

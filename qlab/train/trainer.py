@@ -308,8 +308,9 @@ class _Trainer:
         for i, (x, y) in enumerate(zip(x_all.chunk(self.accum), y_all.chunk(self.accum))):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = i == self.accum - 1
-            ddp = isinstance(self.module, nn.parallel.DistributedDataParallel)  # world > 1
-            sync = self.module.no_sync() if ddp and not last else contextlib.nullcontext()
+            module = self.module  # DistributedDataParallel when world > 1
+            ddp = nn.parallel.DistributedDataParallel
+            sync = module.no_sync() if isinstance(module, ddp) and not last else contextlib.nullcontext()
             with sync:
                 with autocast_context(self.device, self.config.autocast):
                     loss, logs = self.module(x, y)

@@ -31,6 +31,7 @@ from qlab.errors import DataError
 from qlab.eval.context import EvalContext
 from qlab.eval.pipeline import run_pipeline
 from qlab.eval.ttt import TTTConfig
+from qlab.model.modes import final_hidden
 
 __all__ = ["cell_autocast", "hidden_batch", "measure_hidden", "measure_pipeline"]
 
@@ -56,7 +57,7 @@ def hidden_batch(tokens: torch.Tensor, seq_len: int, n_tokens: int, offset: int 
 @torch.no_grad()
 def _final_hidden(model: nn.Module, idx: torch.Tensor, n_tokens: int, device: torch.device) -> torch.Tensor:
     model.eval()
-    h = model.final_hidden(idx.to(device)).float()
+    h = final_hidden(model, idx.to(device)).float()
     return h.reshape(-1, h.shape[-1])[:n_tokens].cpu()
 
 

@@ -80,19 +80,19 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     When every difference is the same, ``ttest_rel`` divides by zero: identical non-zero
     differences give t = ±inf, p = 0; all-zero differences give t = 0, p = 1.
     """
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if a.shape != b.shape:
-        raise DataError(f"paired_test: {a.shape} vs {b.shape} values")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+    x, y = np.asarray(a, float), np.asarray(b, float)
+    if x.shape != y.shape:
+        raise DataError(f"paired_test: {x.shape} vs {y.shape} values")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise DataError("paired_test: values must be finite")
-    if a.size < 2:
+    if x.size < 2:
         return math.nan, math.nan
-    d = a - b
+    d = x - y
     if np.all(d == d[0]):
         return (math.copysign(math.inf, d[0]), 0.0) if d[0] != 0 else (0.0, 1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = stats.ttest_rel(a, b)
+        res = stats.ttest_rel(x, y)
     return float(res.statistic), float(res.pvalue)
 
 

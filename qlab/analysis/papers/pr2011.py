@@ -59,7 +59,7 @@ def _transcribed(root: str | Path | None) -> Mapping:
 
 
 # ---------------------------------------------------------------- PR #2011 pipeline tables
-_ATTR_KEYS = ("cell", "base", "pre_quant", "quantized", "sliding", "ttt", "quant_cost_mBPB")
+_ATTR_KEYS: tuple[str, ...] = ("cell", "base", "pre_quant", "quantized", "sliding", "ttt", "quant_cost_mBPB")
 _ATTR_KEYS += ("sliding_gain_mBPB", "ttt_gain_mBPB", "final")
 _WIDE_COLUMNS = ["source", "base", "variant", "regs", "lambda", "lambdas", *ATTRIBUTION_COLUMNS]
 
