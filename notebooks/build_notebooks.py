@@ -235,6 +235,37 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                 "computes the same table for any run and `--cap` chooses settings from it.",
             ),
             ("code", fig("pr1394_byte_allocation", show_table=True)),
+            (
+                "md",
+                "### Predicting Δbpb without evaluating\nEvaluating every variant is what makes the table "
+                "slow on a large model. The second-order estimate Δtr(ΔW H ΔWᵀ) — the quantization error "
+                "weighted by the calibration Hessian, summed over the group — is computed without a "
+                "forward pass; one linear fit on the measured rows turns it into Δbpb. The figure plots "
+                "what was measured (with its interval) against what the fit predicts: read the R² "
+                "together with the intervals — rows whose own interval spans most of the spread cannot "
+                "be predicted better than their noise allows.",
+            ),
+            ("code", fig("pr1394_marginal_predictor")),
+            (
+                "md",
+                "### Spending the same bytes better\nThe allocator picks at most one setting per group so "
+                "that the predicted Σ Δbpb is smallest within the base's own artifact size, then measures "
+                "the chosen policy for real: paired against the base policy, and against the uniform "
+                "recipe with the matrices' k solved to the chosen policy's bytes. A point whose interval "
+                "crosses 0 says that at this scale the allocation is not distinguishable from the uniform "
+                "recipe — that is a result, not a failure.",
+            ),
+            ("code", fig("pr1394_allocator", show_table=True)),
+            (
+                "md",
+                "### Rate-aware GPTQ\nGPTQ rounds each weight to minimise the Hessian-weighted error alone; "
+                "with a rate weight λ it also pays −log₂ p(q) bits under the tensor's code distribution. "
+                "Plain GPTQ's clip width k traces one bytes-vs-bpb frontier, λ at k = 12.85 another; both "
+                "are paired against plain GPTQ at 12.85 on the same tokens. A rate-aware point below and "
+                "left of the plain curve saves bytes at equal bpb; the note gives the saving interpolated "
+                "on the plain curve.",
+            ),
+            ("code", fig("pr1394_rate_aware_gptq", show_table=True)),
             ("md", "## The PR's own numbers\nPer-seed stages and training curves from its logs."),
             ("code", fig("paper_pr1394_seed_stages")),
             ("code", fig("paper_pr1394_train_curves")),

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from qlab.analysis import allocator as A
 from qlab.analysis import marginal as M
 from qlab.cli import main
 from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
@@ -39,12 +40,36 @@ def test_document_sums_cut_at_bos():
 
 
 def test_predictor_fit_by_hand():
-    table = pd.DataFrame({"delta_hessian_err": [1.0, 2.0, 3.0, 4.0], "delta_bpb": [0.5, 1.0, 1.5, 2.0]})
+    groups = ["attention", "mlp", "attention", "mlp"]
+    table = pd.DataFrame(
+        {"group": groups, "delta_hessian_err": [1.0, 2.0, 3.0, 4.0], "delta_bpb": [0.5, 1.0, 1.5, 2.0]}
+    )
     fit = M.fit_predictor(table)
-    assert fit["slope"] == pytest.approx(0.5) and fit["r2"] == pytest.approx(1.0)
+    assert fit["slopes"] == {"matrices": pytest.approx(0.5)} and fit["r2"] == pytest.approx(1.0)
     assert fit["loo_r2"] == pytest.approx(1.0) and fit["n"] == 4
     noisy = table.assign(delta_bpb=[0.5, 2.0, 1.0, 2.0])
     assert M.fit_predictor(noisy)["loo_r2"] < M.fit_predictor(noisy)["r2"] < 1
+    assert math.isnan(fit["r2_ceiling"])  # no intervals, no ceiling
+    # se = half-width / 1.96 = 0.25 on every row; var(Δbpb) = 0.3125: ceiling 1 − 0.0625 / 0.3125
+    with_ci = table.assign(ci_lo=table["delta_bpb"] - 0.49, ci_hi=table["delta_bpb"] + 0.49)
+    assert M.fit_predictor(with_ci)["r2_ceiling"] == pytest.approx(1 - 0.25**2 / 0.3125, rel=1e-4)
+
+
+def test_predictor_slopes_by_hessian_kind_match_least_squares_by_hand():
+    # the embedding's rows lie on 3x + 1, the matrices' on 0.5x + 1: two slopes fit exactly
+    table = pd.DataFrame({"group": ["embedding", "embedding", "mlp", "attention", "mlp"],
+                          "delta_hessian_err": [1.0, 2.0, 1.0, 2.0, 4.0],
+                          "delta_bpb": [4.0, 7.0, 1.5, 2.0, 3.0]})  # fmt: skip
+    fit = M.fit_predictor(table)
+    assert fit["slopes"] == {"embedding": pytest.approx(3.0), "matrices": pytest.approx(0.5)}
+    assert fit["intercept"] == pytest.approx(1.0) and fit["r2"] == pytest.approx(1.0)
+    np.testing.assert_allclose(fit["predicted"], table["delta_bpb"])
+    shared = M.fit_predictor(table, slopes="shared")
+    x, y = table["delta_hessian_err"], table["delta_bpb"]
+    assert shared["slopes"]["all"] == pytest.approx(np.polyfit(x, y, 1)[0]) and shared["r2"] < 1
+    assert set(M.fit_predictor(table, slopes="group")["slopes"]) == {"embedding", "mlp", "attention"}
+    with pytest.raises(ConfigError, match="slopes"):
+        M.fit_predictor(table, slopes="layer")
 
 
 def test_settings_change_the_spec():
@@ -97,8 +122,8 @@ def test_marginal_table_measures_and_resumes(setup, tmp_path, monkeypatch):
     assert (table["resolved"] == ((table["ci_lo"] > 0) | (table["ci_hi"] < 0))).all()
     pd.testing.assert_frame_equal(pd.read_csv(out), table, check_dtype=False)
     calls = []
-    real = M._measure
-    monkeypatch.setattr(M, "_measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = M.measure_policy
+    monkeypatch.setattr(M, "measure_policy", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = M.marginal_table(model, policy, val, tables, hessians, **kw)
     assert len(calls) == 1  # the base only: every row came from the file
     pd.testing.assert_frame_equal(again, table, check_dtype=False)
@@ -127,16 +152,57 @@ def test_choose_settings_by_hand():
         }
     )
     # budget 0: a up + b down is +40 B (over), so nothing inside it lowers the bpb
-    choice, bpb, nbytes = M.choose_settings(table, 0)
+    choice, bpb, nbytes = A.choose_settings(table, 0)
     assert choice == {} and bpb == 0.0  # nothing inside the budget lowers the bpb
-    choice, bpb, nbytes = M.choose_settings(table, 40)
+    choice, bpb, nbytes = A.choose_settings(table, 40)
     assert choice == {"a": "up", "b": "down"} and nbytes == 40 and bpb == pytest.approx(-0.0025)
-    choice, _, _ = M.choose_settings(table, 1000)
+    choice, _, _ = A.choose_settings(table, 1000)
     assert choice == {"a": "up", "b": "up"}
-    choice, bpb, nbytes = M.choose_settings(table, -100)  # must save 100 B: the cheapest way
+    choice, bpb, nbytes = A.choose_settings(table, -100)  # must save 100 B: the cheapest way
     assert choice == {"a": "down"} and nbytes == -100 and bpb == pytest.approx(0.004)
     with pytest.raises(ConfigError, match="no combination"):
-        M.choose_settings(table, -1000)
+        A.choose_settings(table, -1000)
+
+
+def _random_table(rng: np.random.Generator, n_groups: int, convex: bool) -> pd.DataFrame:
+    rows = []
+    for g in range(n_groups):
+        if convex:  # diminishing returns: each byte buys less bpb than the one before
+            steps = np.sort(rng.uniform(50, 400, 3))
+            nbytes = np.cumsum(steps).astype(int)
+            gains = np.cumsum(np.sort(rng.uniform(1e-4, 3e-3, 3))[::-1])
+            rows += [(f"g{g}", f"up{i}", int(b), -float(d)) for i, (b, d) in enumerate(zip(nbytes, gains))]
+            rows.append((f"g{g}", "down", -int(rng.integers(50, 400)), float(rng.uniform(1e-3, 5e-3))))
+        else:
+            rows += [
+                (f"g{g}", f"s{i}", int(rng.integers(-400, 400)), float(rng.normal(0, 2e-3))) for i in range(4)
+            ]
+    return pd.DataFrame(rows, columns=["group", "setting", "delta_bytes", "delta_bpb"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lagrangian_allocation_is_feasible_and_matches_exhaustive_on_convex_tables(seed):
+    rng = np.random.default_rng(seed)
+    for convex in (True, False):
+        table = _random_table(rng, 4, convex)
+        for budget in (-300, 0, 250, 900):
+            try:
+                exact = A.choose_settings(table, budget, method="exhaustive")
+            except ConfigError:
+                with pytest.raises(ConfigError):
+                    A.choose_settings(table, budget, method="lagrangian")
+                continue
+            got = A.choose_settings(table, budget, method="lagrangian")
+            assert got[2] <= budget and got[1] >= exact[1] - 1e-15  # feasible, never better than optimal
+            if convex:  # a separable convex problem: the hull holds the optimum up to one group's step
+                worst = max(abs(d) for d in table["delta_bpb"])
+                assert got[1] - exact[1] <= worst
+
+
+def test_a_layer_by_family_table_is_allocated_without_enumerating_it():
+    table = _random_table(np.random.default_rng(0), 27, convex=True)  # 5^27 combinations
+    picks, bpb, nbytes = A.choose_settings(table, 0)
+    assert nbytes <= 0 and bpb < 0 and 0 < len(picks) <= 27
 
 
 def test_marginal_cli_allocates_for_a_cap(run_dir, tiny_dataset, tmp_path, capsys):  # noqa: F811

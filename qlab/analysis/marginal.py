@@ -14,7 +14,8 @@ validation tokens. Per row:
 * mBPB per kB: Δbpb·1000 / (Δbytes/1000), the exchange rate between bytes and bits;
 * Δ Hessian error: Σ over the group of tr(ΔW H ΔWᵀ) (variant minus base), the
   second-order proxy ½·ΔwᵀHΔw of the loss change up to a constant, from which
-  :func:`fit_predictor` predicts Δbpb without evaluating (slope fitted on measured rows).
+  :func:`fit_predictor` predicts Δbpb without evaluating (slopes fitted on measured rows:
+  one for the tied embedding, one for the block matrices, by default).
 
 One variant is quantized and evaluated at a time; with ``out`` every finished row is
 written at once and a rerun skips the rows already there (resume after a kill). A
@@ -25,7 +26,6 @@ skipped.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import os
 import re
@@ -39,10 +39,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from qlab.analysis.rd import hessian_error, linear_fit, tensor_family
+from qlab.analysis.rd import hessian_error, tensor_family
 from qlab.analysis.spectra import layer_index
 from qlab.compress.container import encode_artifact
-from qlab.compress.solver import solve_k
 from qlab.errors import ConfigError
 from qlab.eval.bpb import token_scores
 from qlab.io.atomic import atomic_write_text
@@ -52,7 +51,6 @@ from qlab.quant.tensor import QuantizedTensor, dequantize
 
 __all__ = [
     "SETTINGS", "group_tensors", "document_sums", "paired_delta", "marginal_table", "fit_predictor",
-    "choose_settings", "allocated_policy",
 ]  # fmt: skip
 
 # Relative changes of a group's spec: bits ± 1, clip width k × 0.8 / × 1.25.
@@ -136,7 +134,7 @@ def variant_policy(
     return Policy(f"{policy.name}:{setting}", rules + list(policy.rules), policy.default)
 
 
-def _measure(
+def measure_policy(
     model: nn.Module, policy: Policy, hessians: Mapping, ev: dict, codec: str
 ) -> tuple[int, np.ndarray, dict]:
     """(artifact bytes, Σ nll per document, quantized state) of ``model`` under ``policy``."""
@@ -151,9 +149,9 @@ def _measure(
     return nbytes, doc_nll, qm.quantized_state
 
 
-def _eval_inputs(val_tokens: torch.Tensor, byte_tables: Any, seq_len: int, max_tokens: int | None,
+def scoring_inputs(val_tokens: torch.Tensor, byte_tables: Any, seq_len: int, max_tokens: int | None,
                  bos_id: int) -> dict[str, Any]:  # fmt: skip
-    """What :func:`_measure` scores on; it adds ``doc_bytes`` (the same every time) on first use."""
+    """What :func:`measure_policy` scores on; it adds ``doc_bytes`` (the same every time) on first use."""
     return {
         "tokens": val_tokens,
         "tables": byte_tables,
@@ -183,8 +181,8 @@ def marginal_table(
     """One row per group × setting (see the module doc); ``out`` makes it resumable."""
     from tqdm.auto import tqdm
 
-    ev = _eval_inputs(val_tokens, byte_tables, seq_len, max_tokens, bos_id)
-    base_bytes, base_nll, base_state = _measure(model, policy, hessians, ev, codec)
+    ev = scoring_inputs(val_tokens, byte_tables, seq_len, max_tokens, bos_id)
+    base_bytes, base_nll, base_state = measure_policy(model, policy, hessians, ev, codec)
     doc_bytes = ev["doc_bytes"]
     base_bpb = float(base_nll.sum() / math.log(2) / doc_bytes.sum())
     shapes = dict(model.state_dict())
@@ -196,7 +194,7 @@ def marginal_table(
             if (g, s) not in done and _changes(policy, groups[g], s, shapes)]  # fmt: skip
     for group, setting in tqdm(todo, desc="marginal", disable=not progress):
         names = groups[group]
-        nbytes, nll, state = _measure(
+        nbytes, nll, state = measure_policy(
             model, variant_policy(policy, names, setting, shapes), hessians, ev, codec
         )
         err = _hessian_errors(shapes, state, hessians, names)
@@ -230,21 +228,60 @@ def _hessian_errors(
     return out
 
 
-def fit_predictor(table: pd.DataFrame) -> dict[str, float]:
-    """Δbpb ≈ a · Δ Hessian error + b over the measured rows: slope, intercept, R² in sample
-    and R² of leave-one-out predictions (each row predicted by a fit on the others)."""
+#: How :func:`fit_predictor` shares slopes between groups: ``"hessian"`` (default) fits one
+#: slope for the groups whose Hessian is that of the final hidden state (the tied
+#: embedding, reached as the LM head) and one for the block matrices (Hessians of their
+#: inputs) — the two do not share a scale, and the embedding's error also enters as the
+#: input embedding, which its Hessian does not see; ``"shared"`` one slope for all;
+#: ``"group"`` one slope per group.
+SLOPES = ("hessian", "shared", "group")
+
+
+def _slope_keys(table: pd.DataFrame, slopes: str) -> list[str]:
+    groups = table["group"].astype(str)
+    if slopes == "shared":
+        return ["all"] * len(table)
+    if slopes == "group":
+        return list(groups)
+    if slopes == "hessian":
+        return ["embedding" if "embedding" in g else "matrices" for g in groups]
+    raise ConfigError(f"slopes must be one of {SLOPES}, got {slopes!r}")
+
+
+def _design(x: np.ndarray, keys: list[str], names: list[str]) -> np.ndarray:
+    """Columns x·[key = k] for each k in ``names``, then the shared intercept."""
+    k = np.asarray(keys)
+    return np.column_stack([x * (k == n) for n in names] + [np.ones(len(x))])
+
+
+def fit_predictor(table: pd.DataFrame, slopes: str = "hessian") -> dict[str, Any]:
+    """Δbpb ≈ a_s · Δtr(ΔW H ΔWᵀ) + b over the measured rows, the slopes a_s shared as
+    ``slopes`` says (:data:`SLOPES`). Returns ``slopes`` ({key: a}), ``intercept``, ``r2``
+    in sample, ``loo_r2`` (each row predicted by a fit on the others), ``n``, ``predicted``
+    (the in-sample predictions, per row) and ``r2_ceiling`` = 1 − mean(se²)/var(Δbpb), se
+    from each row's 95 % interval: the R² even an exact predictor reaches on average, the
+    measurements being this noisy."""
     x, y = table["delta_hessian_err"].to_numpy(float), table["delta_bpb"].to_numpy(float)
-    fit = linear_fit(x, y)
-    loo = np.array([_loo(x, y, i) for i in range(len(x))]) if len(x) > 2 else np.full(len(x), np.nan)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    loo_r2 = 1.0 - float(((y - loo) ** 2).sum()) / ss_tot if ss_tot > 0 and len(x) > 2 else float("nan")
-    return {"slope": fit.slope, "intercept": fit.intercept, "r2": fit.r2, "loo_r2": loo_r2, "n": fit.n}
-
-
-def _loo(x: np.ndarray, y: np.ndarray, i: int) -> float:
-    keep = np.arange(len(x)) != i
-    fit = linear_fit(x[keep], y[keep])
-    return fit.intercept + fit.slope * x[i]
+    keys = _slope_keys(table, slopes)
+    names = list(dict.fromkeys(keys))
+    X = _design(x, keys, names)
+    beta = np.linalg.lstsq(X, y, rcond=None)[0] if len(y) else np.zeros(X.shape[1])
+    pred = X @ beta
+    ss_tot = float(((y - y.mean()) ** 2).sum()) if len(y) else 0.0
+    r2 = 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else math.nan
+    loo_r2 = math.nan
+    if len(y) > X.shape[1] and ss_tot > 0:
+        loo = np.array([X[i] @ np.linalg.lstsq(X[np.arange(len(y)) != i], y[np.arange(len(y)) != i],
+                                               rcond=None)[0] for i in range(len(y))])  # fmt: skip
+        loo_r2 = 1.0 - float(((y - loo) ** 2).sum()) / ss_tot
+    ceiling = math.nan
+    if ss_tot > 0 and {"ci_lo", "ci_hi"} <= set(table.columns):
+        se = (table["ci_hi"].to_numpy(float) - table["ci_lo"].to_numpy(float)) / (2 * 1.959964)
+        if np.isfinite(se).any():
+            ceiling = 1.0 - float(np.nanmean(se**2)) / float(y.var())
+    return {"slopes": dict(zip(names, map(float, beta[:-1]), strict=True)), "intercept": float(beta[-1]),
+            "r2": r2, "loo_r2": loo_r2, "n": len(y), "r2_ceiling": ceiling, "predicted": pred,
+            "kind": slopes}  # fmt: skip
 
 
 def _changes(policy: Policy, names: list[str], setting: str, shapes: Mapping[str, torch.Tensor]) -> bool:
@@ -269,105 +306,3 @@ def _read_rows(out: str | os.PathLike | None) -> dict[tuple[str, str], dict]:
 
 
 # --------------------------------------------------------------------------- allocation
-
-
-def choose_settings(table: pd.DataFrame, budget_bytes: int) -> tuple[dict[str, str], float, int]:
-    """The per-group settings (at most one change per group, or none) that minimise the
-    predicted Σ Δbpb with Σ Δbytes ≤ ``budget_bytes``, effects taken as additive.
-
-    Exhaustive over the table's options (a handful per group); returns ({group: setting},
-    predicted Δbpb, predicted Δbytes). Unresolved effects count at their point estimate."""
-    options = {g: [(None, 0, 0.0)] + [(r["setting"], int(r["delta_bytes"]), float(r["delta_bpb"]))
-                                      for _, r in rows.iterrows()]
-               for g, rows in table.groupby("group", sort=False)}  # fmt: skip
-    best: tuple[float, int, dict[str, str]] | None = None
-    for combo in itertools.product(*options.values()):
-        nbytes = sum(c[1] for c in combo)
-        bpb = sum(c[2] for c in combo)
-        if nbytes <= budget_bytes and (best is None or (bpb, nbytes) < best[:2]):
-            best = (bpb, nbytes, {g: c[0] for g, c in zip(options, combo, strict=True) if c[0] is not None})
-    if best is None:
-        raise ConfigError(
-            f"no combination of the table's settings saves the {-budget_bytes:,} bytes asked for"
-        )
-    return best[2], best[0], best[1]
-
-
-def allocated_policy(
-    policy: Policy,
-    groups: Mapping[str, list[str]],
-    choice: Mapping[str, str],
-    shapes: Mapping[str, torch.Tensor],
-) -> Policy:
-    """``policy`` with each chosen group's setting applied to its tensors."""
-    rules = [Rule(name, changed_spec(policy.spec_for(name, shapes[name]), setting))
-             for group, setting in choice.items() for name in groups[group]]  # fmt: skip
-    label = ",".join(f"{g}:{s}" for g, s in choice.items()) or "base"
-    return Policy(f"{policy.name}+{label}", rules + list(policy.rules), policy.default)
-
-
-def compare_policies(
-    model: nn.Module,
-    base: Policy,
-    other: Policy,
-    val_tokens: torch.Tensor,
-    byte_tables: Any,
-    hessians: Mapping[str, torch.Tensor],
-    *,
-    seq_len: int,
-    codec: str = "ans",
-    bos_id: int = 1,
-    n_boot: int = 1000,
-    max_tokens: int | None = None,
-) -> dict[str, float]:
-    """Real bytes of both artifacts and ``other``'s paired Δbpb against ``base`` with its CI."""
-    ev = _eval_inputs(val_tokens, byte_tables, seq_len, max_tokens, bos_id)
-    base_bytes, base_nll, _ = _measure(model, base, hessians, ev, codec)
-    nbytes, nll, _ = _measure(model, other, hessians, ev, codec)
-    delta, lo, hi = paired_delta(base_nll, nll, ev["doc_bytes"], n_boot)
-    return {"base_bytes": base_bytes, "bytes": nbytes, "delta_bpb": delta, "ci_lo": lo, "ci_hi": hi}
-
-
-def allocate(
-    model: nn.Module,
-    policy: Policy,
-    table: pd.DataFrame,
-    cap: int,
-    val_tokens: torch.Tensor,
-    byte_tables: Any,
-    hessians: Mapping[str, torch.Tensor],
-    *,
-    seq_len: int,
-    grouping: str | Mapping[str, Iterable[str]] = "family",
-    codec: str = "ans",
-    n_boot: int = 1000,
-    max_tokens: int | None = None,
-    against_uniform: bool = True,
-) -> dict[str, Any]:
-    """Choose settings for ``cap`` from ``table``, then measure the chosen policy for real:
-    paired against the base policy and (``against_uniform``) against the base policy with
-    the matrices' k solved (``solve_k``) to the chosen policy's own artifact size — the
-    uniform record recipe at equal bytes."""
-
-    choice, pred_bpb, pred_bytes = choose_settings(table, cap - int(table["base_bytes"].iloc[0]))
-    shapes = dict(model.state_dict())
-    groups = group_tensors(quantize_model(model, policy, hessians=hessians).quantized_state, grouping)
-    chosen = allocated_policy(policy, groups, choice, shapes)
-    kw: dict[str, Any] = dict(seq_len=seq_len, codec=codec, n_boot=n_boot, max_tokens=max_tokens)
-    out: dict[str, Any] = {
-        "choice": choice,
-        "policy": chosen,
-        "predicted_bpb": pred_bpb,
-        "predicted_bytes": pred_bytes,
-    }
-    if not choice:
-        return out
-    out["vs_base"] = compare_policies(model, policy, chosen, val_tokens, byte_tables, hessians, **kw)
-    if against_uniform:
-        weights = {n: t.detach() for n, t in shapes.items()}
-        solved = solve_k(weights, policy, out["vs_base"]["bytes"], hessians=hessians, codec=codec)
-        out["uniform_k"] = solved.k
-        out["vs_uniform"] = compare_policies(
-            model, solved.policy, chosen, val_tokens, byte_tables, hessians, **kw
-        )
-    return out

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qlab.analysis.marginal import allocate, fit_predictor, marginal_table
+from qlab.analysis.allocator import allocate
+from qlab.analysis.marginal import fit_predictor, marginal_table
 from qlab.cli._args import plain
 from qlab.errors import ConfigError
 from qlab.eval.context import EvalContext
@@ -71,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
     _print(table)
     if len(table) > 2:
         fit = fit_predictor(table)
-        print(f"predictor Δbpb ≈ a·Δtr(ΔW H ΔWᵀ) + b over {fit['n']} rows: R² {fit['r2']:.3f} "
-              f"(leave-one-out {fit['loo_r2']:.3f})")  # fmt: skip
+        slopes = ", ".join(f"{k} {a:.3g}" for k, a in fit["slopes"].items())
+        print(f"predictor Δbpb ≈ a_s·Δtr(ΔW H ΔWᵀ) + b over {fit['n']} rows (slopes: {slopes}): "
+              f"R² {fit['r2']:.3f}, leave-one-out {fit['loo_r2']:.3f}, "
+              f"noise ceiling {fit['r2_ceiling']:.3f}")  # fmt: skip
     print(f"wrote {out / 'marginal.csv'} and {out / 'marginal.png'}")
     if args.cap is not None:
         _allocate(args, model, policy, table, val, tables, hessians, out)

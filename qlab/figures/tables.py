@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from qlab.analysis.allocator import allocate, allocation_rows
 from qlab.analysis.fingerprint import fingerprint as run
+from qlab.analysis.frontier import rate_frontier
 from qlab.analysis.marginal import document_sums, marginal_table, paired_delta
 from qlab.analysis.matrix import MatrixResults, MatrixSpec, collect_results, run_matrix, spec_from_dict
 from qlab.analysis.papers import pr639_results, pr1818_seeds
@@ -152,6 +154,34 @@ def byte_allocation(ws: Workspace) -> pd.DataFrame:
         )  # fmt: skip
 
     return ws.table("marginal_table", build)
+
+
+def allocation(ws: Workspace) -> pd.DataFrame:
+    """The allocator at the base policy's own artifact size, from :func:`byte_allocation`:
+    the chosen settings measured paired against the base and against the uniform recipe
+    (the matrices' k solved to the chosen policy's bytes). One row per comparison; no rows
+    when the table suggests no change."""
+
+    def build() -> pd.DataFrame:
+        table = byte_allocation(ws)
+        cap = int(table["base_bytes"].iloc[0])
+        out = allocate(ws.model, ws.policy, table, cap, ws.val_tokens, ws.byte_tables, ws.hessians,
+                       seq_len=ws.seq_len, max_tokens=ws.eval_tokens)  # fmt: skip
+        return allocation_rows(out)
+
+    return ws.table("allocation", build)
+
+
+def rate_aware_frontier(ws: Workspace) -> pd.DataFrame:
+    """Plain GPTQ over the scale's k grid and rate-aware GPTQ over λ at k = 12.85: real
+    artifact bytes and paired Δbpb (bootstrap CI) against plain GPTQ at 12.85."""
+
+    def build() -> pd.DataFrame:
+        return rate_frontier(ws.model, ws.policy, ws.hessians, ws.val_tokens, ws.byte_tables,
+                             seq_len=ws.seq_len, ks=ws.scale.sweep_ks, max_tokens=ws.eval_tokens,
+                             progress=ws.progress)  # fmt: skip
+
+    return ws.table("rate_frontier", build)
 
 
 # ---------------------------------------------------------------- pipeline stages (PR #1818, #639)

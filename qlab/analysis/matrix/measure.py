@@ -28,6 +28,7 @@ from qlab.analysis.geometry import hidden_state_metrics
 from qlab.analysis.hidden_quant import hidden_quant_table
 from qlab.analysis.matrix.spec import EvalSpec
 from qlab.errors import DataError
+from qlab.eval.bpb import resolve_autocast
 from qlab.eval.context import EvalContext
 from qlab.eval.pipeline import run_pipeline
 from qlab.eval.ttt import TTTConfig
@@ -62,8 +63,8 @@ def _final_hidden(model: nn.Module, idx: torch.Tensor, n_tokens: int, device: to
 
 
 def cell_autocast(ctx: EvalContext) -> str | None:
-    """bf16 autocast on CUDA (as the records evaluate), none on CPU."""
-    return "bf16" if ctx.device.type == "cuda" else None
+    """A cell evaluates as the records do: bf16 autocast on CUDA, none on CPU."""
+    return resolve_autocast("auto", ctx.device)
 
 
 def measure_hidden(ctx: EvalContext, spec: EvalSpec) -> tuple[list[dict], dict[str, float]]:
