@@ -12,11 +12,10 @@ analyses (std vs ratio, R–D curves, byte allocation) in :mod:`qlab.analysis.rd
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +33,7 @@ from qlab.errors import ConfigError, QuantError
 from qlab.eval.bpb import evaluate_bpb
 from qlab.loaders.readers import iter_tensors
 from qlab.model.gpt import parameter_family
+from qlab.model.modes import swapped_weights
 from qlab.quant.rtn import quantize_rtn
 from qlab.quant.tensor import QuantizedTensor, dequantize, qmax_symmetric
 
@@ -49,7 +49,6 @@ __all__ = [
     "predicted_bytes",
     "sampled_real_bytes",
     "hessian_error",
-    "swapped_weights",
     "bpb_eval_fn",
     "sweep",
     "summarize_sweep",
@@ -190,25 +189,6 @@ def _k_eff(q: QuantizedTensor, w: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- model evaluation
-
-
-@contextlib.contextmanager
-def swapped_weights(model: nn.Module, replacements: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
-    """Temporarily copy ``replacements`` into the model's parameters/buffers, then restore."""
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
-    unknown = sorted(set(replacements) - set(params))
-    if unknown:
-        raise ConfigError(f"model has no parameters named {unknown[:5]}")
-    saved = {n: params[n].detach().clone() for n in replacements}
-    try:
-        with torch.no_grad():
-            for n, v in replacements.items():
-                params[n].copy_(v.to(params[n].dtype).reshape(params[n].shape))
-        yield model
-    finally:
-        with torch.no_grad():
-            for n, v in saved.items():
-                params[n].copy_(v)
 
 
 def bpb_eval_fn(

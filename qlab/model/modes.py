@@ -1,12 +1,14 @@
 """Running a model for measurement: eval mode for the duration (the caller's mode after),
-and the GPT methods the analyses call, reached on any module that has them."""
+other weights swapped in for the duration, and the GPT methods the analyses call,
+reached on any module that has them."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from qlab.errors import ConfigError
@@ -23,6 +25,26 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def swapped_weights(model: nn.Module, replacements: Mapping[str, Tensor]) -> Iterator[nn.Module]:
+    """Temporarily copy ``replacements`` into the model's parameters/buffers, then restore
+    the originals (also on an exception): a quantized or averaged copy scored in place."""
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    unknown = sorted(set(replacements) - set(params))
+    if unknown:
+        raise ConfigError(f"model has no parameters named {unknown[:5]}")
+    saved = {n: params[n].detach().clone() for n in replacements}
+    try:
+        with torch.no_grad():
+            for n, v in replacements.items():
+                params[n].copy_(v.to(params[n].dtype).reshape(params[n].shape))
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
 
 
 # The GPT contract — what the analyses call on a model besides forward(): qlab's GPT has

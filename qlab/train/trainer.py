@@ -28,30 +28,27 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qlab.config import ModelConfig
-from qlab.data import default_dataset, open_dataset
-from qlab.data.loader import ShuffledSequenceLoader
-from qlab.data.record_loader import RecordSequenceLoader
 from qlab.errors import ConfigError, NumericalError
 from qlab.eval.bpb import autocast_context, evaluate_bpb, resolve_autocast
 from qlab.eval.context import validation_inputs
 from qlab.io import checkpoint as ckpt
 from qlab.io.runlog import METRICS_NAME, RunLog
 from qlab.model.gpt import GPT
+from qlab.model.modes import swapped_weights
 from qlab.train import distributed as D
 from qlab.train.config import TrainConfig
 from qlab.train.curriculum import CurriculumSampler, build_manifest
 from qlab.train.ema import EMA
+from qlab.train.loss import LossWithRegularizers
 from qlab.train.optim import Optimizers, build_optimizers
 from qlab.train.qat import disable_qat, enable_qat, qat_modules
 from qlab.train.regularizers import build_regularizers
@@ -61,14 +58,9 @@ from qlab.train.schedule import (
     progress_fraction,
     training_budget_seconds,
 )
-from qlab.train.swa import SWA, blend
-
-# Fields that may differ between a run and its resumption without changing its trajectory.
-RESUMABLE_CHANGES = {
-    "iterations", "max_wallclock_seconds", "val_every", "val_max_tokens", "val_batch_seqs", "eval_stride",
-    "log_every", "checkpoint_every", "compile", "device", "data", "tokenizer_path", "out_dir", "grad_accum",
-    "final_sliding", "sliding_stride",
-}  # fmt: skip
+from qlab.train.setup import build_loader, check_resume_compatible, open_training_data, resolve_device
+from qlab.train.shipped import shipped_weights, weights_kind
+from qlab.train.swa import SWA
 
 
 @dataclass
@@ -86,78 +78,6 @@ class TrainResult:
     stopped_by: str  # "iterations" or "wallclock"
     world_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class LossWithRegularizers(nn.Module):
-    """model + loss + regularizers in one ``forward(x, y) -> (loss, logs)``, so DDP sees one forward.
-
-    Without regularizers this is ``model(x, y)``; with them the final hidden state is
-    computed once, fed to the head for the cross-entropy and to every regularizer.
-    """
-
-    def __init__(self, model: GPT, regs: list[tuple[str, float, Any]]) -> None:
-        super().__init__()
-        self.model = model
-        self.regs = regs
-
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        if not self.regs:
-            loss = self.model(x, y)
-            return loss, {"ce": loss.detach()}
-        h = self.model.final_hidden(x)
-        logits = self.model.logits_from_hidden(h)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        total, logs = ce, {"ce": ce.detach()}
-        for name, weight, fn in self.regs:
-            term = fn(h, self.model)
-            total = total + weight * term
-            logs[f"reg_{name}"] = term.detach().float()
-        return total, logs
-
-
-# ---- setup helpers ---------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} requested but CUDA is not available")
-    return name
-
-
-def open_training_data(config: TrainConfig, vocab_size: int):
-    """The DatasetInfo to train on; the embedded corpus is built by rank 0 first (cache)."""
-
-    def load():
-        if config.data == "embedded":
-            return default_dataset(vocab_size=vocab_size)
-        return open_dataset(config.data)
-
-    if not D.is_main():
-        D.barrier()
-    info = load()
-    if D.is_main():
-        D.barrier()
-    if info.vocab_size != vocab_size:
-        raise ConfigError(
-            f"model vocab_size={vocab_size} but dataset {info.root} has vocab_size={info.vocab_size} "
-            "(set VOCAB_SIZE / --vocab-size to match)"
-        )
-    return info
-
-
-def check_resume_compatible(saved: dict[str, Any], config: TrainConfig, model_config: ModelConfig) -> None:
-    """ConfigError listing the fields whose change would alter a resumed run's trajectory."""
-    if saved["model"] != model_config.to_dict():
-        diff = sorted(k for k, v in model_config.to_dict().items() if saved["model"].get(k) != v)
-        raise ConfigError(f"--resume: model config differs from the checkpoint's in {diff}")
-    saved_train = saved.get("train", {})
-    diff = sorted(
-        k for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and saved_train.get(k, v) != v
-    )
-    if diff:
-        raise ConfigError(f"--resume: train config differs from the checkpoint's in {diff}")
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -278,21 +198,10 @@ class _Trainer:
     # -- the shipped weights ----------------------------------------------------------------------
     @property
     def weights_kind(self) -> str:
-        """Which weights model.safetensors holds: raw, ema, swa or ema+swa."""
-        base = "ema" if self.ema is not None else "raw"
-        if self.swa is None or self.swa.count == 0:
-            return base
-        return "ema+swa" if self.ema is not None else "swa"
+        return weights_kind(self.ema, self.swa)
 
     def shipped_weights(self) -> dict[str, Tensor]:
-        """blend(EMA, SWA, swa_blend), else the SWA mean, the EMA or the raw weights (model dtypes)."""
-        ref = self.model.state_dict()
-        if self.swa is None or self.swa.count == 0:
-            return self.ema.weights_like(self.model) if self.ema is not None else dict(ref)
-        state = self.swa.average()
-        if self.ema is not None:
-            state = blend(self.ema.state_dict(), state, self.config.swa_blend)
-        return {k: state[k].to(ref[k].dtype) for k in ref}
+        return shipped_weights(self.model, self.ema, self.swa, self.config.swa_blend)
 
     # -- one optimizer step ---------------------------------------------------------------------
     def next_batch(self) -> tuple[Tensor, Tensor]:
@@ -480,7 +389,7 @@ class _Trainer:
     def finish(self, stopped_by: str) -> TrainResult:
         """Final validation on the shipped weights (EMA and/or SWA blend), final checkpoint, summary."""
         sliding = None
-        with _swapped(self.model, self.shipped_weights()):
+        with swapped_weights(self.model, self.shipped_weights()):
             r = self.evaluate()
             if self.config.final_sliding:
                 sliding = self.evaluate(stride=self.config.sliding_stride)
@@ -506,24 +415,6 @@ class _Trainer:
             stopped_by=stopped_by,
             world_size=self.world,
         )
-
-
-def build_loader(config: TrainConfig, files, rank: int, world: int):
-    """The training loader ``config.loader`` names: qlab's seeded stream or the record's order."""
-    if config.loader == "record":
-        return RecordSequenceLoader(files, config.train_seq_len, rank, world)
-    return ShuffledSequenceLoader(files, config.train_seq_len, rank, world, config.seed)
-
-
-@contextlib.contextmanager
-def _swapped(model: nn.Module, weights: dict[str, Tensor]) -> Iterator[nn.Module]:
-    """Temporarily load ``weights`` into ``model`` (for the final validation), then restore."""
-    backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(weights)
-    try:
-        yield model
-    finally:
-        model.load_state_dict(backup)
 
 
 def train(

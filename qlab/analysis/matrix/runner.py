@@ -40,7 +40,8 @@ from qlab.errors import ConfigError, DataError
 from qlab.eval.context import EvalContext
 from qlab.io.atomic import atomic_write_json
 from qlab.loaders import load_model
-from qlab.train.trainer import open_training_data, resolve_device, train
+from qlab.train.setup import open_training_data, resolve_device
+from qlab.train.trainer import train
 
 __all__ = ["CELLS_DIR", "RUNS_DIR", "cell_result_path", "run_cell", "run_matrix", "with_overrides"]
 
