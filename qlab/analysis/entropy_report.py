@@ -27,9 +27,6 @@ as stored (its real codes, e.g. GPTQ's).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import json
 import math
 import os
@@ -51,6 +48,7 @@ from qlab.compress.container import read_artifact
 from qlab.compress.entropy import symbol_entropies
 from qlab.errors import CheckpointError, ConfigError, QlabError, QuantError
 from qlab.io.atomic import atomic_write_text
+from qlab.io.memory import HeapTrimmer
 from qlab.loaders.readers import detect_format, iter_tensors
 from qlab.quant.gptq import gptq_quantize
 from qlab.quant.policy import MatrixCount, Passthrough, Policy, TensorSpec, make_passthrough, resolve_policy
@@ -180,26 +178,6 @@ def _overhead_bytes(stored: Stored) -> int:
 # --------------------------------------------------------------------------- streaming
 
 
-def _leaf_tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
-    if isinstance(tree, torch.Tensor):
-        return [(prefix, tree)]
-    if isinstance(tree, dict):
-        return [x for k, v in tree.items() for x in _leaf_tensors(v, f"{prefix}.{k}" if prefix else k)]
-    if isinstance(tree, list):
-        return [x for i, v in enumerate(tree) for x in _leaf_tensors(v, f"{prefix}.{i}")]
-    return []
-
-
-def _emptied(tree: Any) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return torch.empty(0, dtype=tree.dtype)
-    if isinstance(tree, dict):
-        return {k: _emptied(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_emptied(v) for v in tree]
-    return tree
-
-
 def _source(
     src: str | os.PathLike | Mapping[str, torch.Tensor], progress: bool
 ) -> tuple[Iterator[tuple[str, Any]], str, bool]:
@@ -234,49 +212,6 @@ def _check_tensor(name: str, t: Any, where: str, finite: bool) -> None:
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         raise CheckpointError(f"{where}: tensor {name!r} contains {n_nan} NaN and {n_inf} Inf values")
-
-
-# Heap growth (RSS) tolerated before freed heap pages are handed back to the OS.
-TRIM_SLACK_BYTES = 256 << 20
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class _HeapTrimmer:
-    """Hands freed heap pages back to the OS once RSS has grown ``TRIM_SLACK_BYTES`` (glibc).
-
-    After the first large frees glibc raises its mmap threshold (up to 32 MB), so later
-    multi-MB buffers come from the heap, whose holes it keeps: streaming a 1 GB
-    checkpoint, RSS grew ~30 MB per tensor (1.2 GB after 36 tensors) until
-    ``malloc_trim`` was called. Trimming after *every* tensor costs ~15 % of the report's
-    time (the pages fault in again), so it happens only when the growth is worth it.
-    """
-
-    def __init__(self) -> None:
-        self.trim = _malloc_trim()
-        self.mark = _rss_bytes() if self.trim is not None else None
-
-    def __call__(self) -> None:
-        if self.trim is None or self.mark is None:
-            return
-        rss = _rss_bytes()
-        if rss is not None and rss > self.mark + TRIM_SLACK_BYTES:
-            self.trim(0)
-            self.mark = _rss_bytes() or rss
 
 
 @dataclass
@@ -315,7 +250,7 @@ def _tensor_row(
         h1=h1,
         entropy_bytes=numel * h0 / 8,
         scale_bytes=_overhead_bytes(stored),
-        raw_bytes=sum(leaf.numel() * leaf.element_size() for _, leaf in _leaf_tensors(P.record_tree(stored))),
+        raw_bytes=sum(leaf.numel() * leaf.element_size() for _, leaf in P.tree_leaves(P.record_tree(stored))),
         policy_method=spec.method if spec is not None else "stored",
     )
 
@@ -324,10 +259,10 @@ def _add_prediction(acc: _Accumulator, row: dict, name: str, stored: Stored, lz_
     """Predicted data bytes of this tensor's leaves (:func:`qlab.compress.predict.predict_leaf`);
     small leaves only add their histograms to the pool, shared out at the end."""
     tree = P.record_tree({name: stored})
-    acc.skeleton[name] = _emptied(tree[name])
+    acc.skeleton[name] = P.tree_skeleton(tree[name])
     data = 0.0
     methods = set()
-    for leaf_name, leaf in _leaf_tensors(tree):
+    for leaf_name, leaf in P.tree_leaves(tree):
         leaf_row, p0, p1 = P.predict_leaf(leaf_name, leaf, lz_guard)
         if leaf_row["method"] == "pooled":
             acc.pool[0] += p0
@@ -358,7 +293,7 @@ def _measure_rows(acc: _Accumulator, codecs: Iterable[str]) -> dict[str, int]:
     for spec in codecs:
         codec = get_codec(spec)
         for row in acc.rows:
-            leaves = _leaf_tensors(P.record_tree(acc.kept[row["name"]]))
+            leaves = P.tree_leaves(P.record_tree(acc.kept[row["name"]]))
             raw = b"".join(P.leaf_bytes(leaf) for _, leaf in leaves)
             row[f"real_bytes[{codec.spec}]"] = len(codec.compress(raw)) if raw else 0
         totals[codec.spec] = P.measure_compressed_bytes(acc.kept, codec)
@@ -395,7 +330,7 @@ def entropy_report(
     stream, where, prestored = _source(path_or_state_dict, progress)
     from_mapping = isinstance(path_or_state_dict, Mapping)
     acc = _Accumulator()
-    release_freed_memory = _HeapTrimmer()
+    release_freed_memory = HeapTrimmer()
     t0 = time.perf_counter()
     hessians = hessians or {}
     count = MatrixCount()

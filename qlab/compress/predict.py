@@ -132,23 +132,25 @@ def record_tree(obj: Any) -> Any:
     raise QuantError(f"record_tree: cannot serialise a {type(obj).__name__}")
 
 
-def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+def tree_leaves(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(dotted path, tensor) of every tensor in a :func:`record_tree`, depth first."""
     if isinstance(tree, torch.Tensor):
         return [(prefix, tree)]
     if isinstance(tree, dict):
-        return [leaf for k, v in tree.items() for leaf in _leaves(v, f"{prefix}.{k}" if prefix else k)]
+        return [leaf for k, v in tree.items() for leaf in tree_leaves(v, f"{prefix}.{k}" if prefix else k)]
     if isinstance(tree, list):
-        return [leaf for i, v in enumerate(tree) for leaf in _leaves(v, f"{prefix}.{i}")]
+        return [leaf for i, v in enumerate(tree) for leaf in tree_leaves(v, f"{prefix}.{i}")]
     return []
 
 
-def _skeleton(tree: Any) -> Any:
+def tree_skeleton(tree: Any) -> Any:
+    """The tree with every tensor emptied (dtype kept): what torch.save writes around the data."""
     if isinstance(tree, torch.Tensor):
         return torch.empty(0, dtype=tree.dtype)
     if isinstance(tree, dict):
-        return {k: _skeleton(v) for k, v in tree.items()}
+        return {k: tree_skeleton(v) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_skeleton(v) for v in tree]
+        return [tree_skeleton(v) for v in tree]
     return tree
 
 
@@ -270,7 +272,7 @@ def predict_table(obj: Any, lz_guard: bool = True) -> pd.DataFrame:
     of their pooled histograms in proportion to their raw bytes.
     """
     rows, pool = [], [np.zeros(256, np.int64), np.zeros(256, np.int64)]
-    for name, t in _leaves(record_tree(obj)):
+    for name, t in tree_leaves(record_tree(obj)):
         row, p0, p1 = predict_leaf(name, t, lz_guard)
         if row["method"] == "pooled":
             pool[0] += p0
@@ -285,7 +287,7 @@ def predict_table(obj: Any, lz_guard: bool = True) -> pd.DataFrame:
 
 def skeleton_bytes(obj: Any) -> int:
     """Real brotli-11 size of the serialised tree with every tensor emptied (names, pickle, zip)."""
-    return measure_compressed_bytes(_skeleton(record_tree(obj)))
+    return measure_compressed_bytes(tree_skeleton(record_tree(obj)))
 
 
 def predict_compressed_bytes(obj: Any, overhead: float = BROTLI_OVERHEAD, lz_guard: bool = True) -> int:
