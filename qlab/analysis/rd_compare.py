@@ -1,5 +1,5 @@
-"""Cross-matrix rate–distortion views: std vs compression ratio and R–D curves against
-the Gaussian bound.
+"""Cross-matrix rate–distortion views: std vs compression ratio, R–D curves against
+the Gaussian bound, and int6 against 2:4 sparsity at the block level.
 
 Sweeps of single settings live in :mod:`qlab.analysis.rd`; where the next kilobyte of
 the artifact is best spent, measured with intervals, in :mod:`qlab.analysis.marginal`.
@@ -29,9 +29,10 @@ from qlab.compress.entropy import order0_entropy
 from qlab.errors import ConfigError
 from qlab.quant.codebook import quantize_lloyd_max, quantize_nf4
 from qlab.quant.rtn import quantize_rtn
+from qlab.quant.sparsity import BITS_PER_BLOCK, pack_24, unpack_24
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
-__all__ = ["StdRatio", "std_vs_ratio", "rd_curve", "rd_bounds"]
+__all__ = ["StdRatio", "std_vs_ratio", "rd_curve", "rd_bounds", "sparsity_budget"]
 
 PI_E_OVER_6 = math.pi * math.e / 6
 
@@ -165,3 +166,35 @@ def rd_bounds(rates: Iterable[float]) -> pd.DataFrame:
     """D(R) = 2^(−2R) and the ECSQ line (πe/6)·2^(−2R) (σ² = 1) on a rate grid, for plots."""
     r = np.asarray(list(rates), float)
     return pd.DataFrame({"rate": r, "rd_bound": 2.0 ** (-2 * r), "ecsq": PI_E_OVER_6 * 2.0 ** (-2 * r)})
+
+
+def sparsity_budget(state_dict: Mapping[str, torch.Tensor], min_numel: int = 1024) -> pd.DataFrame:
+    """Bits per 4-element block and relative MSE of int6 SDClip (k = 12.85) against 2:4
+    sparsity (PR #1818's packing), nominal and after brotli-11 (codes or payload plus 2
+    bytes of fp16 scale per row), summed over every matrix whose width is a multiple of 4
+    and that has at least ``min_numel`` weights. ``rel_mse`` is Σ error² / Σ (w − mean)²."""
+    tot = {"int6": [0.0, 0.0, 0.0], "2:4": [0.0, 0.0, 0.0]}  # bytes, squared error, blocks
+    var_sum = 0.0
+    for name, w in state_dict.items():
+        if w.dim() != 2 or w.shape[1] % 4 or w.numel() < min_numel:
+            continue
+        w = w.detach().float()
+        q = quantize_setting(w, 6, "sdclip", 12.85)
+        p = pack_24(w, name=name)
+        var_sum += float(((w - w.mean()) ** 2).sum())
+        for key, nbytes, w_hat in (
+            ("int6", P.measure_compressed_bytes(q.codes.numpy().tobytes()) + 2 * w.shape[0], dequantize(q)),
+            ("2:4", P.measure_compressed_bytes(p.payload) + 2 * w.shape[0], unpack_24(p)),
+        ):
+            tot[key][0] += nbytes
+            tot[key][1] += float(((w - w_hat) ** 2).sum())
+            tot[key][2] += w.numel() / 4
+    if var_sum == 0.0:
+        raise ConfigError(f"sparsity_budget: no matrix with a width divisible by 4 and ≥ {min_numel} weights")
+    return pd.DataFrame(
+        [
+            {"scheme": key, "nominal_bits_per_block": nominal, "brotli_bits_per_block": 8 * b / blocks,
+             "rel_mse": err / var_sum}
+            for (key, (b, err, blocks)), nominal in zip(tot.items(), (24, BITS_PER_BLOCK), strict=True)
+        ]
+    )  # fmt: skip

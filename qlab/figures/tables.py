@@ -19,16 +19,15 @@ import pandas as pd
 import torch
 
 from qlab.analysis.allocator import allocate, allocation_rows
+from qlab.analysis.eval_levers import eval_levers as measure_eval_levers
 from qlab.analysis.fingerprint import fingerprint as run
 from qlab.analysis.frontier import rate_frontier
-from qlab.analysis.marginal import document_sums, marginal_table, paired_delta
+from qlab.analysis.marginal import marginal_table
 from qlab.analysis.matrix import MatrixResults, MatrixSpec, collect_results, run_matrix, spec_from_dict
 from qlab.analysis.papers import pr639_results, pr1818_seeds
-from qlab.analysis.rd import quantize_setting, sweep
-from qlab.analysis.rd_compare import quantize_setting_fixed, rd_curve, std_vs_ratio
-from qlab.compress.predict import measure_compressed_bytes
+from qlab.analysis.rd import sweep
+from qlab.analysis.rd_compare import quantize_setting_fixed, rd_curve, sparsity_budget, std_vs_ratio
 from qlab.errors import DataError
-from qlab.eval.bpb import token_scores
 from qlab.eval.pipeline import pipeline_row, run_pipeline
 from qlab.eval.ttt import TTTConfig, score_first_ttt
 from qlab.figures.workspace import Workspace
@@ -37,8 +36,6 @@ from qlab.io.runlog import read_runlog
 from qlab.quant.codebook import NF4_LEVELS, quantize_codebook
 from qlab.quant.freezedry import freeze_dry
 from qlab.quant.policy import Policy, policy_from_dict
-from qlab.quant.sparsity import BITS_PER_BLOCK, pack_24, unpack_24
-from qlab.quant.tensor import dequantize
 from qlab.train.curriculum import schedule_table
 
 __all__ = [
@@ -75,7 +72,6 @@ def quant_example(ws: Workspace) -> pd.DataFrame:
     """Weight histogram of the largest matrix and the code fractions of int5 / int4 / NF4."""
 
     def build() -> pd.DataFrame:
-        import torch
 
         name, w = ws.largest_matrix()
         sigma = float(w.std(correction=0))
@@ -204,11 +200,9 @@ def stages(ws: Workspace) -> pd.DataFrame:
 
     def build() -> pd.DataFrame:
         res = run_pipeline(
-            ws.model,
+            ws.context,
             ws.policy,
-            ws.dataset,
             calib_batches=ws.scale.calib_batches,
-            hessians=ws.hessians,
             stride=max(1, ws.seq_len // 4),
             max_eval_tokens=ws.eval_tokens,
             ttt=ttt_config(ws),
@@ -362,80 +356,21 @@ def freezedry(ws: Workspace) -> pd.DataFrame:
 
 
 def sparsity(ws: Workspace) -> pd.DataFrame:
-    """Bits per 4-element block and relative MSE: int6 SDClip vs 2:4 (PR #1818's packing),
-    nominal and after brotli-11, summed over every matrix whose width is a multiple of 4."""
-
-    def build() -> pd.DataFrame:
-        tot = {"int6": [0.0, 0.0, 0.0], "2:4": [0.0, 0.0, 0.0]}  # bytes, squared error, blocks
-        var_sum = 0.0
-        for name, w in ws.state_dict.items():
-            if w.dim() != 2 or w.shape[1] % 4 or w.numel() < _MIN_NUMEL:
-                continue
-            q = quantize_setting(w, 6, "sdclip", 12.85)
-            p = pack_24(w, name=name)
-            var_sum += float(((w - w.mean()) ** 2).sum())
-            for key, nbytes, w_hat in (
-                ("int6", measure_compressed_bytes(q.codes.numpy().tobytes()) + 2 * w.shape[0], dequantize(q)),
-                ("2:4", measure_compressed_bytes(p.payload) + 2 * w.shape[0], unpack_24(p)),
-            ):
-                tot[key][0] += nbytes
-                tot[key][1] += float(((w - w_hat) ** 2).sum())
-                tot[key][2] += w.numel() / 4
-        return pd.DataFrame(
-            [
-                {
-                    "scheme": key,
-                    "nominal_bits_per_block": nominal,
-                    "brotli_bits_per_block": 8 * b / blocks,
-                    "rel_mse": err / var_sum,
-                }
-                for (key, (b, err, blocks)), nominal in zip(tot.items(), (24, BITS_PER_BLOCK))
-            ]
-        )
-
-    return ws.table("sparsity", build)
+    """:func:`qlab.analysis.rd_compare.sparsity_budget` of the checkpoint's matrices."""
+    return ws.table("sparsity", lambda: sparsity_budget(ws.state_dict, min_numel=_MIN_NUMEL))
 
 
 # ---------------------------------------------------------------- PR #1718
 def eval_levers(ws: Workspace) -> pd.DataFrame:
-    """val_bpb of the float model at eval length ½L, L, 2L (L = the training length), with
-    standard windows and sliding windows of stride L/2 and L/4 (NTK-scaled RoPE beyond L),
-    and each one's paired Δ against standard windows at L on the tokens both score, with a
-    bootstrap 95 % interval over documents."""
+    """:func:`qlab.analysis.eval_levers.eval_levers` of the float model on the scale's
+    validation slice: eval length ½L, L, 2L × standard / sliding windows, paired Δbpb."""
 
     def build() -> pd.DataFrame:
         train_len = int(ws.config.train_seq_len)
-        strides = (None, train_len // 2, train_len // 4)
-        configs = [(seq, stride) for seq in (train_len // 2, train_len, 2 * train_len)
-                   for stride in strides if stride is None or stride < seq]  # fmt: skip
-        scores = {c: token_scores(ws.model, ws.val_tokens, ws.byte_tables, seq_len=c[0], stride=c[1],
-                                  max_tokens=ws.eval_tokens) for c in configs}  # fmt: skip
-        ref = scores[(train_len, None)]
-        rows = []
-        for (seq, stride), score in scores.items():
-            delta, lo, hi = _paired_on_common_tokens(ref, score, ws.val_tokens)
-            nll, nbytes, _ = score
-            rows.append({
-                "source": "qlab", "eval_seq_len": seq, "stride": stride or 0,
-                "windows": "standard" if stride is None else f"sliding, stride {stride}",
-                "val_bpb": float(nll.sum() / math.log(2) / nbytes.sum()), "train_seq_len": train_len,
-                "delta_bpb": delta, "ci_lo": lo, "ci_hi": hi,
-            })  # fmt: skip
-        return pd.DataFrame(rows)
+        return measure_eval_levers(ws.model, ws.val_tokens, ws.byte_tables, train_seq_len=train_len,
+                                   max_tokens=ws.eval_tokens)  # fmt: skip
 
     return ws.table("eval_levers_paired", build)
-
-
-def _paired_on_common_tokens(ref: tuple, other: tuple, tokens: torch.Tensor) -> tuple[float, float, float]:
-    """``other``'s paired Δbpb against ``ref`` on the targets both scored, CI over documents."""
-
-    ref_nll = torch.full((tokens.numel(),), float("nan"), dtype=torch.float64)
-    ref_nll[ref[2]] = ref[0]
-    nll, nbytes, pos = other
-    keep = torch.isfinite(ref_nll[pos])
-    base_docs, doc_bytes = document_sums(ref_nll[pos][keep], nbytes[keep], pos[keep], tokens, 1)
-    docs, _ = document_sums(nll[keep], nbytes[keep], pos[keep], tokens, 1)
-    return paired_delta(base_docs, docs, doc_bytes)
 
 
 def passthrough(ws: Workspace) -> pd.DataFrame:
@@ -446,9 +381,8 @@ def passthrough(ws: Workspace) -> pd.DataFrame:
         rows = []
         for name in ("record", "record_pathA"):
             row = pipeline_row(
-                ws.model,
+                ws.context,
                 name,
-                ws.dataset,
                 calib_batches=ws.scale.calib_batches,
                 stride=None,
                 max_eval_tokens=ws.eval_tokens,
