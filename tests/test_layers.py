@@ -25,3 +25,18 @@ def test_no_function_level_qlab_import_without_a_reason():
                 if qlab_import and "#" not in lines[sub.lineno - 1]:
                     hidden.append(f"{path.relative_to(PACKAGE.parent)}:{sub.lineno}")
     assert not hidden, hidden
+
+
+def test_no_function_level_import_at_all_without_a_reason():
+    """Third-party and standard-library imports too: only optional extras (and the like)
+    are imported late, each with its reason on the line."""
+    hidden = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, (ast.Import, ast.ImportFrom)) and "#" not in lines[sub.lineno - 1]:
+                    hidden.append(f"{path.relative_to(PACKAGE.parent)}:{sub.lineno}")
+    assert not hidden, hidden

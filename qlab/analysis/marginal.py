@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from qlab.analysis.rd import hessian_error, tensor_family
 from qlab.analysis.spectra import layer_index
@@ -179,8 +180,6 @@ def marginal_table(
     progress: bool = False,
 ) -> pd.DataFrame:
     """One row per group × setting (see the module doc); ``out`` makes it resumable."""
-    from tqdm.auto import tqdm
-
     ev = scoring_inputs(val_tokens, byte_tables, seq_len, max_tokens, bos_id)
     base_bytes, base_nll, base_state = measure_policy(model, policy, hessians, ev, codec)
     doc_bytes = ev["doc_bytes"]

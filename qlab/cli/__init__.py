@@ -16,6 +16,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -83,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         print("qlab: error: out of memory (the input asks for more than this machine has)", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug, not a bad input: say so, and keep the traceback
-        import traceback
-
         traceback.print_exc()
         print(f"qlab: internal error ({type(exc).__name__}: {exc}); please report it", file=sys.stderr)
         return 3

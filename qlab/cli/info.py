@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 
 import torch
@@ -79,8 +80,6 @@ def _spec_text(spec) -> str:
 
 
 def _print_regularizers() -> None:
-    import importlib
-
     importlib.import_module("qlab.train.regularizers")  # registers them
     for name, fn in sorted(REGULARIZERS.items()):
         print(f"{name:<12} {_first_line(fn.__doc__)}")

@@ -15,6 +15,7 @@ quantised ones) cost a few dozen bytes and remove the KL penalty of a rounded mo
 
 from __future__ import annotations
 
+import constriction
 import numpy as np
 
 from qlab.errors import ArtifactError, QuantError
@@ -26,8 +27,6 @@ _DTYPE_IDS = {v: k for k, v in _DTYPES.items()}
 
 
 def _categorical(counts: np.ndarray):
-    import constriction
-
     return constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
 
 
@@ -123,8 +122,6 @@ def ans_encode(codes: np.ndarray) -> bytes:
 def _encode_symbols(sym: np.ndarray, counts: np.ndarray) -> np.ndarray:
     if counts.size == 1:  # a constant tensor carries no information beyond its table
         return np.zeros(0, dtype=np.uint32)
-    import constriction
-
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(np.ascontiguousarray(sym, dtype=np.int32), _categorical(counts))
     return coder.get_compressed()
@@ -160,8 +157,6 @@ def _decode_symbols(words: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray
         if words.size:
             raise ArtifactError("ans stream: constant tensor must carry no payload words")
         return np.zeros(n, dtype=np.int32)
-    import constriction
-
     coder = constriction.stream.stack.AnsCoder(words)
     try:
         sym = coder.decode(_categorical(counts), n)

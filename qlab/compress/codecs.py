@@ -9,10 +9,14 @@ compressing and undoes it after decompressing.
 
 from __future__ import annotations
 
+import io
 import lzma
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import brotli
+import zstandard
 
 from qlab.compress import ans as _ans
 from qlab.compress.shuffle import shuffle as _shuffle
@@ -67,8 +71,6 @@ def bounded_decompress(name: str, data: bytes, limit: int, fallback: Callable[[b
     """Decompress ``data`` with ``name``'s streaming decoder, never holding more than
     ``limit`` (+ one step) bytes of output; ArtifactError when the output would exceed it."""
     if name == "brotli":
-        import brotli
-
         d = brotli.Decompressor()
         out = bytearray(d.process(data, output_buffer_limit=_STEP))
         while not d.is_finished():
@@ -84,10 +86,6 @@ def bounded_decompress(name: str, data: bytes, limit: int, fallback: Callable[[b
         if not d.eof and len(out) <= limit:
             raise ArtifactError("truncated lzma stream")
     elif name == "zstd":
-        import io
-
-        import zstandard
-
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
             out = bytearray(r.read(limit + 1))
     else:  # raw / ans: output size is bounded by the input itself
@@ -98,8 +96,6 @@ def bounded_decompress(name: str, data: bytes, limit: int, fallback: Callable[[b
 
 
 def _brotli(level: str | None) -> tuple[Callable, Callable, str]:
-    import brotli
-
     q = 11 if level is None else int(level)
     if not 0 <= q <= 11:
         raise ConfigError(f"brotli quality must be 0..11, got {q}")
@@ -117,8 +113,6 @@ def _lzma(level: str | None) -> tuple[Callable, Callable, str]:
 
 
 def _zstd(level: str | None) -> tuple[Callable, Callable, str]:
-    import zstandard
-
     lv = 19 if level is None else int(level)
     if not 1 <= lv <= 22:
         raise ConfigError(f"zstd level must be 1..22, got {lv}")

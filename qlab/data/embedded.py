@@ -93,7 +93,7 @@ def embedded_titled_documents() -> list[tuple[str, str]]:
 def _extract_documents() -> list[tuple[str, str]]:
     """Collect the corpus in *this* interpreter (run in a clean subprocess)."""
     docs: dict[str, str] = {}
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # only in the clean subprocess that extracts the corpus
 
     for name in sorted(topics):
         docs[f"topic:{name}"] = topics[name]

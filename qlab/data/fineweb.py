@@ -141,7 +141,7 @@ def _install(src: Path, dst: Path, remote: str) -> None:
 
 def _hub_fetch(repo_id: str, staging: Path) -> Fetch:
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # the optional `hub` extra
     except ImportError as exc:
         raise DataError(
             "downloading FineWeb needs the optional package huggingface_hub "

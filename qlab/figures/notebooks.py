@@ -59,7 +59,7 @@ def run_notebook(
     written only when every cell ran.
     """
     import nbformat  # the notebooks extra: not needed by the rest of qlab
-    from nbclient import NotebookClient
+    from nbclient import NotebookClient  # the notebooks extra, as nbformat
 
     src = notebook_path(name)
     out_path = Path(out)

@@ -8,6 +8,7 @@ ignore the workspace (``needs_model=False``) and are always produced.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,8 +143,6 @@ def _plot(func: str, table: Callable[[Workspace], pd.DataFrame]) -> Callable[[Wo
     module, name = func.rsplit(".", 1)
 
     def build(ws: Workspace) -> Figure:
-        import importlib
-
         return getattr(importlib.import_module(module), name)(table(ws))
 
     build.source = lambda: (module, name, f"T.{table.__name__}(ws)")  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ differ by orders of magnitude between a CPU-sized model and the record).
 
 from __future__ import annotations
 
+import matplotlib as mpl
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -189,8 +190,6 @@ def plot_curriculum_schedule(df: pd.DataFrame) -> Figure:
     probabilities (right) over training progress (PR #1818 fig3)."""
     require_columns(df, ["frac", "bucket", "weight", "prob"], "plot_curriculum_schedule")
     buckets = sorted(df["bucket"].unique())
-    import matplotlib as mpl
-
     cmap = mpl.colormaps["viridis"]
     colors = [cmap(i / max(1, len(buckets) - 1)) for i in range(len(buckets))]
     with style_context():

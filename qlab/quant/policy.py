@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from qlab.checks import is_finite_number
@@ -560,8 +561,6 @@ def load_policy(spec: str | os.PathLike) -> Policy:
         except RecursionError:
             raise ConfigError(f"policy file {path}: JSON nested too deeply") from None
     else:
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

@@ -38,10 +38,13 @@ import hashlib
 import json
 import math
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from qlab.analysis.hidden_quant import HIDDEN_SCHEMES
 from qlab.checks import is_int as _is_int
@@ -224,16 +227,10 @@ def load_spec(path: str | Path) -> MatrixSpec:
     suffix = path.suffix.lower()
     if suffix == ".toml":
         try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            raise ConfigError(f"{path}: TOML specs need Python ≥ 3.11 (tomllib); use YAML") from None
-        try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     elif suffix in (".yaml", ".yml"):
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
