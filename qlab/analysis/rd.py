@@ -153,7 +153,7 @@ def quantize_setting(
 
 def predicted_bytes(stored: object) -> float:
     """Predicted brotli-11 bytes of one stored tensor's data (codes + scales), no skeleton."""
-    return float(P.predict_table({"w": stored})["predicted_bytes"].sum()) * (1 + P.BROTLI_OVERHEAD)
+    return P.predict_data_bytes({"w": stored})
 
 
 def sampled_real_bytes(q: QuantizedTensor, budget: int = REAL_SAMPLE_BYTES) -> float:

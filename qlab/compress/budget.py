@@ -32,7 +32,7 @@ import torch
 from qlab.compress.codecs import get_codec
 from qlab.compress.container import REST_CODEC, SYMBOL_CODEC, artifact_header, encode_artifact, to_arrays
 from qlab.compress.entropy import entropy_bits
-from qlab.compress.predict import BROTLI_OVERHEAD, predict_table, skeleton_bytes
+from qlab.compress.predict import BROTLI_OVERHEAD, predict_data_bytes, predict_table, skeleton_bytes
 from qlab.compress.ptz import ptz_bytes, ptz_tree
 from qlab.errors import ConfigError, DataError
 from qlab.quant.policy import Passthrough
@@ -143,7 +143,7 @@ def predict_artifact_bytes(
     the qlab header (``fmt="qlab"``) or the compressed torch.save skeleton (``"ptz"``).
     """
     _check_format(fmt)
-    data = float(predict_table(dict(quantized_state))["predicted_bytes"].sum()) * (1.0 + BROTLI_OVERHEAD)
+    data = predict_data_bytes(dict(quantized_state))
     if fmt == "ptz":
         return int(round(skeleton_bytes(ptz_tree(quantized_state)) + data))
     return int(round(_qlab_header_bytes(quantized_state, policy, extra) + data))

@@ -290,14 +290,20 @@ def skeleton_bytes(obj: Any) -> int:
     return measure_compressed_bytes(tree_skeleton(record_tree(obj)))
 
 
+def predict_data_bytes(obj: Any, overhead: float = BROTLI_OVERHEAD, lz_guard: bool = True) -> float:
+    """Predicted brotli-11 bytes of the tensors' data alone (no skeleton, no header): the
+    leaves' :func:`predict_table` sum with brotli's block overhead. The one prediction
+    every size estimate of qlab (record blob, ``.qlab`` artifact, one tensor) is built on."""
+    return float(predict_table(obj, lz_guard)["predicted_bytes"].sum()) * (1.0 + overhead)
+
+
 def predict_compressed_bytes(obj: Any, overhead: float = BROTLI_OVERHEAD, lz_guard: bool = True) -> int:
     """Predicted ``len(brotli11(BSHF(torch.save(tree))))`` in bytes.
 
     brotli-11 runs only on the few-KB skeleton and, with ``lz_guard``, on the rare leaves
     a zstd-1 pass shows to hold LZ structure (see :func:`has_lz_structure`).
     """
-    data = float(predict_table(obj, lz_guard)["predicted_bytes"].sum())
-    return int(round(skeleton_bytes(obj) + data * (1.0 + overhead)))
+    return int(round(skeleton_bytes(obj) + predict_data_bytes(obj, overhead, lz_guard)))
 
 
 def synthetic_state(dist: str, bits: int, k: float, rows: int = 512, cols: int = 1024, seed: int = 0) -> dict:
