@@ -46,6 +46,39 @@ def fig(figure_id: str, show_table: bool = False) -> str:
 
 
 PR_URL = "https://github.com/openai/parameter-golf/pull/{n}"
+
+# The conclusions of the "what each bit costs" section, computed from the tables at the
+# notebook's scale (so the prose never states a number the run did not measure).
+PREDICTOR_FITS = """\
+from qlab.analysis.marginal import fit_predictor
+
+for slopes in ("shared", "hessian"):
+    f = fit_predictor(T.byte_allocation(ws), slopes=slopes)
+    print(f"{slopes:>8} slopes: R² {f['r2']:.3f}, leave-one-out {f['loo_r2']:.3f}, "
+          f"noise ceiling {f['r2_ceiling']:.3f}")"""
+
+ALLOCATOR_VERDICT = """\
+alloc = T.allocation(ws)
+if alloc.empty:
+    print("the marginal table suggests no change: the base policy stays")
+for _, r in alloc.iterrows():
+    d, lo, hi = 1e3 * r.delta_bpb, 1e3 * r.ci_lo, 1e3 * r.ci_hi
+    verdict = ("better than" if hi < 0 else "worse than") if r.resolved else "not distinguishable from"
+    print(f"{r.comparison}: {d:+.2f} mBPB [{lo:+.2f}, {hi:+.2f}] at {r.bytes:,} vs {r.other_bytes:,} B"
+          f" -> at this scale the allocated policy is {verdict} it")"""
+
+RATE_VERDICT = """\
+from qlab.analysis.frontier import bytes_saved_at_equal_bpb
+
+saved = bytes_saved_at_equal_bpb(T.rate_aware_frontier(ws))
+display(saved)
+if len(saved):
+    best = saved.loc[saved.saving.idxmax()]
+    resolved = not best.ci_lo <= 0 <= best.ci_hi
+    print(f"best: {100 * best.saving:+.2f} % bytes at λ = {best.rate_lambda:g}; its Δbpb against plain "
+          f"GPTQ at k = 12.85 "
+          f"[{1e3 * best.ci_lo:+.2f}, {1e3 * best.ci_hi:+.2f}] mBPB "
+          + ("excludes 0" if resolved else "includes 0: not resolved"))"""
 SCALE_NOTE = (
     "**Why this checkpoint may differ from the PR.** The default checkpoint is the `tiny` preset "
     "(723,984 parameters, 4 layers of width 128) trained for minutes on the embedded corpus; the PRs "
@@ -246,6 +279,7 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                 "be predicted better than their noise allows.",
             ),
             ("code", fig("pr1394_marginal_predictor")),
+            ("code", PREDICTOR_FITS),
             (
                 "md",
                 "### Spending the same bytes better\nThe allocator picks at most one setting per group so "
@@ -256,6 +290,7 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                 "recipe — that is a result, not a failure.",
             ),
             ("code", fig("pr1394_allocator", show_table=True)),
+            ("code", ALLOCATOR_VERDICT),
             (
                 "md",
                 "### Rate-aware GPTQ\nGPTQ rounds each weight to minimise the Hessian-weighted error alone; "
@@ -266,6 +301,7 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                 "on the plain curve.",
             ),
             ("code", fig("pr1394_rate_aware_gptq", show_table=True)),
+            ("code", RATE_VERDICT),
             ("md", "## The PR's own numbers\nPer-seed stages and training curves from its logs."),
             ("code", fig("paper_pr1394_seed_stages")),
             ("code", fig("paper_pr1394_train_curves")),
