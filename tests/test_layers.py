@@ -13,7 +13,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "qlab"
 
 
-def test_no_function_level_qlab_import_without_a_reason():
+def _unexplained_function_imports(counts) -> list[str]:
+    """``file:line`` of every import inside a function body that ``counts`` and whose line
+    carries no comment."""
     hidden = []
     for path in sorted(PACKAGE.rglob("*.py")):
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -21,22 +23,20 @@ def test_no_function_level_qlab_import_without_a_reason():
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for sub in ast.walk(node):
-                qlab_import = isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("qlab")
-                if qlab_import and "#" not in lines[sub.lineno - 1]:
+                if counts(sub) and "#" not in lines[sub.lineno - 1]:
                     hidden.append(f"{path.relative_to(PACKAGE.parent)}:{sub.lineno}")
+    return hidden
+
+
+def test_no_function_level_qlab_import_without_a_reason():
+    hidden = _unexplained_function_imports(
+        lambda sub: isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("qlab")
+    )
     assert not hidden, hidden
 
 
 def test_no_function_level_import_at_all_without_a_reason():
     """Third-party and standard-library imports too: only optional extras (and the like)
     are imported late, each with its reason on the line."""
-    hidden = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for node in ast.walk(ast.parse("\n".join(lines))):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            for sub in ast.walk(node):
-                if isinstance(sub, (ast.Import, ast.ImportFrom)) and "#" not in lines[sub.lineno - 1]:
-                    hidden.append(f"{path.relative_to(PACKAGE.parent)}:{sub.lineno}")
+    hidden = _unexplained_function_imports(lambda sub: isinstance(sub, (ast.Import, ast.ImportFrom)))
     assert not hidden, hidden
