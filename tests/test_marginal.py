@@ -129,6 +129,36 @@ def test_marginal_table_measures_and_resumes(setup, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(again, table, check_dtype=False)
 
 
+def test_a_table_without_evaluation_is_completed_by_the_predictor(setup, monkeypatch):
+    model, policy, hessians, val, tables = setup
+    kw = dict(seq_len=32, settings=["bits-1", "bits+1", "k*1.25"], n_boot=100)
+    measured = M.marginal_table(model, policy, val, tables, hessians, **kw)
+    scored = []
+    real = M.token_scores
+    monkeypatch.setattr(M, "token_scores", lambda *a, **k: scored.append(1) or real(*a, **k))
+    blind = M.marginal_table(model, policy, val, tables, hessians, evaluate=False, **kw)
+    assert scored == []  # not one forward pass
+    cols = ["group", "setting", "delta_bytes", "delta_hessian_err"]
+    pd.testing.assert_frame_equal(blind[cols], measured[cols])  # the same quantization and bytes
+    assert blind["delta_bpb"].isna().all() and not blind["resolved"].any()
+    # fit on two thirds of the measured rows, predict every row of the blind table
+    fit = M.fit_predictor(measured.iloc[: 2 * len(measured) // 3], slopes="shared")
+    pred = M.predict_delta_bpb(blind, fit)
+    x = blind["delta_hessian_err"].to_numpy()
+    np.testing.assert_allclose(pred, fit["intercept"] + fit["slopes"]["all"] * x)
+    np.testing.assert_allclose(
+        M.predict_delta_bpb(measured.iloc[: 2 * len(measured) // 3], fit), fit["predicted"]
+    )
+    # the allocator takes the predicted column; without one it refuses the NaN table
+    picks, bpb, nbytes = A.choose_settings(blind.assign(predicted_bpb=pred), 0, value="predicted_bpb")
+    assert nbytes <= 0
+    with pytest.raises(ConfigError, match="finite"):
+        A.choose_settings(blind, 0)
+    # fit_predictor ignores rows that were not measured
+    both = pd.concat([measured, blind.assign(group="mlp")], ignore_index=True)
+    assert M.fit_predictor(both)["n"] == len(measured)
+
+
 def test_marginal_cli(run_dir, tiny_dataset, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "marg"
     policy = str(run_dir / "policy.json")

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -44,21 +45,25 @@ EXHAUSTIVE_MAX = 200_000
 Option = tuple[str | None, int, float]  # (setting or None = unchanged, Δbytes, Δbpb)
 
 
-def _options(table: pd.DataFrame) -> dict[str, list[Option]]:
-    return {g: [(None, 0, 0.0)] + [(r["setting"], int(r["delta_bytes"]), float(r["delta_bpb"]))
+def _options(table: pd.DataFrame, value: str) -> dict[str, list[Option]]:
+    if value not in table.columns or not np.isfinite(table[value].to_numpy(float)).all():
+        raise ConfigError(f"choose_settings: column {value!r} must hold a finite Δbpb on every row")
+    return {g: [(None, 0, 0.0)] + [(r["setting"], int(r["delta_bytes"]), float(r[value]))
                                    for _, r in rows.iterrows()]
             for g, rows in table.groupby("group", sort=False)}  # fmt: skip
 
 
 def choose_settings(
-    table: pd.DataFrame, budget_bytes: int, method: str = "auto"
+    table: pd.DataFrame, budget_bytes: int, method: str = "auto", value: str = "delta_bpb"
 ) -> tuple[dict[str, str], float, int]:
     """The per-group settings (at most one change per group, or none) that minimise the
     Σ Δbpb of the table with Σ Δbytes ≤ ``budget_bytes``; ({group: setting}, Σ Δbpb,
     Σ Δbytes). ``method``: ``"exhaustive"``, ``"lagrangian"`` or ``"auto"`` (exhaustive up
     to :data:`EXHAUSTIVE_MAX` combinations). Unresolved effects count at their point
-    estimate. ConfigError when no combination fits."""
-    options = _options(table)
+    estimate. ``value`` names the Δbpb column: the measured ``delta_bpb``, or a predicted
+    one (:func:`qlab.analysis.marginal.predict_delta_bpb`) for a table that was not
+    evaluated. ConfigError when no combination fits."""
+    options = _options(table, value)
     n = math.prod(len(o) for o in options.values())
     if method == "auto":
         method = "exhaustive" if n <= EXHAUSTIVE_MAX else "lagrangian"
@@ -167,13 +172,14 @@ def allocate(
     n_boot: int = 1000,
     max_tokens: int | None = None,
     against_uniform: bool = True,
+    value: str = "delta_bpb",
 ) -> dict[str, Any]:
     """Choose settings for ``cap`` from ``table``, then measure the chosen policy for real:
     paired against the base policy and (``against_uniform``) against the base policy with
     the matrices' k solved (``solve_k``) to the chosen policy's own artifact size — the
     uniform record recipe at equal bytes."""
 
-    choice, pred_bpb, pred_bytes = choose_settings(table, cap - int(table["base_bytes"].iloc[0]))
+    choice, pred_bpb, pred_bytes = choose_settings(table, cap - int(table["base_bytes"].iloc[0]), value=value)
     shapes = dict(model.state_dict())
     groups = group_tensors(quantize_model(model, policy, hessians=hessians).quantized_state, grouping)
     chosen = allocated_policy(policy, groups, choice, shapes)

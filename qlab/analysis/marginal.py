@@ -52,6 +52,7 @@ from qlab.quant.tensor import QuantizedTensor, dequantize
 
 __all__ = [
     "SETTINGS", "group_tensors", "document_sums", "paired_delta", "marginal_table", "fit_predictor",
+    "predict_delta_bpb",
 ]  # fmt: skip
 
 # Relative changes of a group's spec: bits ± 1, clip width k × 0.8 / × 1.25.
@@ -140,14 +141,24 @@ def measure_policy(
 ) -> tuple[int, np.ndarray, dict]:
     """(artifact bytes, Σ nll per document, quantized state) of ``model`` under ``policy``."""
 
-    qm = quantize_model(model, policy, hessians=hessians)
-    nbytes = len(encode_artifact(qm.quantized_state, policy=policy.to_dict(), codec=codec))
+    nbytes, qm = _encoded(model, policy, hessians, codec)
     nll, tok_bytes, pos = token_scores(
         qm.dequantized_model, ev["tokens"], ev["tables"], seq_len=ev["seq_len"], max_tokens=ev["max_tokens"]
     )
     doc_nll, doc_bytes = document_sums(nll, tok_bytes, pos, ev["tokens"], ev["bos"])
     ev.setdefault("doc_bytes", doc_bytes)  # the same tokens every time: one byte count per document
     return nbytes, doc_nll, qm.quantized_state
+
+
+def measure_bytes(model: nn.Module, policy: Policy, hessians: Mapping, codec: str) -> tuple[int, dict]:
+    """(artifact bytes, quantized state) of ``model`` under ``policy``: no forward pass."""
+    nbytes, qm = _encoded(model, policy, hessians, codec)
+    return nbytes, qm.quantized_state
+
+
+def _encoded(model: nn.Module, policy: Policy, hessians: Mapping, codec: str) -> tuple[int, Any]:
+    qm = quantize_model(model, policy, hessians=hessians)
+    return len(encode_artifact(qm.quantized_state, policy=policy.to_dict(), codec=codec)), qm
 
 
 def scoring_inputs(val_tokens: torch.Tensor, byte_tables: Any, seq_len: int, max_tokens: int | None,
@@ -177,13 +188,22 @@ def marginal_table(
     n_boot: int = 1000,
     max_tokens: int | None = None,
     out: str | os.PathLike | None = None,
+    evaluate: bool = True,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """One row per group × setting (see the module doc); ``out`` makes it resumable."""
+    """One row per group × setting (see the module doc); ``out`` makes it resumable.
+
+    ``evaluate=False`` skips every forward pass: the rows hold the real Δbytes and the
+    Δ Hessian error, with Δbpb and its interval NaN — the table
+    :func:`predict_delta_bpb` completes from a predictor fitted on a few measured rows,
+    for models where evaluating every variant is too slow."""
     ev = scoring_inputs(val_tokens, byte_tables, seq_len, max_tokens, bos_id)
-    base_bytes, base_nll, base_state = measure_policy(model, policy, hessians, ev, codec)
-    doc_bytes = ev["doc_bytes"]
-    base_bpb = float(base_nll.sum() / math.log(2) / doc_bytes.sum())
+    base_nll = None
+    if evaluate:
+        base_bytes, base_nll, base_state = measure_policy(model, policy, hessians, ev, codec)
+        base_bpb = float(base_nll.sum() / math.log(2) / ev["doc_bytes"].sum())
+    else:
+        (base_bytes, base_state), base_bpb = measure_bytes(model, policy, hessians, codec), math.nan
     shapes = dict(model.state_dict())
     groups = group_tensors(base_state, grouping)
     base_err = _hessian_errors(shapes, base_state, hessians, [n for g in groups.values() for n in g])
@@ -193,11 +213,14 @@ def marginal_table(
             if (g, s) not in done and _changes(policy, groups[g], s, shapes)]  # fmt: skip
     for group, setting in tqdm(todo, desc="marginal", disable=not progress):
         names = groups[group]
-        nbytes, nll, state = measure_policy(
-            model, variant_policy(policy, names, setting, shapes), hessians, ev, codec
-        )
+        variant = variant_policy(policy, names, setting, shapes)
+        delta, lo, hi = (math.nan,) * 3
+        if base_nll is not None:
+            nbytes, nll, state = measure_policy(model, variant, hessians, ev, codec)
+            delta, lo, hi = paired_delta(base_nll, nll, ev["doc_bytes"], n_boot)
+        else:
+            nbytes, state = measure_bytes(model, variant, hessians, codec)
         err = _hessian_errors(shapes, state, hessians, names)
-        delta, lo, hi = paired_delta(base_nll, nll, doc_bytes, n_boot)
         rows.append({
             "group": group, "setting": setting, "tensors": len(names),
             "numel": int(sum(shapes[n].numel() for n in names)), "base_bytes": base_bytes,
@@ -260,6 +283,7 @@ def fit_predictor(table: pd.DataFrame, slopes: str = "hessian") -> dict[str, Any
     (the in-sample predictions, per row) and ``r2_ceiling`` = 1 − mean(se²)/var(Δbpb), se
     from each row's 95 % interval: the R² even an exact predictor reaches on average, the
     measurements being this noisy."""
+    table = table[np.isfinite(table["delta_bpb"].to_numpy(float))]  # measured rows only
     x, y = table["delta_hessian_err"].to_numpy(float), table["delta_bpb"].to_numpy(float)
     keys = _slope_keys(table, slopes)
     names = list(dict.fromkeys(keys))
@@ -281,6 +305,16 @@ def fit_predictor(table: pd.DataFrame, slopes: str = "hessian") -> dict[str, Any
     return {"slopes": dict(zip(names, map(float, beta[:-1]), strict=True)), "intercept": float(beta[-1]),
             "r2": r2, "loo_r2": loo_r2, "n": len(y), "r2_ceiling": ceiling, "predicted": pred,
             "kind": slopes}  # fmt: skip
+
+
+def predict_delta_bpb(table: pd.DataFrame, fit: Mapping[str, Any]) -> np.ndarray:
+    """Δbpb of every row of ``table`` (measured or not) by a :func:`fit_predictor` result:
+    its slope for the row's key and the shared intercept. A key the fit never saw (a
+    group with no measured row under ``slopes="group"``) has no slope: NaN."""
+    keys = _slope_keys(table, fit["kind"])
+    x = table["delta_hessian_err"].to_numpy(float)
+    slope = np.array([fit["slopes"].get(k, math.nan) for k in keys], dtype=float)
+    return fit["intercept"] + slope * x
 
 
 def _changes(policy: Policy, names: list[str], setting: str, shapes: Mapping[str, torch.Tensor]) -> bool:
