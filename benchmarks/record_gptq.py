@@ -22,16 +22,25 @@ from __future__ import annotations
 import torch
 
 
-def record_hinv(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Steps 1–3: (permutation, damped permuted H's Hinv, dead-column mask)."""
+def record_damped(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1–2: (permutation, damped permuted H, dead-column mask)."""
     H = H.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     H.diagonal().add_(0.01 * H.diag().mean())
     perm = torch.argsort(H.diag(), descending=True, stable=True)
-    H = H[perm][:, perm]
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    return perm, hinv, dead
+    return perm, H[perm][:, perm], dead
+
+
+def record_hinv(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1–3: (permutation, damped permuted H's Hinv, dead-column mask)."""
+    perm, H, dead = record_damped(H)
+    return perm, record_factor(H), dead
+
+
+def record_factor(H: torch.Tensor) -> torch.Tensor:
+    """Step 3: Hinv of the damped permuted H by the record's three calls."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
 
 @torch.no_grad()
