@@ -4,7 +4,7 @@ VENV      := .venv
 BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
 
-.PHONY: demo test bench lint figures gpu-check fuzz clean-venv
+.PHONY: demo test bench lint figures gpu-check fuzz third-party clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ fuzz: $(STAMP)
 # bench_codecs measures the artifact codec on the demo's trained checkpoint: run the demo first.
 bench: $(STAMP) runs/demo/model.qlab
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks
+
+# Downloads two small GPTs trained by others (pinned commits and SHA-256, about 1.7 MB) into
+# data/third_party/; bench_codecs then adds their rows. Needs the network; not part of CI.
+third-party: $(STAMP)
+	$(BIN)/python -m benchmarks.third_party
 
 runs/demo/model.qlab: $(STAMP)
 	$(BIN)/qlab demo --out runs/demo

@@ -6,6 +6,9 @@ Three sources of codes, one table:
   (trained tiny model, record_small policy: int6 matrices, int8 embedding). The rows
   ``artifact codes vs order-0`` and ``artifact vs brotli-11+shuffle`` are measured here.
   Skipped, with a note, when the demo has not been run (``make bench`` runs it first).
+* **third-party checkpoints**: small GPTs trained by others (``benchmarks/third_party.py``,
+  fetched by ``make third-party``; skipped with a note where absent), RTN-quantized
+  record_small-style.
 * **record-shaped synthetic**: Gaussian weights quantised with SDClip like the record
   (matrices int6 k = 12.85, embedding int8 k = 20), one transformer block plus 1/8 of the
   8192×512 embedding (2.1M codes), small enough for brotli-11 and lzma-9e in ~1 min.
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import third_party
 from benchmarks.record import Record
 from qlab.compress.ans import ans_decode, ans_encode
 from qlab.compress.codecs import get_codec
@@ -38,6 +42,8 @@ from qlab.compress.container import decode_artifact, encode_artifact, read_artif
 from qlab.compress.entropy import entropy_bits
 from qlab.compress.predict import measure_compressed_bytes, predict_compressed_bytes, serialize_record
 from qlab.compress.symbols import decode_symbols, encode_symbols
+from qlab.loaders import load_state_dict
+from qlab.quant.policy import get_policy, quantize_state_dict
 from qlab.quant.rtn import quantize_rtn
 from qlab.quant.tensor import QuantizedTensor
 
@@ -161,13 +167,13 @@ def _table(label: str, state: dict) -> tuple[list[Record], float, int]:
     return _byte_codec_records(label, codes, ideal) + symbol_rows, ideal, combined
 
 
-def _headline(label: str, state: dict, ideal: float, combined: int) -> list[Record]:
-    """The rows followed across runs, on the demo's trained checkpoint."""
+def _headline(label: str, state: dict, ideal: float, combined: int, prefix: str = "") -> list[Record]:
+    """The rows followed across runs (on the demo's trained checkpoint without a prefix)."""
     ans = len(encode_artifact(state, codec="ans"))
     brotli = len(encode_artifact(state, codec="brotli-11"))
     return [
         Record(
-            name="artifact codes vs order-0",
+            name=f"{prefix}artifact codes vs order-0",
             metric="bytes ratio",
             value=combined / ideal,
             unit="x",
@@ -177,7 +183,7 @@ def _headline(label: str, state: dict, ideal: float, combined: int) -> list[Reco
             notes=f"{label}: {combined:,} B of symbol streams vs {ideal:,.0f} B order-0",
         ),
         Record(
-            name="artifact vs brotli-11+shuffle",
+            name=f"{prefix}artifact vs brotli-11+shuffle",
             metric="bytes ratio",
             value=ans / brotli,
             unit="x",
@@ -250,10 +256,28 @@ def _demo_records() -> list[Record]:
     return _headline("demo checkpoint (make demo)", state, ideal, combined) + rows
 
 
+def _third_party_records() -> list[Record]:
+    """Checkpoints trained by others (``make third-party``), quantized record_small-style
+    by RTN (no calibration data of theirs: int6 SDClip matrices, int8 embeddings)."""
+    found = third_party.present()
+    if not found:
+        note = "skipped: no third-party checkpoint in data/third_party (run `make third-party`)"
+        return [
+            Record("third-party: artifact codes vs order-0", "bytes ratio", float("nan"), "x", notes=note)
+        ]
+    rows = []
+    for c in found:
+        state = quantize_state_dict(load_state_dict(c.local), get_policy("record_small"))
+        label = f"third-party {c.name}"
+        table, ideal, combined = _table(label, state)
+        rows += _headline(f"{c.repo} ({c.what})", state, ideal, combined, prefix=f"{label}: ") + table
+    return rows
+
+
 def run() -> list[Record]:
     synthetic = record_like_state()
     rows, _, _ = _table("record-shaped synthetic", synthetic)
-    return _demo_records() + rows + _speed_records() + _predictor_records(synthetic)
+    return _demo_records() + _third_party_records() + rows + _speed_records() + _predictor_records(synthetic)
 
 
 if __name__ == "__main__":
