@@ -110,18 +110,13 @@ def _check_inputs(w: torch.Tensor, h: torch.Tensor, name: str) -> None:
 
 
 def _record_route(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The record's Hinv: cholesky → cholesky_inverse → cholesky(upper); bit-identical to it.
-
-    On the CPU the same LAPACK routines are called directly (:mod:`qlab.quant.lapack`:
-    the same bits without torch's copies around them).
-    """
-    if lapack.usable(h):
-        pairs = [lapack.record_hinv_lapack(x) for x in h]
-        info = torch.tensor([i for _, i in pairs])
-        return (pairs[0][0][None] if len(pairs) == 1 else _stack_in_layout([u for u, _ in pairs])), info
-    low, info = torch.linalg.cholesky_ex(h)
-    up, info_up = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
-    return up, info | info_up
+    """The record's Hinv, bit-identical to it: on the CPU the LAPACK routines torch calls,
+    called directly (:mod:`qlab.quant.lapack`: the same bits without torch's copies)."""
+    if not lapack.usable(h):
+        return lapack.torch_record_hinv(h)
+    pairs = [lapack.record_hinv_lapack(x) for x in h]
+    info = torch.tensor([i for _, i in pairs])
+    return (pairs[0][0][None] if len(pairs) == 1 else _stack_in_layout([u for u, _ in pairs])), info
 
 
 def _fast_route(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

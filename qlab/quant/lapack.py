@@ -1,4 +1,4 @@
-"""torch's own LAPACK, called directly: the record's Hinv in fewer passes over memory.
+"""The record's Hinv — by torch's three calls, or by the same LAPACK routines called directly.
 
 The record computes GPTQ's Hinv as ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``.
 On the CPU each of those torch calls is one LAPACK routine (``potrf``, ``potri``,
@@ -79,8 +79,12 @@ def record_hinv_lapack(h: torch.Tensor) -> tuple[torch.Tensor, int]:
     return b.tril_().mT, info  # b's row-major upper triangle is U's lower one: zeroed
 
 
-def _torch_route(h: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+def torch_record_hinv(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, info) for a stack H (…, n, n) by the record's own calls: cholesky →
+    cholesky_inverse → cholesky(upper); info ≠ 0 where a factorisation failed. Any device."""
+    low, info = torch.linalg.cholesky_ex(h)
+    up, info_up = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+    return up, info | info_up
 
 
 @functools.cache
@@ -97,7 +101,7 @@ def available() -> bool:
             u, info = record_hinv_lapack(h)
         except (OSError, ValueError):
             return False
-        if info != 0 or not torch.equal(u, _torch_route(h)):
+        if info != 0 or not torch.equal(u, torch_record_hinv(h)[0]):
             return False
     return True
 
