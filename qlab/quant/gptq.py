@@ -332,8 +332,7 @@ def _record_loop(
             w = wb[:, j]
             q = rounding(w, s, hb[:, j, j, None])
             codes[:, b1 + j] = q
-            # addcmul rounds q·s, then the difference, as the record's w − q·s: no fused
-            # multiply-add on this path, so the same bits (checked against the record)
+            # the record's (w − q·s) / Hinv_jj, written straight into err's column
             e = torch.div(w - q * s, hb[:, j, j, None], out=err[:, j])
             # the product rounded, then the difference, as the record (addcmul_ fuses
             # them on this CPU: other bits); from column j + 1, as column j is never read
