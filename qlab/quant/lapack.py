@@ -4,7 +4,7 @@ The record computes GPTQ's Hinv as ``cholesky(cholesky_inverse(cholesky(H)), upp
 On the CPU each of those torch calls is one LAPACK routine (``potrf``, ``potri``,
 ``potrf``) wrapped in copies: the input into a column-major buffer, the unused triangle
 zeroed (``tril``/``triu``), ``potri``'s half mirrored into a full matrix. With a 2048²
-Hessian the wrappers cost a quarter of the time. Calling the *same* routines of the
+Hessian the wrappers cost a fifth of the time. Calling the *same* routines of the
 *same* library (torch links its LAPACK statically and exports its symbols) computes the
 same numbers bit for bit and skips the wrappers.
 
@@ -53,7 +53,8 @@ def _call(routine, uplo: bytes, a: torch.Tensor) -> int:
     info = ctypes.c_int64(0)
     routine(ctypes.c_char_p(uplo), ctypes.byref(n), ctypes.c_void_p(a.data_ptr()), ctypes.byref(n),
             ctypes.byref(info), ctypes.c_size_t(1))  # fmt: skip
-    return ctypes.c_int32(info.value & 0xFFFFFFFF).value if info.value >> 32 == 0 else int(info.value)
+    v = info.value
+    return v - (1 << 32) if (1 << 31) <= v < (1 << 32) else v  # an LP64 negative fills the low half only
 
 
 def record_hinv_lapack(h: torch.Tensor) -> tuple[torch.Tensor, int]:
