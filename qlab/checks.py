@@ -1,4 +1,5 @@
-"""Type checks shared by every validator: one definition of "an integer" and "a number".
+"""Type checks shared by every validator: one definition of "an integer", "a number"
+and "a finite tensor".
 
 JSON, YAML, TOML and environment variables all reach qlab as Python values, and
 ``True`` is an ``int`` in Python; these predicates say what qlab accepts as a count or a
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 
 def is_int(v: Any) -> bool:
     """An integer that is not a bool."""
@@ -19,3 +22,19 @@ def is_int(v: Any) -> bool:
 def is_finite_number(v: Any) -> bool:
     """An int or float (not a bool) that is neither NaN nor ±Inf."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or ±Inf in ``t`` (true of any non-float tensor).
+
+    One pass and no mask (``isfinite(t).all()`` is ~15x slower): min and max propagate NaN
+    and show ±Inf. On a strided view such as LAPACK's column-major factors min/max is 10x
+    slower, so there a sum goes first — a NaN or ±Inf entry makes it non-finite — and
+    min/max decides only when the sum is not finite (a bad entry, or an overflow).
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if not t.is_contiguous() and math.isfinite(float(t.sum())):
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qlab.checks import all_finite
 from qlab.errors import NumericalError, QuantError
 from qlab.quant.clip import clip_to_scale, compute_clip
 from qlab.quant.gptq import gptq_quantize, gptq_quantize_many
@@ -264,16 +265,18 @@ def test_gptq_never_writes_the_callers_tensors(act_order):
     assert torch.equal(W, w0) and torch.equal(H, h0)
 
 
-def test_all_finite_by_sum_matches_the_elementwise_test():
-    from qlab.quant.gptq import _all_finite
-
-    x = torch.randn(5, 8, 8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_by_sum_matches_the_elementwise_test(dtype):
+    x = torch.randn(5, 8, 8, dtype=dtype)
     x[1, 2, 3] = float("nan")
     x[2, 0, 0] = float("inf")
-    x[3] = 3e38  # finite entries whose sum overflows: must not count as bad
+    x[3] = torch.finfo(dtype).max / 2  # finite entries whose sum overflows: must not count as bad
     x[4, 7, 7] = float("-inf")
-    assert _all_finite(x).tolist() == [True, False, False, True, False]
-    assert _all_finite(x.mT).tolist() == [True, False, False, True, False]  # column-major, as LAPACK's
+    want = [bool(torch.isfinite(m).all()) for m in x]
+    assert want == [True, False, False, True, False]
+    assert [all_finite(m) for m in x] == want
+    assert [all_finite(m.mT) for m in x] == want  # column-major, as LAPACK's factors
+    assert all_finite(torch.arange(5)) and all_finite(torch.empty(0))
 
 
 def test_stack_in_layout_keeps_values_and_column_major_layout():

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from qlab.checks import all_finite
 from qlab.compress.container import read_artifact
 from qlab.compress.ptz import decode_pg_tree, read_ptz
 from qlab.errors import CheckpointError, QlabError
@@ -427,21 +428,12 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def _finish(t: torch.Tensor, name: str, file: Path, cast: torch.dtype | None, check: bool) -> torch.Tensor:
     t = normalize_tensor(t, name, file)
-    if check and not _all_finite(t):
+    if check and not all_finite(t):
         n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         raise CheckpointError(f"{file}: tensor {name!r} contains {n_nan} NaN and {n_inf} Inf values")
     if cast is not None and t.is_floating_point() and t.dtype != cast:
         t = t.to(cast)
     return t
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    # aminmax propagates NaN and exposes ±Inf in one pass without allocating a mask:
-    # ~8x faster than isfinite(t).all(), which dominated streaming time.
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def load_state_dict(path: str | os.PathLike, **kwargs) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from qlab.checks import all_finite
 from qlab.errors import QuantError
 from qlab.quant.rtn import quantize_rtn
 from qlab.quant.tensor import QuantizedTensor, check_finite, dequantize, register_dequantizer
@@ -32,7 +33,7 @@ def channel_scales(act_mean_abs: torch.Tensor, alpha: float = 0.5) -> torch.Tens
     a = torch.as_tensor(act_mean_abs).detach().to(torch.float64)
     if a.dim() != 1 or a.numel() == 0:
         raise QuantError(f"AWQ: act_mean_abs must be a non-empty 1-D tensor, got shape {tuple(a.shape)}")
-    if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
+    if not all_finite(a) or bool((a < 0).any()):
         raise QuantError("AWQ: act_mean_abs must be finite and non-negative")
     if not np.isfinite(alpha) or alpha < 0:
         raise QuantError(f"AWQ: alpha must be a finite number ≥ 0, got {alpha!r}")

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from qlab.checks import all_finite
 from qlab.errors import ConfigError, QuantError
 from qlab.quant.tensor import qmax_symmetric
 
@@ -201,6 +202,6 @@ def scale_floor(dtype: torch.dtype) -> float:
 def clip_to_scale(c: torch.Tensor, qmax: int | float, scale_dtype: torch.dtype) -> torch.Tensor:
     """s = c / qmax rounded to ``scale_dtype`` and floored so it is never 0."""
     s = (c.to(torch.float32) / qmax).to(scale_dtype)
-    if not bool(torch.isfinite(s).all()):
+    if not all_finite(s):
         raise QuantError(f"scale overflows {scale_dtype}: clip values up to {float(c.max()):.4g}")
     return s.clamp_min(scale_floor(scale_dtype))

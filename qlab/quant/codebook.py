@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from qlab.checks import all_finite
 from qlab.errors import QuantError
 from qlab.quant.tensor import QuantizedTensor, check_finite, expand_param
 
@@ -83,7 +84,7 @@ def _check_codebook(codebook: torch.Tensor) -> torch.Tensor:
     cb = torch.as_tensor(codebook, dtype=torch.float32).flatten()
     if not 2 <= cb.numel() <= 256:
         raise QuantError(f"codebook must have 2..256 entries, got {cb.numel()}")
-    if not bool(torch.isfinite(cb).all()):
+    if not all_finite(cb):
         raise QuantError("codebook contains NaN or Inf")
     if bool((cb[1:] <= cb[:-1]).any()):
         raise QuantError("codebook levels must be strictly increasing")
@@ -108,7 +109,7 @@ def quantize_codebook(
     cb = _check_codebook(codebook)
     _as_2d(w, name)
     s16 = torch.as_tensor(scale, dtype=torch.float32).to(torch.float16)
-    if not bool(torch.isfinite(s16).all()) or bool((s16 < 0).any()):
+    if not all_finite(s16) or bool((s16 < 0).any()):
         raise QuantError(f"tensor {name!r}: scales must be finite, non-negative and within fp16 range")
     if s16.dim() not in (0, w.dim()):
         raise QuantError(

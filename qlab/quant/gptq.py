@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from qlab.checks import all_finite
 from qlab.errors import NumericalError, QuantError
 from qlab.quant import lapack
 from qlab.quant.clip import ClipRule, clip_to_scale, compute_clip
@@ -178,7 +179,7 @@ def upper_cholesky_of_inverse(
         hd.diagonal(dim1=-2, dim2=-1).copy_(raw_diag[todo])  # damping only ever touches the diagonal
         hd.diagonal(dim1=-2, dim2=-1).add_((factor * mean_diag[todo])[:, None])
         up, info = factorise(hd)
-        ok = (info.to(h.device) == 0) & _all_finite(up)
+        ok = (info.to(h.device) == 0) & torch.tensor([all_finite(u) for u in up], device=h.device)
         if attempt == 0 and bool(ok.all()):
             return up, [factor] * n_mat, retries
         out = torch.empty_like(h) if out is None else out
@@ -195,19 +196,6 @@ def upper_cholesky_of_inverse(
         f"(damping {damp:g} → {damp * 10.0 ** (max_tries - 1):g} × mean diag); "
         "is the Hessian symmetric positive semi-definite and finite?"
     )
-
-
-def _all_finite(x: torch.Tensor) -> torch.Tensor:
-    """(N,) bool: every entry of x[i] is finite.
-
-    A finite sum proves it (a NaN or ±Inf entry makes the sum non-finite) and costs one
-    read; only the rare matrix whose sum is not finite (a bad entry, or an overflow of
-    finite ones) gets the exact elementwise test.
-    """
-    ok = torch.isfinite(x.sum(dim=(1, 2)))  # no flatten: LAPACK's factors are column-major
-    for i in torch.nonzero(~ok).flatten().tolist():
-        ok[i] = bool(torch.isfinite(x[i]).all())
-    return ok
 
 
 # The copies below write into preallocated outputs: on the CPU a fresh multi-megabyte

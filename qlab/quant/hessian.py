@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qlab.checks import all_finite
 from qlab.errors import DataError, QuantError
 
 
@@ -49,7 +50,7 @@ def _tied_embedding(model: nn.Module, min_numel: int) -> tuple[str, nn.Embedding
 
 def _xtx(key: str, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     x = x.detach().reshape(-1, x.shape[-1]).to(device=device, dtype=torch.float32)
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise QuantError(f"Hessian for {key!r}: layer input contains NaN/Inf")
     return x.T @ x
 

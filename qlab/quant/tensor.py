@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qlab.checks import all_finite
 from qlab.errors import QuantError
 
 __all__ = [
@@ -116,8 +117,7 @@ def check_bits(bits: int, name: str | None = None, lo: int = 2, hi: int = 8) -> 
 
 def check_finite(t: torch.Tensor, name: str | None = None, what: str = "weights") -> None:
     """Raise QuantError naming the tensor if it holds NaN or Inf."""
-    # min/max propagate NaN and Inf and are several times cheaper than isfinite().all()
-    if t.is_floating_point() and t.numel() and not all(map(math.isfinite, map(float, torch.aminmax(t)))):
+    if not all_finite(t):
         n_nan = int(torch.isnan(t).sum())
         n_inf = int(torch.isinf(t).sum())
         raise QuantError(f"{_label(name)}: {what} contain {n_nan} NaN and {n_inf} Inf values")

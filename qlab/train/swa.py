@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qlab.checks import all_finite
 from qlab.errors import CheckpointError, ConfigError, NumericalError
 
 
@@ -107,7 +108,7 @@ def blend(
             out[key] = e.clone()
             continue
         mixed = alpha * e.to(torch.float32) + (1.0 - alpha) * s.to(torch.float32)
-        if not bool(torch.isfinite(mixed).all()):
+        if not all_finite(mixed):
             raise NumericalError(f"blend: entry {key} is not finite")
         out[key] = mixed.to(e.dtype)
     return out
