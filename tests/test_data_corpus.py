@@ -50,7 +50,7 @@ def test_build_dataset_layout_and_content(tmp_path):
     docs = [sp.decode(part.tolist()) for part in np.split(train, np.flatnonzero(train == 1))[1:]]
     assert docs == DOCS[:25]
     # rebuilding with an existing tokenizer removes stale shards
-    again = build_dataset(DOCS[:25], DOCS[25:], tmp_path / "ds", tokenizer=info.tokenizer_path)
+    again = build_dataset(DOCS[:25], DOCS[25:], tmp_path / "ds", tokenizer=info.tokenizer_path, force=True)
     assert len(again.train_files) == 1 and again.train_tokens == meta["train_tokens"]
 
 

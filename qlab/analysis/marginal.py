@@ -207,7 +207,7 @@ def marginal_table(
     shapes = dict(model.state_dict())
     groups = group_tensors(base_state, grouping)
     base_err = _hessian_errors(shapes, base_state, hessians, [n for g in groups.values() for n in g])
-    done = _read_rows(out)
+    done = _read_rows(out, base_bytes)
     rows = list(done.values())
     todo = [(g, s) for g in groups for s in settings
             if (g, s) not in done and _changes(policy, groups[g], s, shapes)]  # fmt: skip
@@ -326,14 +326,32 @@ def _rate(delta_bpb: float, delta_bytes: int) -> float:
     return delta_bpb * 1000.0 / (delta_bytes / 1000.0) if delta_bytes else float("nan")
 
 
-def _read_rows(out: str | os.PathLike | None) -> dict[tuple[str, str], dict]:
-    """Rows a killed run already wrote (resume); nothing when ``out`` is absent."""
+def _read_rows(out: str | os.PathLike | None, base_bytes: int) -> dict[tuple[str, str], dict]:
+    """Rows a killed run already wrote (resume); nothing when ``out`` is absent.
+
+    Rows are kept only if they are a marginal table measured against this same base
+    artifact size: rows of another checkpoint, policy or codec are refused, not mixed in."""
     if out is None or not Path(out).is_file():
         return {}
-    df = pd.read_csv(out, dtype={"group": str, "setting": str})
+    try:
+        df = pd.read_csv(out, dtype={"group": str, "setting": str})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ConfigError(
+            f"{out}: not a readable marginal table ({exc}); remove it or pick another --out"
+        ) from None
     if list(df.columns) != COLUMNS:
         raise ConfigError(
             f"{out}: not a marginal table (columns {list(df.columns)}); remove it or pick another --out"
+        )
+    numeric = [c for c in COLUMNS if c not in ("group", "setting", "resolved")]
+    if df[["group", "setting"]].isna().any().any() or any(
+        not pd.api.types.is_numeric_dtype(df[c]) for c in numeric
+    ):
+        raise ConfigError(f"{out}: a row has a missing group/setting or a non-numeric value")
+    if len(df) and not (df["base_bytes"] == base_bytes).all():
+        raise ConfigError(
+            f"{out}: rows measured against a {int(df['base_bytes'].iloc[0]):,}-byte base, this run's base "
+            f"is {base_bytes:,} B (another checkpoint, policy or codec); choose another --out"
         )
     return {(r["group"], r["setting"]): r for r in df.to_dict("records")}
 

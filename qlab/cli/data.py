@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary size (default 1024)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace a dataset already in --out")
     p.set_defaults(func=_embedded)
 
     p = sub.add_parser("build", help="tokenize a folder of .txt / .jsonl (field 'text') files")
@@ -35,6 +36,7 @@ def register(subparsers) -> None:
     group.add_argument("--vocab", type=int, help="train a new tokenizer of this vocabulary size")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace a dataset already in --out")
     p.set_defaults(func=_build)
 
     p = sub.add_parser("fineweb", help="download Parameter Golf's FineWeb shards (needs huggingface_hub)")
@@ -54,13 +56,17 @@ def register(subparsers) -> None:
 
 def _embedded(args: argparse.Namespace) -> int:
     train, val = embedded_documents()
-    info = build_dataset(train, val, args.out, args.vocab, shard_tokens=args.shard_tokens, source="embedded")
+    info = build_dataset(
+        train, val, args.out, args.vocab, shard_tokens=args.shard_tokens, source="embedded", force=args.force
+    )
     return _print_info(info)
 
 
 def _build(args: argparse.Namespace) -> int:
     vocab = args.vocab if args.vocab is not None else 1024
-    info = build_from_folder(args.src, args.tokenizer, args.out, vocab, shard_tokens=args.shard_tokens)
+    info = build_from_folder(
+        args.src, args.tokenizer, args.out, vocab, shard_tokens=args.shard_tokens, force=args.force
+    )
     return _print_info(info)
 
 

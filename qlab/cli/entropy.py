@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import pandas as pd
 
@@ -170,9 +171,10 @@ def _hessians(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.code_bytes < 0:
         raise ConfigError(f"--code-bytes must be >= 0, got {args.code_bytes}")
+    inputs = [args.ckpt, *[p for p in (args.calib_data, args.policy) if p and Path(p).exists()]]
     for out in (args.json, args.csv):
         if out:
-            check_output(out, [args.ckpt], args.force)
+            check_output(out, inputs, args.force)
     codecs = tuple(c.strip() for c in args.codecs.split(",") if c.strip())
     report = entropy_report(
         args.ckpt, args.policy, measure=args.measure, codecs=codecs, code_bytes=args.code_bytes,

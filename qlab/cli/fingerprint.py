@@ -19,6 +19,7 @@ import pandas as pd
 from qlab.analysis.fingerprint import fingerprint, write_fingerprint
 from qlab.cli._args import plain
 from qlab.errors import ConfigError
+from qlab.io.outputs import claim_output_dir
 from qlab.plots.fingerprints import render_fingerprint_figures
 from qlab.progress import cli_progress
 from qlab.quant.policy import load_policy
@@ -44,6 +45,9 @@ def register(subparsers) -> None:
     p.add_argument("--calib-batches", type=int, default=4, help="GPTQ calibration batches (0 = RTN)")
     p.add_argument("--sensitivity", action="store_true", help="also quantize one block at a time (slower)")
     p.add_argument("--out", help="output directory (default fingerprint-<checkpoint name>)")
+    p.add_argument(
+        "--force", action="store_true", help="write into a non-empty --out qlab fingerprint did not make"
+    )
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -56,14 +60,23 @@ def _policy(spec: str):
     return load_policy(spec)
 
 
+def _file(spec: str) -> str | None:
+    """A policy given as a file (an input to protect), not a preset name."""
+    return spec if Path(spec).is_file() else None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.tokens < 8 or args.calib_batches < 0:
         raise ConfigError("--tokens must be ≥ 8 and --calib-batches ≥ 0")
     out = Path(args.out or f"fingerprint-{Path(args.checkpoint).resolve().name}")
+    data = None if args.data.lower() == "none" else args.data
+    claim_output_dir(
+        out, "fingerprint", [args.checkpoint, args.against, data, _file(args.policy)], force=args.force
+    )
     results = fingerprint(
         args.checkpoint,
         against=args.against,
-        data=None if args.data.lower() == "none" else args.data,
+        data=data,
         policy=_policy(args.policy),
         n_tokens=args.tokens,
         sensitivity=args.sensitivity,

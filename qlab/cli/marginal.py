@@ -17,7 +17,8 @@ from qlab.analysis.marginal import fit_predictor, marginal_table
 from qlab.cli._args import plain
 from qlab.errors import ConfigError
 from qlab.eval.context import EvalContext
-from qlab.io.atomic import atomic_write_json, check_output
+from qlab.io.atomic import atomic_write_json
+from qlab.io.outputs import claim_output_dir, input_digest, output_lock
 from qlab.plots.allocation import plot_marginal
 from qlab.plots.style import save_figure
 from qlab.progress import cli_progress
@@ -48,18 +49,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also choose per-group settings for this artifact size (bytes) from the table, write "
         "OUT/allocated_policy.json and measure it against the base policy",
     )
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out that holds other results (rows measured on "
+                        "another checkpoint, policy, dataset, budget or codec are discarded)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def provenance(args: argparse.Namespace, policy) -> dict:
+    """What the rows of ``marginal.csv`` depend on: a rerun resumes only rows of the same."""
+    return {
+        "checkpoint": input_digest(args.checkpoint), "data": input_digest(args.data),
+        "policy": policy.to_dict(), "group_by": args.group_by, "calib_batches": args.calib_batches,
+        "boot": args.boot, "eval_tokens": args.eval_tokens, "codec": args.codec,
+    }  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     if args.calib_batches < 1 or args.boot < 0:
         raise ConfigError("--calib-batches must be ≥ 1 and --boot ≥ 0")
+    if args.eval_tokens is not None and args.eval_tokens < 1:
+        raise ConfigError(f"--eval-tokens must be ≥ 1, got {args.eval_tokens}")
     out = Path(args.out)
-    check_output(out / "marginal.csv", [args.checkpoint, args.data], force=True)  # resume: rows are kept
+    policy = resolve_policy(args.policy)
+    inputs = [args.checkpoint, args.data, args.policy if Path(args.policy).is_file() else None]
+    reuse = claim_output_dir(out, "marginal", inputs, force=args.force, provenance=provenance(args, policy))
+    with output_lock(out):
+        if not reuse:
+            (out / "marginal.csv").unlink(missing_ok=True)
+        return _run(args, out, policy)
+
+
+def _run(args: argparse.Namespace, out: Path, policy) -> int:
     progress = cli_progress(args.no_progress)
     ctx = EvalContext.open(args.checkpoint, args.data)
-    policy = resolve_policy(args.policy)
     hessians = ctx.hessians(policy, args.calib_batches, progress=progress)
     model, (val, tables) = ctx.model, ctx.validation()
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]

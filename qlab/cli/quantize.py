@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import pandas as pd
 
@@ -19,6 +20,7 @@ from qlab.compress.budget import CAP, code_bytes
 from qlab.errors import ConfigError
 from qlab.eval.quantize import quantize_checkpoint
 from qlab.io.atomic import check_output
+from qlab.io.outputs import output_lock
 from qlab.progress import cli_progress
 from qlab.quant.gptq import ARITHMETIC
 from qlab.quant.policy import (
@@ -100,10 +102,14 @@ def _policy(spec: str, env: Mapping[str, str], arithmetic: str | None = None) ->
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    inputs = [args.checkpoint] + [c for c in (args.code or [])] + ([args.data] if args.data else [])
+    policy_file = [args.policy] if Path(args.policy).is_file() else []
+    inputs = [args.checkpoint, *(args.code or []), *policy_file] + ([args.data] if args.data else [])
     check_output(args.out, inputs, args.force)
     if args.calib_batches < 0 or args.calib_batch_seqs < 1:
         raise ConfigError("--calib-batches must be ≥ 0 and --calib-batch-seqs ≥ 1")
+    for flag, value in (("--seq-len", args.seq_len), ("--eval-tokens", args.eval_tokens)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be ≥ 1, got {value}")
     if args.cap <= 0 or args.top < 0 or args.stride < 0:
         raise ConfigError("--cap must be positive, --top and --stride non-negative")
 
@@ -111,6 +117,13 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _env_defaults(args, os.environ)
     _check_args(args)
+    out = Path(args.out)
+    # one writer per artifact: a second quantize to the same --out waits for nobody, it is refused
+    with output_lock(out.parent, f"artifact {out.name}", name=f".{out.name}.lock"):
+        return _quantize(args)
+
+
+def _quantize(args: argparse.Namespace) -> int:
     policy = _policy(args.policy, os.environ, args.gptq_arithmetic)
     code = code_bytes(args.code, wrap=args.code_wrap) if args.code else 0
     result = quantize_checkpoint(

@@ -18,6 +18,7 @@ from qlab.cli._args import plain
 from qlab.errors import ConfigError
 from qlab.eval.context import EvalContext
 from qlab.io.atomic import atomic_write_text
+from qlab.io.outputs import claim_output_dir
 from qlab.plots import rd as plots
 from qlab.plots.style import save_figure
 from qlab.progress import cli_progress
@@ -37,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-rows", type=int, default=None, metavar="R", help="row sample per matrix (no --data)"
     )
     p.add_argument("--out", default="sweep_out", metavar="DIR", help="output directory (default sweep_out)")
+    p.add_argument(
+        "--force", action="store_true", help="write into a non-empty --out qlab sweep did not make"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     bits, ks = parse_ints(args.bits, "--bits"), parse_ks(args.k)
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "sweep", [args.ckpt, args.data], force=args.force)
     progress = cli_progress(args.no_progress)
     model = eval_fn = None
     if args.data:

@@ -22,6 +22,7 @@ from qlab.data.shards import write_shard
 from qlab.data.tokenizer import BOS_ID, load_tokenizer, train_tokenizer
 from qlab.errors import DataError
 from qlab.io.atomic import atomic_write_bytes, atomic_write_json
+from qlab.io.outputs import claim_output_dir
 
 __all__ = [
     "build_dataset",
@@ -45,12 +46,16 @@ def build_dataset(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     source: str = "custom",
     extra_meta: dict[str, Any] | None = None,
+    force: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> DatasetInfo:
     """Tokenize documents into a qlab dataset directory (shards, tokenizer.model, meta.json).
 
     Trains a tokenizer on ``train_docs`` unless ``tokenizer`` (a model path) is given.
     Each document is encoded BOS-prefixed with no EOS, like FineWeb. meta.json is written
-    last, so its presence marks a complete build.
+    last, so its presence marks a complete build. A folder that already holds a dataset
+    or other files is refused unless ``force`` (which then replaces only a dataset's own
+    files); ``inputs`` (the source folder) are never written into.
     """
     start = time.perf_counter()
     if not train_docs or not val_docs:
@@ -61,17 +66,18 @@ def build_dataset(
     if shard_tokens <= 0:
         raise DataError(f"shard_tokens must be positive, got {shard_tokens}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    tok_path = out / TOKENIZER_NAME
+    # read before anything is replaced: rebuilding a dataset with its own tokenizer rewrites
+    # the same bytes, so that one input may lie inside the folder --force replaces
+    tok_bytes = None if tokenizer is None else _read_tokenizer(tokenizer)
+    own = tokenizer is not None and Path(tokenizer).resolve() == tok_path.resolve()
+    claim_output_dir(out, "data", [*inputs, None if own else tokenizer], force=force, makes="dataset")
     for stale in (out / META_NAME, *out.glob("train_*.bin"), *out.glob("val_*.bin")):
         stale.unlink(missing_ok=True)
-    tok_path = out / TOKENIZER_NAME
-    if tokenizer is None:
+    if tok_bytes is None:
         train_tokenizer(train_docs, vocab_size, tok_path)
     else:
-        atomic_write_bytes(
-            tok_path,
-            Path(tokenizer).read_bytes() if Path(tokenizer).is_file() else _missing_tokenizer(tokenizer),
-        )
+        atomic_write_bytes(tok_path, tok_bytes)
     sp = load_tokenizer(tok_path)
     counts = {
         split: _write_split(sp, docs, out, split, shard_tokens)
@@ -98,8 +104,13 @@ def build_dataset(
     return open_dataset(out)
 
 
-def _missing_tokenizer(path) -> bytes:
-    raise DataError(f"{path}: tokenizer model not found")
+def _read_tokenizer(path: str | os.PathLike) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: tokenizer model not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the tokenizer model ({exc.strerror})") from None
 
 
 def _write_split(sp, docs: Sequence[str], out: Path, split: str, shard_tokens: int) -> int:
@@ -172,6 +183,7 @@ def build_from_folder(
     out_dir: str | os.PathLike,
     vocab_size: int = 1024,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    force: bool = False,
 ) -> DatasetInfo:
     """Build a dataset from a folder of .txt / .jsonl files (~5% of documents to validation)."""
     train, val = split_documents(read_folder_documents(src_dir))
@@ -183,6 +195,8 @@ def build_from_folder(
         tokenizer_path,
         shard_tokens,
         source=f"folder:{Path(src_dir).resolve()}",
+        force=force,
+        inputs=[src_dir],
     )
 
 
@@ -218,6 +232,7 @@ def default_dataset(cache_dir: str | os.PathLike | None = None, vocab_size: int 
         except DataError:
             pass  # damaged cache: rebuild below
     train, val = embedded_documents()
+    # the cache folder is qlab's own: rebuilding it replaces nothing of the user's
     return build_dataset(
-        train, val, out, vocab_size, source="embedded", extra_meta={"corpus_sha256": fingerprint}
+        train, val, out, vocab_size, source="embedded", extra_meta={"corpus_sha256": fingerprint}, force=True
     )

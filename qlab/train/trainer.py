@@ -27,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -41,6 +43,7 @@ from qlab.errors import ConfigError, NumericalError
 from qlab.eval.bpb import autocast_context, evaluate_bpb, resolve_autocast
 from qlab.eval.context import validation_inputs
 from qlab.io import checkpoint as ckpt
+from qlab.io.outputs import folder_kind, output_lock, refuse_inputs
 from qlab.io.runlog import METRICS_NAME, RunLog
 from qlab.model.gpt import GPT
 from qlab.model.modes import swapped_weights
@@ -427,9 +430,17 @@ def train(
     """
     if config.train_seq_len != model_config.train_seq_len:
         model_config = model_config.replace(train_seq_len=config.train_seq_len)
+    run_dir = Path(config.out_dir)
+    if config.data != "embedded":
+        refuse_inputs(run_dir, [config.data])
+    if folder_kind(run_dir) == "dataset":
+        raise ConfigError(f"{run_dir}: holds a dataset; choose another --out for the run")
     owns_group = not D.is_initialized()  # tear down only a process group this call created
+    # one writer per run directory: rank 0 holds the lock (torchrun sets RANK before we start)
+    lock = output_lock(run_dir, "run directory") if os.environ.get("RANK", "0") == "0" else nullcontext()
     try:
-        return _Trainer(config, model_config, resume, progress).run()
+        with lock:
+            return _Trainer(config, model_config, resume, progress).run()
     finally:
         if owns_group:
             D.teardown()

@@ -39,6 +39,7 @@ from qlab.analysis.matrix.spec import Cell, MatrixSpec, plan_cells, resolve_base
 from qlab.errors import ConfigError, DataError
 from qlab.eval.context import EvalContext
 from qlab.io.atomic import atomic_write_json
+from qlab.io.outputs import folder_kind, output_lock, refuse_inputs
 from qlab.loaders import load_model
 from qlab.train.setup import open_training_data, resolve_device
 from qlab.train.trainer import train
@@ -88,7 +89,7 @@ def run_matrix(
             raise ConfigError(f"unknown cell id(s) {unknown}; `qlab matrix list SPEC` shows them")
         todo = [c for c in todo if c.cell_id in set(cells)]
     if _rank() == 0:
-        atomic_write_json(out / SPEC_NAME, spec.to_dict())
+        _claim(out, spec)
     rows = []
     for cell in tqdm(todo, desc="matrix", disable=not progress):
         t0 = time.perf_counter()
@@ -97,9 +98,40 @@ def run_matrix(
     return pd.DataFrame(rows, columns=["cell_id", "status", "seconds"])
 
 
+def _claim(out: Path, spec: MatrixSpec) -> None:
+    """Write the spec into ``out``; a folder holding another spec's cells (or anything
+    else) is refused: its cells would be mixed with this grid's under the same ids."""
+    refuse_inputs(out, [b.data for b in spec.bases if b.data and b.data != "embedded"])
+    kind = folder_kind(out) if out.is_dir() else None
+    if kind is not None:
+        raise ConfigError(f"{out}: holds a {kind}; choose another --out for the grid")
+    path = out / SPEC_NAME
+    if path.is_file():
+        try:
+            same = json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(spec.to_dict()))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            same = False
+        if not same:
+            raise ConfigError(
+                f"{out}: holds the cells of another grid spec ({path}); choose another --out "
+                "(each grid gets its own folder; shards of one grid share it)"
+            )
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out}: is not empty and holds no grid; choose another --out")
+    atomic_write_json(path, spec.to_dict())
+
+
 def run_cell(spec: MatrixSpec, cell: Cell, out: str | Path, *, progress: bool = False) -> str:
     """Train (if needed) and measure one cell; returns ``skipped``, ``evaluated`` or ``trained``."""
     out = Path(out)
+    if _rank() != 0:
+        return _run_cell(spec, cell, out, progress)
+    # one process per cell: shards of an array share the folder, never a cell
+    with output_lock(out / CELLS_DIR, f"cell {cell.cell_id}", name=f".{cell.cell_id}.lock"):
+        return _run_cell(spec, cell, out, progress)
+
+
+def _run_cell(spec: MatrixSpec, cell: Cell, out: Path, progress: bool) -> str:
     result_path = cell_result_path(out, cell.cell_id)
     eval_key = spec.eval.key()
     if _finished(result_path, eval_key):
