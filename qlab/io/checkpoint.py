@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -31,8 +30,10 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from qlab._version import __version__
+from qlab.checks import parse_json
 from qlab.errors import CheckpointError
 from qlab.io.atomic import atomic_write_bytes, atomic_write_json
+from qlab.io.formats import weights_only_load
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -91,7 +92,8 @@ def save_checkpoint(
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(staging / STATE_NAME, buf.getvalue())
+    state_bytes = buf.getvalue()
+    atomic_write_bytes(staging / STATE_NAME, state_bytes)
     meta = {"step": str(step), "weights": weights_kind, "format": "qlab"}
     weights_bytes = st_save(weights, metadata=meta)
     atomic_write_bytes(staging / WEIGHTS_NAME, weights_bytes)
@@ -106,6 +108,8 @@ def save_checkpoint(
         "qlab_version": _version(),
         # Verified on load: a swapped, truncated or bit-flipped model.safetensors is refused.
         "weights_sha256": hashlib.sha256(weights_bytes).hexdigest(),
+        # and optimizer.pt, which --resume loads (raw weights, EMA, optimizer and loader state)
+        "state_sha256": hashlib.sha256(state_bytes).hexdigest(),
     }
     atomic_write_json(staging / CONFIG_NAME, config)
     _commit(run_dir)
@@ -163,9 +167,10 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {CONFIG_NAME} (not a qlab run directory, or no checkpoint yet)")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: corrupt config ({exc})") from exc
+        text = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable config ({exc.strerror})") from exc
+    cfg = parse_json(text, f"{path}: corrupt config", CheckpointError)
     if (
         not isinstance(cfg, dict)
         or not isinstance(cfg.get("model"), dict)
@@ -192,12 +197,31 @@ def load_checkpoint(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
         raise CheckpointError(
             f"{run_dir}: {WEIGHTS_NAME} is from step {meta['step']} but {CONFIG_NAME} says step {cfg['step']}"
         )
-    want = cfg.get("weights_sha256")
-    if want is not None and _sha256_file(path) != want:
-        raise CheckpointError(
-            f"{path}: SHA-256 differs from {CONFIG_NAME}'s weights_sha256 (damaged or replaced weights)"
-        )
+    verify_file(path, cfg, "weights_sha256")
     return state, cfg
+
+
+def verify_weights(run_dir: str | os.PathLike) -> Path:
+    """The run's committed model.safetensors, checked against config.json's SHA-256 (every
+    reader of a run directory goes through here: a bit-flipped weights file is refused)."""
+    run_dir = _as_run_dir(run_dir)
+    path = committed_file(run_dir, WEIGHTS_NAME)
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: {WEIGHTS_NAME} is missing")
+    verify_file(path, read_config(run_dir), "weights_sha256")
+    return path
+
+
+def verify_file(path: Path, cfg: Mapping[str, Any], field: str) -> None:
+    """CheckpointError unless ``path`` hashes to ``cfg[field]`` (runs written before the
+    field existed carry none: nothing to check against)."""
+    want = cfg.get(field)
+    if want is None:
+        return
+    if not isinstance(want, str) or _sha256_file(path) != want:
+        raise CheckpointError(
+            f"{path}: SHA-256 differs from {CONFIG_NAME}'s {field} (damaged or replaced file)"
+        )
 
 
 def _sha256_file(path: Path) -> str:
@@ -239,10 +263,9 @@ def resume_state(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = run_dir / STATE_NAME
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: {STATE_NAME} is missing; cannot resume")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated / unsafe pickles
-        raise CheckpointError(f"{path}: corrupt, truncated or unsafe resume state ({exc})") from exc
+    # weights-only loading is safe on any bytes; the step check first names the likelier
+    # mistake (a file of another checkpoint), the hash then catches damaged bytes
+    state = weights_only_load(path, f"{path}: resume state")
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a qlab resume state (format {FORMAT_VERSION} expected)")
     for key in ("step", "model", "optimizers", "trainer"):
@@ -252,5 +275,6 @@ def resume_state(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{run_dir}: {STATE_NAME} is from step {state['step']}, config.json from {cfg['step']}"
         )
+    verify_file(path, cfg, "state_sha256")
     state["config"] = cfg
     return state

@@ -12,7 +12,6 @@ stays around the size of the largest tensor for safetensors-based checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -22,11 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlab.checks import all_finite
+from qlab.checks import all_finite, parse_json
 from qlab.compress.container import read_artifact
 from qlab.compress.ptz import decode_pg_tree, read_ptz
 from qlab.errors import CheckpointError, QlabError
-from qlab.io.checkpoint import committed_file
+from qlab.io.checkpoint import committed_file, verify_weights
 from qlab.io.formats import (
     dtype_from_name,
     load_torch_file,
@@ -121,8 +120,8 @@ def _is_qlab_config(cfg: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        data = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = parse_json(cfg.read_bytes(), str(cfg), CheckpointError)
+    except (OSError, CheckpointError):
         return False
     return isinstance(data, dict) and ("qlab_version" in data or {"model", "train"} <= data.keys())
 
@@ -141,7 +140,7 @@ class _Source:
 
 def _sources(path: Path, fmt: str) -> list[_Source]:
     if fmt == "qlab-run":
-        return [_Source("safetensors", _run_file(path, "model.safetensors"))]
+        return [_Source("safetensors", verify_weights(path))]
     if fmt == "hf-sharded":
         return _hf_sources(path.parent if path.is_file() else path, index=path)
     kind = {"safetensors": "safetensors", "torch": "torch", "ptz": "ptz", "qlab-artifact": "qlab"}[fmt]
@@ -170,11 +169,10 @@ def _hf_sources(d: Path, index: Path | None = None, parse_index: bool = True) ->
 
 def _index_sources(index: Path) -> list[_Source]:
     try:
-        data = json.loads(index.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index}: shard index is not valid JSON: {e}") from e
-    except RecursionError:
-        raise CheckpointError(f"{index}: shard index is nested too deeply") from None
+        text = index.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{index}: cannot read the shard index ({e.strerror})") from e
+    data = parse_json(text, f"{index}: shard index", CheckpointError)
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise CheckpointError(f"{index}: shard index needs a 'weight_map' object (tensor name -> shard file)")
