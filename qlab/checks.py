@@ -8,6 +8,7 @@ finite number, so every config, policy and header validator agrees.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -38,3 +39,17 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t)
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+def parse_json(data: str | bytes, where: str, error: type[Exception]) -> Any:
+    """JSON text (or UTF-8 bytes) parsed, or ``error`` naming ``where``: invalid UTF-8,
+    invalid JSON and nesting too deep for the parser (RecursionError) alike — the one
+    place every header, config and manifest reader of qlab parses JSON."""
+    try:
+        return json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except UnicodeDecodeError as exc:
+        raise error(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply") from None

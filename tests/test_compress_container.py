@@ -205,7 +205,9 @@ def test_wrong_lengths_in_header(tmp_path: Path) -> None:
 
     _expect(tmp_path, _rewrite_header(data, bad_shape), "needs")
     _expect(tmp_path, _rewrite_v1_header(_to_v1(data), bad_range), "outside")  # v1 stores offsets
-    _expect(tmp_path, _rewrite_header(data, bad_length), "outside")  # v2 derives them from lengths
+    _expect(
+        tmp_path, _rewrite_header(data, bad_length), "end at byte"
+    )  # v2: the layout must match raw_length
     _expect(tmp_path, _rewrite_header(data, dropped_entry), "end at byte")
 
 

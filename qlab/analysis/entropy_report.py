@@ -194,8 +194,8 @@ def _source(
             entries, _ = read_artifact(path)
         except CheckpointError:
             raise
-        except QlabError as exc:
-            raise CheckpointError(f"{path}: {exc}") from exc
+        except QlabError as exc:  # read_artifact's messages start with the path already
+            raise CheckpointError(str(exc)) from exc
         items = tqdm(entries.items(), desc=path.name, unit="tensor", disable=not progress)
         return iter(items), str(path), True
     return iter_tensors(path, progress=progress), str(path), False

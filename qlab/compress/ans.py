@@ -15,6 +15,8 @@ quantised ones) cost a few dozen bytes and remove the KL penalty of a rounded mo
 
 from __future__ import annotations
 
+import math
+
 import constriction
 import numpy as np
 
@@ -24,6 +26,19 @@ MAGIC = b"QANS"
 VERSION = 1
 _DTYPES: dict[int, np.dtype] = {1: np.dtype(np.int8), 2: np.dtype(np.int16), 3: np.dtype(np.uint8)}
 _DTYPE_IDS = {v: k for k, v in _DTYPES.items()}
+
+
+_COUNT_CHUNK = 1 << 20
+
+
+def chunked_bincount(values: np.ndarray, m: int) -> np.ndarray:
+    """``np.bincount(values, minlength=m)`` in slices: bincount widens its input to int64,
+    which for one huge segment would be the decoder's largest allocation."""
+    flat = values.reshape(-1)
+    counts = np.zeros(m, dtype=np.int64)
+    for i in range(0, flat.size, _COUNT_CHUNK):
+        counts += np.bincount(flat[i : i + _COUNT_CHUNK], minlength=m)[:m]
+    return counts
 
 
 def _categorical(counts: np.ndarray):
@@ -127,11 +142,16 @@ def _encode_symbols(sym: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return coder.get_compressed()
 
 
-def ans_decode(data: bytes) -> np.ndarray:
-    """Invert :func:`ans_encode` exactly (same values, dtype and shape)."""
+def ans_decode(data: bytes, max_symbols: int | None = None) -> np.ndarray:
+    """Invert :func:`ans_encode` exactly (same values, dtype and shape); a stream declaring
+    more than ``max_symbols`` symbols is refused before anything is allocated."""
     r = _Reader(data, "ans stream")
     dtype, shape = read_prelude(r, MAGIC, VERSION)
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
+    if max_symbols is not None and n > max_symbols:
+        raise ArtifactError(
+            f"ans stream: shape {shape} declares more than the {max_symbols:,} symbols allowed"
+        )
     if n == 0:
         return np.zeros(shape, dtype=dtype)
     lo = _unzigzag(r.varint())
@@ -149,7 +169,8 @@ def ans_decode(data: bytes) -> np.ndarray:
     info = np.iinfo(dtype)
     if lo < info.min or lo + m - 1 > info.max:
         raise ArtifactError(f"ans stream: symbol range [{lo}, {lo + m - 1}] does not fit {dtype}")
-    return (sym.astype(np.int64) + lo).astype(dtype).reshape(shape)
+    sym += lo  # int32 in place: symbols and lo both fit the int16 range
+    return sym.astype(dtype).reshape(shape)
 
 
 def _decode_symbols(words: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
@@ -164,7 +185,7 @@ def _decode_symbols(words: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray
         raise ArtifactError(f"ans stream: payload does not decode ({exc})") from exc
     if not coder.is_empty():
         raise ArtifactError("ans stream: payload left undecoded words (corrupt stream)")
-    if np.any(np.bincount(sym, minlength=counts.size)[: counts.size] != counts):
+    if np.any(chunked_bincount(sym, counts.size) != counts):
         raise ArtifactError("ans stream: decoded symbols disagree with the frequency table (corrupt)")
     return sym
 
@@ -174,9 +195,9 @@ def ans_compress_bytes(data: bytes) -> bytes:
     return ans_encode(np.frombuffer(data, dtype=np.uint8))
 
 
-def ans_decompress_bytes(data: bytes) -> bytes:
-    """Invert :func:`ans_compress_bytes`."""
-    out = ans_decode(data)
+def ans_decompress_bytes(data: bytes, max_bytes: int | None = None) -> bytes:
+    """Invert :func:`ans_compress_bytes`; never more than ``max_bytes`` of output."""
+    out = ans_decode(data, max_symbols=max_bytes)
     if out.dtype != np.uint8 or out.ndim != 1:
         raise ArtifactError("ans stream: expected a 1-D uint8 byte stream")
     return out.tobytes()

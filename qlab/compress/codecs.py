@@ -88,7 +88,9 @@ def bounded_decompress(name: str, data: bytes, limit: int, fallback: Callable[[b
     elif name == "zstd":
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
             out = bytearray(r.read(limit + 1))
-    else:  # raw / ans: output size is bounded by the input itself
+    elif name == "ans":  # the stream declares its length: refused before decoding
+        out = bytearray(_ans.ans_decompress_bytes(data, max_bytes=limit))
+    else:  # raw: the output is the input
         out = bytearray(fallback(data))
     if len(out) > limit:
         raise _too_big(limit)

@@ -46,11 +46,12 @@ import brotli
 import numpy as np
 import torch
 
-from qlab.checks import is_int
+from qlab.checks import is_int, parse_json
 from qlab.compress.codecs import get_codec
 from qlab.compress.symbols import decode_symbols, encode_symbols
 from qlab.errors import ArtifactError, ConfigError, QlabError
 from qlab.io.atomic import atomic_write_bytes
+from qlab.io.formats import MAX_TENSORS
 
 MAGIC = b"QLAB"
 VERSION = 2
@@ -319,6 +320,8 @@ def decode_artifact(data: bytes, where: str = "<bytes>") -> tuple[dict[str, Any]
     declared = header.get("raw_length")
     if isinstance(declared, bool) or not isinstance(declared, int) or not 0 <= declared <= MAX_RAW_BYTES:
         raise ArtifactError(f"{where}: header field 'raw_length' must be an int in [0, {MAX_RAW_BYTES:,}]")
+    if layout_end is not None and layout_end != declared:  # before a byte is decoded
+        raise ArtifactError(f"{where}: header arrays end at byte {layout_end}, 'raw_length' says {declared}")
     raw = _decode_payload(header, payload, declared, where)
     if len(raw) != header.get("raw_length") or hashlib.sha256(raw).hexdigest() != header.get("raw_sha256"):
         raise ArtifactError(f"{where}: decompressed payload does not match its recorded length/SHA-256")
@@ -427,12 +430,11 @@ def _split(data: bytes, where: str) -> tuple[dict, bytes, int | None]:
             f"{where}: unsupported artifact version {version} (expected one of {READ_VERSIONS})"
         )
     head, end = _read_header_v1(data, where) if version == 1 else _read_header_v2(data, where)
-    try:
-        header = json.loads(head.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{where}: header is not valid UTF-8 JSON ({exc})") from exc
+    header = parse_json(head, f"{where}: header", ArtifactError)
     if not isinstance(header, dict) or header.get("format") != "qlab-artifact":
         raise ArtifactError(f"{where}: header is not a qlab-artifact header")
+    if not isinstance(header.get("extra", {}), dict):
+        raise ArtifactError(f"{where}: header field 'extra' must be an object")
     payload = data[end:]
     if len(payload) != header.get("payload_length"):
         raise ArtifactError(
@@ -495,6 +497,10 @@ def _entries(header: dict, where: str, need_offset: bool = True) -> list[dict]:
     entries = header.get("tensors")
     if not isinstance(entries, list):
         raise ArtifactError(f"{where}: header 'tensors' list is malformed")
+    if len(entries) > MAX_TENSORS:
+        raise ArtifactError(
+            f"{where}: {len(entries):,} tensors, over qlab's limit of {MAX_TENSORS:,} per file"
+        )
     ok = all(
         isinstance(e, dict) and {"name", "kind", "arrays"} <= e.keys() and isinstance(e["arrays"], dict)
         for e in entries

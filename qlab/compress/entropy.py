@@ -40,19 +40,44 @@ def entropy_from_counts(counts: np.ndarray, axis: int = -1) -> np.ndarray | floa
     return float(h) if np.ndim(h) == 0 else h
 
 
+# Codes spanning more levels than this are counted by sorting, not by a dense histogram
+# (int64 "codes" near ±2⁶² would otherwise ask for 2⁶³ bins).
+MAX_DENSE_RANGE = 1 << 24
+
+
+def _span(arr: np.ndarray) -> tuple[int, int]:
+    return (int(arr.min()), int(arr.max())) if arr.size else (0, -1)
+
+
+def labels(codes: Any) -> tuple[np.ndarray, int]:
+    """Codes as labels 0 … m−1 and the alphabet size m: the value minus the minimum when
+    the codes span at most MAX_DENSE_RANGE levels, else the rank among distinct values
+    (same entropies, bounded memory whatever the codes' range)."""
+    arr = as_codes(codes)
+    lo, hi = _span(arr)
+    if hi - lo < MAX_DENSE_RANGE:
+        return (arr.astype(np.int64) - lo) if arr.size else arr.astype(np.int64), hi - lo + 1
+    _, inv, counts = np.unique(arr, return_inverse=True, return_counts=True)
+    return inv.reshape(arr.shape).astype(np.int64), len(counts)
+
+
 def histogram(codes: Any) -> tuple[np.ndarray, int]:
     """Counts of every value from ``min`` to ``max`` and the offset ``min``."""
-    arr = as_codes(codes).reshape(-1).astype(np.int64)
+    arr = as_codes(codes).reshape(-1)
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64), 0
-    lo = int(arr.min())
-    return np.bincount(arr - lo), lo
+    lo, hi = _span(arr)
+    if hi - lo >= MAX_DENSE_RANGE:
+        raise QuantError(
+            f"codes span [{lo}, {hi}]: more than {MAX_DENSE_RANGE:,} levels, too wide for a dense histogram"
+        )
+    return np.bincount(arr.astype(np.int64) - lo), lo
 
 
 def order0_entropy(codes: Any) -> float:
     """Empirical order-0 entropy of all codes, in bits per symbol."""
-    counts, _ = histogram(codes)
-    return float(entropy_from_counts(counts)) if counts.size else 0.0
+    lab, m = labels(codes)
+    return float(entropy_from_counts(np.bincount(lab.reshape(-1), minlength=m))) if lab.size else 0.0
 
 
 def entropy_bits(codes: Any) -> float:
@@ -62,21 +87,21 @@ def entropy_bits(codes: Any) -> float:
 
 
 def _rows(codes: Any) -> np.ndarray:
-    arr = as_codes(codes)
-    if arr.ndim == 0:
-        return arr.reshape(1, 1)
-    return arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(1, -1)
+    """Codes as (rows, columns) labels: rows = first axis (a 1-D tensor is one row)."""
+    lab, _ = labels(codes)
+    if lab.ndim == 0:
+        return lab.reshape(1, 1)
+    return lab.reshape(lab.shape[0], math.prod(lab.shape[1:])) if lab.ndim > 1 else lab.reshape(1, -1)
 
 
 def row_entropy(codes: Any) -> float:
     """Mean over rows (first dim) of each row's own order-0 entropy, in bits/symbol."""
-    rows = _rows(codes).astype(np.int64)
-    if rows.size == 0:
+    sym = _rows(codes)
+    if sym.size == 0:
         return 0.0
-    sym = rows - rows.min()
     m = int(sym.max()) + 1
-    flat = (np.arange(rows.shape[0])[:, None] * m + sym).reshape(-1)
-    counts = np.bincount(flat, minlength=rows.shape[0] * m).reshape(rows.shape[0], m)
+    flat = (np.arange(sym.shape[0])[:, None] * m + sym).reshape(-1)
+    counts = np.bincount(flat, minlength=sym.shape[0] * m).reshape(sym.shape[0], m)
     return float(np.mean(entropy_from_counts(counts, axis=1)))
 
 
@@ -85,10 +110,9 @@ def order1_entropy(codes: Any) -> float:
 
     Computed as H(prev, cur) − H(prev) from the exact pair histogram.
     """
-    rows = _rows(codes).astype(np.int64)
-    if rows.shape[1] < 2:
-        raise QuantError(f"order1_entropy: rows need at least 2 codes, got shape {rows.shape}")
-    sym = rows - rows.min()
+    sym = _rows(codes)
+    if sym.shape[1] < 2 or sym.shape[0] == 0:
+        raise QuantError(f"order1_entropy: needs rows of at least 2 codes, got shape {sym.shape}")
     m = int(sym.max()) + 1
     pairs = (sym[:, :-1] * m + sym[:, 1:]).reshape(-1)
     if m * m <= 1 << 24:
@@ -151,12 +175,14 @@ def _wide_entropies(rows2: torch.Tensor, order1_max: int) -> tuple[float, float,
     return h0, h_row, _h_counts(joint) - _h_counts(np.bincount(prev, minlength=m))
 
 
-def symbol_entropies(sym: torch.Tensor, order1_max: int = 1 << 20) -> tuple[float, float, float]:
+def symbol_entropies(sym: torch.Tensor | np.ndarray, order1_max: int = 1 << 20) -> tuple[float, float, float]:
     """(order-0, mean per-row, order-1) entropies in bits/symbol of a tensor's symbols —
     :func:`order0_entropy`, :func:`row_entropy` and :func:`order1_entropy` computed in one
     pass with bounded memory: bytes (int8 codes) by two bincounts, wider symbols (fp16
     passthroughs seen as int16, ids) by sorting. Order-1 of wider symbols is NaN above
     ``order1_max`` elements (its pair alphabet would need 2^32 bins)."""
+    if isinstance(sym, np.ndarray):
+        sym = torch.from_numpy(np.ascontiguousarray(sym))
     if sym.numel() == 0:
         return 0.0, 0.0, float("nan")
     rows = sym.reshape(sym.shape[0], -1) if sym.dim() > 1 else sym.reshape(1, -1)

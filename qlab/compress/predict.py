@@ -225,6 +225,18 @@ def _sampled_brotli_bytes(t: torch.Tensor, budget: int = SAMPLE_BYTES) -> float:
     return got * rows.numel() / sample.numel()
 
 
+PREDICT_COLUMNS = [
+    "name",
+    "dtype",
+    "numel",
+    "raw_bytes",
+    "constant_rows",
+    "max_p",
+    "method",
+    "predicted_bytes",
+]
+
+
 def predict_leaf(name: str, t: torch.Tensor, lz_guard: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
     """Prediction for one leaf tensor: its table row and its two shuffle-plane histograms.
 
@@ -278,7 +290,7 @@ def predict_table(obj: Any, lz_guard: bool = True) -> pd.DataFrame:
             pool[0] += p0
             pool[1] += p1
         rows.append(row)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=PREDICT_COLUMNS)  # named: an empty tree is an empty table
     if len(table) and (table["method"] == "pooled").any():
         share = table["raw_bytes"].where(table["method"] == "pooled", 0)
         table["predicted_bytes"] += pooled_bytes(*pool) * share / share.sum()

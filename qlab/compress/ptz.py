@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from qlab.compress.codecs import get_codec
 from qlab.compress.shuffle import is_shuffled, unshuffle
 from qlab.errors import ArtifactError, CheckpointError, ConfigError, QuantError
 from qlab.io.atomic import atomic_write_bytes
-from qlab.io.formats import dtype_from_name, flatten_state
+from qlab.io.formats import check_entry_count, dtype_from_name, flatten_state, weights_only_load
 from qlab.quant.policy import Passthrough
 from qlab.quant.tensor import QuantizedTensor
 
@@ -52,20 +52,31 @@ def decompress_ptz(data: bytes, where: str = "<bytes>") -> bytes:
             raise ArtifactError(
                 f"{where}: neither brotli, lzma nor an uncompressed torch.save stream"
             ) from exc
-    return unshuffle(raw) if is_shuffled(raw) else raw
+    raw = unshuffle(raw) if is_shuffled(raw) else raw
+    if raw.startswith(_ZIP_MAGIC):
+        _check_zip(raw, where)
+    return raw
+
+
+def _check_zip(raw: bytes, where: str) -> None:
+    """Bound a torch.save zip by its central directory before torch reads it: entries are
+    inflated to their declared sizes, so a DEFLATE entry could otherwise take any amount."""
+    try:
+        infos = zipfile.ZipFile(io.BytesIO(raw)).infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, RecursionError) as exc:
+        raise CheckpointError(f"{where}: not a readable torch.save zip ({exc})") from None
+    check_entry_count(len(infos), where)
+    total = sum(i.file_size for i in infos)
+    if total > MAX_PTZ_RAW_BYTES:
+        raise ArtifactError(
+            f"{where}: zip entries declare {total:,} bytes, over the {MAX_PTZ_RAW_BYTES:,}-byte .ptz limit "
+            "(a decompression bomb?)"
+        )
 
 
 def load_ptz_bytes(data: bytes, where: str = "<bytes>") -> Any:
     """Decode a ``.ptz`` blob into its object tree (tensors, dicts, lists, numbers, strings)."""
-    raw = decompress_ptz(data, where)
-    try:
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{where}: refused to unpickle (not a weights-only object tree): {exc}"
-        ) from exc
-    except (RuntimeError, EOFError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{where}: not a readable torch.save stream ({exc})") from exc
+    return weights_only_load(io.BytesIO(decompress_ptz(data, where)), where)
 
 
 def read_ptz(path: str | os.PathLike) -> Any:
@@ -151,17 +162,37 @@ def decode_pg_tree(obj: object, path: str | os.PathLike, raw_codes: bool) -> dic
     """
     if isinstance(obj, Mapping) and {"quantized", "scales", "passthrough"} <= obj.keys():
         return _decode_pg_clean(obj, path, raw_codes)
-    if isinstance(obj, Mapping) and set(obj) == {"w", "m"} and isinstance(obj["m"], Mapping):
-        return _decode_pg_mixed(obj["w"], obj["m"], path, raw_codes)
+    if isinstance(obj, Mapping) and set(obj) == {"w", "m"}:
+        w, m = _pg_table(obj, "w", path), _pg_table(obj, "m", path)
+        return _decode_pg_mixed(w, m, path, raw_codes)
     return flatten_state(obj, path)
+
+
+def _pg_table(obj: Mapping, field: str, path, values: type | None = None) -> Mapping:
+    """``obj[field]``, checked to be a mapping with string keys (and ``values`` values):
+    a tree of the right shape but the wrong types is a CheckpointError, not a traceback."""
+    table = obj.get(field, {})
+    if not isinstance(table, Mapping) or not all(isinstance(k, str) for k in table):
+        raise CheckpointError(f"{path}: Parameter Golf field {field!r} must map tensor names to values")
+    check_entry_count(len(table), f"{path}: field {field!r}")
+    if values is not None:
+        bad = next((k for k, v in table.items() if not isinstance(v, values)), None)
+        if bad is not None:
+            raise CheckpointError(
+                f"{path}: {field}[{bad!r}] is a {type(table[bad]).__name__}, expected {values.__name__}"
+            )
+    return table
 
 
 def _decode_pg_clean(obj: Mapping, path, raw_codes: bool) -> dict[str, torch.Tensor]:
     out = {}
-    for name, q in obj["quantized"].items():
-        out[name] = q if raw_codes else _row_scaled(q, obj["scales"][name], name, path)
-    orig = obj.get("passthrough_orig_dtypes", {})
-    for name, t in obj["passthrough"].items():
+    scales = _pg_table(obj, "scales", path, torch.Tensor)
+    for name, q in _pg_table(obj, "quantized", path, torch.Tensor).items():
+        if name not in scales:
+            raise CheckpointError(f"{path}: Parameter Golf artifact lacks the scale of {name!r}")
+        out[name] = q if raw_codes else _row_scaled(q, scales[name], name, path)
+    orig = _pg_table(obj, "passthrough_orig_dtypes", path)
+    for name, t in _pg_table(obj, "passthrough", path, torch.Tensor).items():
         out[name] = t.to(dtype_from_name(orig[name], f"{path}: {name}")) if name in orig else t
     return out
 
@@ -194,6 +225,8 @@ def _pg_get(w: Mapping, key: str, path) -> torch.Tensor:
 
 
 def _row_scaled(q: torch.Tensor, s: torch.Tensor, name: str, path) -> torch.Tensor:
+    if any(t.dtype.is_complex or t.dtype == torch.bool for t in (q, s)):
+        raise CheckpointError(f"{path}: tensor {name!r}: codes {q.dtype} / scale {s.dtype} are not numbers")
     if s.ndim == 0 or s.numel() == 1:
         return q.float() * s.float().reshape(())
     if q.ndim == 0 or s.numel() != q.shape[0]:

@@ -37,7 +37,16 @@ import constriction
 import numpy as np
 import torch
 
-from qlab.compress.ans import _put_varint, _Reader, _unzigzag, _zigzag, read_prelude, write_prelude
+from qlab.compress.ans import (
+    _COUNT_CHUNK,
+    _put_varint,
+    _Reader,
+    _unzigzag,
+    _zigzag,
+    chunked_bincount,
+    read_prelude,
+    write_prelude,
+)
 from qlab.errors import ArtifactError, QuantError
 
 MAGIC = b"QSYM"
@@ -90,13 +99,16 @@ class _AdaptiveModel:
         self.m, self.cols, self.groups, self.centre = m, cols, groups, centre
         self.prior = prior
         self.counts = np.zeros((groups, m), dtype=np.int64)
-        self.spread = np.zeros(cols, dtype=np.int64)
-        self._index = np.arange(cols, dtype=np.int64)
+        # per-column state only where columns are grouped: a one-group model of a wide
+        # tensor would otherwise hold 16 bytes per column it never reads
+        self.spread = np.zeros(cols if groups > 1 else 0, dtype=np.int64)
+        self._index = np.arange(cols if groups > 1 else 0, dtype=np.int64)
 
-    def column_groups(self) -> list[np.ndarray]:
-        """Columns of each group, ranked by spread so far (ties by index: deterministic)."""
+    def column_groups(self) -> list[np.ndarray | slice]:
+        """Columns of each group, ranked by spread so far (ties by index: deterministic);
+        one group is every column (a slice: no index array as wide as the tensor)."""
         if self.groups == 1:
-            return [np.arange(self.cols)]
+            return [slice(None)]
         # unique keys, so any sort algorithm yields the same order on every platform
         order = np.argsort(self.spread * self.cols + self._index)
         bounds = (np.arange(self.groups + 1) * self.cols) // self.groups
@@ -107,7 +119,7 @@ class _AdaptiveModel:
 
     def count(self, g: int, segment: np.ndarray) -> None:
         """Add the symbols just coded in group ``g`` to its counts."""
-        self.counts[g] += np.bincount(segment, minlength=self.m)
+        self.counts[g] += chunked_bincount(segment, self.m)
 
     def spread_rows(self, block: np.ndarray) -> None:
         """Add a coded block's |symbol − centre| to each column's spread."""
@@ -178,15 +190,17 @@ def _walk(sym: np.ndarray, p: _Model, code: Callable) -> None:
         direct = slice(r0, r1) if not ref_rows.size else np.flatnonzero(~is_ref[r0:r1]) + r0
         n_direct = r1 - r0 - ref_rows.size
         for g, cols_g in enumerate(model.column_groups()):
-            if not (cols_g.size and n_direct):
+            width = cols if isinstance(cols_g, slice) else cols_g.size
+            if not (width and n_direct):
                 continue
             if p.groups == 1 and isinstance(direct, slice):
                 seg = code(lambda d=direct: sym[d], model.distribution(g), n_direct * cols)
                 sym[direct] = seg.reshape(n_direct, cols)
             else:
-                index = np.ix_(np.arange(r0, r1)[~is_ref[r0:r1]], cols_g)
-                seg = code(lambda i=index: sym[i], model.distribution(g), n_direct * cols_g.size)
-                sym[index] = seg.reshape(n_direct, cols_g.size)
+                rows_g = np.arange(r0, r1)[~is_ref[r0:r1]]
+                index = (rows_g, slice(None)) if isinstance(cols_g, slice) else np.ix_(rows_g, cols_g)
+                seg = code(lambda i=index: sym[i], model.distribution(g), n_direct * width)
+                sym[index] = seg.reshape(n_direct, width)
             model.count(g, seg)
         if ref_rows.size:
             dist = constriction.stream.model.Categorical(res_counts + res_prior, perfect=False)
@@ -194,7 +208,7 @@ def _walk(sym: np.ndarray, p: _Model, code: Callable) -> None:
             res = seg.reshape(ref_rows.size, cols) - (p.m - 1)
             for i, r in enumerate(ref_rows):  # in row order: a reference may be a row just rebuilt
                 sym[r] = sym[p.refs[r]] + res[i]
-            res_counts += np.bincount(seg, minlength=res_m)
+            res_counts += chunked_bincount(seg, res_m)
         model.spread_rows(sym[r0:r1])
 
 
@@ -304,6 +318,12 @@ def decode_symbols(
         return np.zeros(shape, dtype=dtype)
     rows, cols = matrix_view(shape)
     lo, p = _read_model(r, dtype, rows, cols)
+    work = decode_work_bytes(n, cols, p.groups)
+    if work > MAX_DECODE_WORK_BYTES:
+        raise ArtifactError(
+            f"symbol stream: shape {shape} needs ~{work / 2**30:.1f} GiB to decode, over qlab's "
+            f"{MAX_DECODE_WORK_BYTES / 2**30:.0f} GiB bound per tensor"
+        )
     p.warm = warm_counts(context, lo, p.m)
     words = np.frombuffer(r.take(4 * r.varint()), dtype="<u4").astype(np.uint32)
     if r.pos != len(data):
@@ -315,14 +335,37 @@ def decode_symbols(
     sym = np.zeros((rows, cols), dtype=np.int32)
     coder = constriction.stream.stack.AnsCoder(words)
     try:
-        _walk(sym, p, lambda expected, dist, k: coder.decode(dist, k))
+        _walk(sym, p, lambda expected, dist, k: _decode_in_slices(coder, dist, k))
     except (ValueError, RuntimeError, AssertionError) as exc:
         raise ArtifactError(f"symbol stream: payload does not decode ({exc})") from exc
     if not coder.is_empty():
         raise ArtifactError("symbol stream: payload left undecoded words (corrupt stream)")
     if sym.min() < 0 or sym.max() >= p.m:  # a corrupt residual can step outside the alphabet
         raise ArtifactError(f"symbol stream: decoded symbols leave the range [0, {p.m})")
-    return (sym.astype(np.int64) + lo).astype(dtype).reshape(shape)
+    sym += lo  # in place: symbols and lo both fit the int16 range, so int32 cannot overflow
+    return sym.astype(dtype).reshape(shape)
+
+
+def _decode_in_slices(coder: Any, dist: Any, k: int) -> np.ndarray:
+    """``coder.decode(dist, k)`` a slice at a time into one array: the same symbols (a stack
+    pops them in order), without the coder's own k-sized buffer beside the result."""
+    out = np.empty(k, dtype=np.int32)
+    for i in range(0, k, _COUNT_CHUNK):
+        out[i : i + _COUNT_CHUNK] = coder.decode(dist, min(_COUNT_CHUNK, k - i))
+    return out
+
+
+# Working memory of a decode, per symbol: the int32 symbol matrix, the int32 segment being
+# decoded and the result in its own dtype (measured: 8.1–8.5 B/symbol on an int8
+# [1, 2^24] stream); per column, the group model's spreads, ranks and orders when G > 1.
+DECODE_BYTES_PER_SYMBOL = 9
+DECODE_BYTES_PER_GROUPED_COLUMN = 40
+MAX_DECODE_WORK_BYTES = 1 << 30
+
+
+def decode_work_bytes(n: int, cols: int, groups: int) -> int:
+    """Bytes a decode of ``n`` symbols in ``cols`` columns and ``groups`` groups allocates."""
+    return DECODE_BYTES_PER_SYMBOL * n + (DECODE_BYTES_PER_GROUPED_COLUMN * cols if groups > 1 else 0)
 
 
 def _fp16_field(r: _Reader, what: str) -> float:

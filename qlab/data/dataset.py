@@ -8,13 +8,13 @@ Parameter Golf layout: ``datasets/fineweb10B_sp{V}/fineweb_{train,val}_%06d.bin`
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlab.checks import parse_json
 from qlab.data.shards import read_shard_header
 from qlab.data.tokenizer import load_tokenizer
 from qlab.errors import DataError
@@ -62,9 +62,10 @@ def read_meta(root: Path) -> dict[str, Any]:
     if not meta_path.exists():
         return {}
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{meta_path}: unreadable dataset metadata ({exc})") from exc
+        text = meta_path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{meta_path}: unreadable dataset metadata ({exc.strerror})") from exc
+    meta = parse_json(text, f"{meta_path}: dataset metadata", DataError)
     if not isinstance(meta, dict):
         raise DataError(f"{meta_path}: expected a JSON object")
     return meta

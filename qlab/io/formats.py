@@ -16,7 +16,6 @@ Two ideas live here, both below the public API of :mod:`qlab.loaders.readers`:
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 import mmap
 import os
@@ -26,10 +25,11 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
-from qlab.checks import is_int
+from qlab.checks import is_int, parse_json
 from qlab.errors import CheckpointError
 
 __all__ = [
@@ -45,6 +45,9 @@ __all__ = [
 # Header sizes above this are refused (the reference implementation uses the same cap):
 # a corrupt length field must not make us allocate gigabytes.
 MAX_HEADER_BYTES = 100_000_000
+# Tensors one file may hold: a 70B-parameter Llama has ~720, so this bounds the per-entry
+# work a header of many tiny entries can ask for (every format's reader checks it).
+MAX_TENSORS = 65_536
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -134,20 +137,22 @@ def read_safetensors_header(path: str | os.PathLike) -> list[SafetensorsEntry]:
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON: {e}") from e
-    except RecursionError:
-        raise CheckpointError(f"{path}: safetensors header JSON is nested too deeply") from None
+    header = parse_json(raw, f"{path}: safetensors header", CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object but {type(header).__name__}")
     data_start = 8 + n
     records = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    check_entry_count(len(records), str(path))
     entries = [_parse_entry(path, name, rec, data_start, size) for name, rec in records]
     entries.sort(key=lambda e: (e.begin, e.end))
     _check_no_overlap(path, entries)
     return entries
+
+
+def check_entry_count(n: int, where: str) -> None:
+    """CheckpointError when a file declares more than MAX_TENSORS entries."""
+    if n > MAX_TENSORS:
+        raise CheckpointError(f"{where}: {n:,} tensors, over qlab's limit of {MAX_TENSORS:,} per file")
 
 
 def _parse_entry(path: Path, name: str, rec: object, data_start: int, size: int) -> SafetensorsEntry:
@@ -220,19 +225,28 @@ def load_torch_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], b
     """
     path = Path(path)
     mapped = zipfile.is_zipfile(path)  # mmap needs the zip format of torch >= 1.6
+    return flatten_state(weights_only_load(path, str(path), mapped=mapped), path), mapped
+
+
+def weights_only_load(source: str | os.PathLike | BinaryIO, where: str, mapped: bool = False) -> Any:
+    """``torch.load(..., weights_only=True)`` of a file or stream: the one place qlab calls it.
+    A refused global or a corrupt stream is a CheckpointError of one line (torch's own
+    message runs to seven, and advises ``weights_only=False``, which qlab never repeats)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as e:
         reason = _unpickler_reason(str(e))
         if _needs_code(reason):
             raise CheckpointError(
-                f"{path}: refused as unsafe: loading it would need arbitrary code, which "
+                f"{where}: refused as unsafe: loading it would need arbitrary code, which "
                 f"weights_only=True forbids ({reason})"
-            ) from e
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason})") from e
+            ) from None
+        raise CheckpointError(f"{where}: not a readable torch checkpoint ({reason})") from None
     except Exception as e:  # torch raises many types on corrupt input; none should escape raw
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
-    return flatten_state(obj, path), mapped
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{where}: not a readable torch checkpoint ({type(e).__name__}: {first})"
+        ) from None
 
 
 def _unpickler_reason(msg: str) -> str:

@@ -14,7 +14,9 @@ import functools
 import os
 from collections.abc import Callable
 
-__all__ = ["TRIM_SLACK_BYTES", "HeapTrimmer", "rss_bytes"]
+from qlab.errors import ConfigError
+
+__all__ = ["TRIM_SLACK_BYTES", "HeapTrimmer", "available_bytes", "require_memory", "rss_bytes"]
 
 
 # Heap growth (RSS) tolerated before freed heap pages are handed back to the OS.
@@ -59,3 +61,29 @@ class HeapTrimmer:
         if rss is not None and rss > self.mark + TRIM_SLACK_BYTES:
             self.trim(0)
             self.mark = rss_bytes() or rss
+
+
+def available_bytes() -> int | None:
+    """Memory the kernel says a new allocation can get (``MemAvailable``; None where unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def require_memory(nbytes: int, what: str) -> None:
+    """MemoryError-free refusal: a ConfigError naming ``what`` when ``nbytes`` exceed the
+    memory available, raised before anything is allocated (a hostile config cannot make
+    qlab thrash or be killed)."""
+    have = available_bytes()
+    if have is not None and nbytes > have:
+        raise ConfigError(
+            f"{what} needs {nbytes / 1e9:.1f} GB, more than the {have / 1e9:.1f} GB of memory available"
+        )

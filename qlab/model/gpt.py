@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qlab.config import ModelConfig
+from qlab.config import ModelConfig, estimated_parameters
 from qlab.errors import ConfigError, DataError
+from qlab.io.memory import require_memory
 from qlab.model.attention import CausalSelfAttention, rope_tables, sliding_window_mask
 from qlab.model.embeddings import BigramHash
 
@@ -97,6 +98,10 @@ class GPT(nn.Module):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise ConfigError(f"GPT needs a ModelConfig, got {type(config).__name__}")
+        # float32 weights and torch's initialisation copy, checked before the first allocation
+        require_memory(
+            8 * estimated_parameters(config), f"a {estimated_parameters(config):,}-parameter model"
+        )
         self.config = config
         c = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.model_dim)

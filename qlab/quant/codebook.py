@@ -117,7 +117,7 @@ def quantize_codebook(
         )
     try:
         s_full = expand_param(s16.to(torch.float32), tuple(w.shape), group_size)
-    except RuntimeError as exc:
+    except QuantError as exc:
         raise QuantError(
             f"tensor {name!r}: scale of shape {tuple(s16.shape)} does not fit shape {tuple(w.shape)}"
         ) from exc

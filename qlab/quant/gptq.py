@@ -101,6 +101,8 @@ class _Prepared:
 def _check_inputs(w: torch.Tensor, h: torch.Tensor, name: str) -> None:
     if w.dim() != 2 or not w.is_floating_point():
         raise QuantError(f"tensor {name!r}: GPTQ needs a 2-D float matrix, got {tuple(w.shape)} {w.dtype}")
+    if w.numel() == 0:
+        raise QuantError(f"tensor {name!r}: GPTQ needs a non-empty matrix, got shape {tuple(w.shape)}")
     check_finite(w, name)
     cols = w.shape[1]
     if tuple(h.shape) != (cols, cols):

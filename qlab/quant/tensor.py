@@ -74,6 +74,9 @@ class QuantizedTensor:
             raise bad(f"group_size must be a positive integer or absent, got {gs!r}")
         if not isinstance(self.meta, dict):
             raise bad("meta must be an object")
+        for opt in ("scale", "zero"):  # each must cover the codes: checked here, not at first use
+            if getattr(self, opt) is not None:
+                expand_param(getattr(self, opt), self.shape, gs)
 
     @property
     def symmetric(self) -> bool:
@@ -135,8 +138,13 @@ def expand_param(param: torch.Tensor, shape: tuple[int, ...], group_size: int | 
     """
     if param.dim() == 0:
         return param.expand(shape)
-    cols = shape[-1]
+    cols = shape[-1] if shape else 1
     if param.shape[-1] == 1 or group_size is None:
+        if param.dim() > len(shape) or any(p not in (1, d) for p, d in zip(param.shape[::-1], shape[::-1])):
+            raise QuantError(
+                f"parameter of shape {tuple(param.shape)} does not broadcast to tensor shape {tuple(shape)} "
+                "(a per-row scale has shape (rows, 1))"
+            )
         return param.expand(shape)
     full = param.repeat_interleave(group_size, dim=-1)[..., :cols]
     if tuple(full.shape) != tuple(shape):

@@ -95,7 +95,7 @@ from typing import Any
 
 from qlab.checks import is_finite_number as _finite
 from qlab.checks import is_int as _is_int
-from qlab.config import ModelConfig, get_preset
+from qlab.config import MAX_LAYERS, ModelConfig, get_preset
 from qlab.errors import ConfigError
 from qlab.quant.policy import RecordQuant
 
@@ -250,7 +250,7 @@ def _validate(c: TrainConfig) -> None:
     need(isinstance(c.regs, dict), "regs must be a dict name -> weight")
     for k, v in c.regs.items():
         need(isinstance(k, str) and _finite(v), f"regularizer weight for {k!r} must be a finite number")
-    need(_is_int(c.seed), f"seed must be an integer, got {c.seed!r}")
+    need(_is_int(c.seed) and 0 <= c.seed < 2**63, f"seed must be an integer in [0, 2**63), got {c.seed!r}")
     _validate_extras(c, need)
 
 
@@ -464,10 +464,10 @@ def model_env_overrides(env: Mapping[str, str], base: ModelConfig) -> dict[str, 
         loops = raw.get("NUM_LOOPS", base.loop_repeats - 1 if base.loop_layers else 0)
         start = raw.get("LOOP_START", base.loop_layers[0] if base.loop_layers else 4)
         end = raw.get("LOOP_END", base.loop_layers[-1] if base.loop_layers else 5)
-        if loops < 0 or not 0 <= start <= end:
+        if loops < 0 or not 0 <= start <= end < MAX_LAYERS or loops >= MAX_LAYERS:
             raise ConfigError(
                 f"environment variables NUM_LOOPS={loops}, LOOP_START={start}, LOOP_END={end}: "
-                "need NUM_LOOPS >= 0 and 0 <= LOOP_START <= LOOP_END"
+                f"need 0 <= NUM_LOOPS < {MAX_LAYERS} and 0 <= LOOP_START <= LOOP_END < {MAX_LAYERS}"
             )
         out["loop_layers"] = tuple(range(start, end + 1)) if loops > 0 else None
         out["loop_repeats"] = loops + 1 if loops > 0 else base.loop_repeats

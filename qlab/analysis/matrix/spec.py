@@ -223,21 +223,33 @@ def load_spec(path: str | Path) -> MatrixSpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"matrix spec {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
-    if suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    elif suffix in (".yaml", ".yml"):
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    else:
+    if suffix not in (".toml", ".yaml", ".yml"):
         raise ConfigError(f"matrix spec {path}: expected a .toml, .yaml or .yml file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} is not valid {'TOML' if suffix == '.toml' else 'YAML'}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a grid spec") from None
+    _refuse_empty_tables(data, str(path))
     return spec_from_dict(data, root=path.parent, where=str(path))
+
+
+def _refuse_empty_tables(data: Any, where: str, key: str = "") -> None:
+    """A table header with nothing under it (``[eval]`` as a file's last line) is a file cut
+    at a table boundary, not a request for the defaults: refused, naming the table."""
+    if not isinstance(data, Mapping):
+        return
+    if not data and key:
+        raise ConfigError(
+            f"{where}: {key} is an empty table; give it keys or remove it (is the file cut short?)"
+        )
+    for k, v in data.items():
+        _refuse_empty_tables(v, where, f"{key}.{k}" if key else str(k))
 
 
 def spec_from_dict(data: Any, root: str | Path = ".", where: str = "matrix spec") -> MatrixSpec:
@@ -263,7 +275,7 @@ def spec_from_dict(data: Any, root: str | Path = ".", where: str = "matrix spec"
         bases=bases,
         variants=variants,
         seeds=tuple(seeds),
-        eval=_eval(d.get("quant", {}), d.get("eval", {}), where),
+        eval=_eval(d.get("quant"), d.get("eval"), where),
         root=Path(root),
         device=device,
     )
@@ -275,7 +287,7 @@ def _table(obj: Any, where: str, keys: set[str] | None = None, optional: bool = 
     # An absent section means "defaults"; an explicit null (a truncated file, a typo'd
     # key with no value) does not, or a damaged spec would silently run the defaults.
     if obj is None and optional:
-        obj = {}
+        return {}
     if not isinstance(obj, Mapping):
         raise ConfigError(f"{where} must be a table/mapping, got {type(obj).__name__}")
     if keys is not None and set(obj) - keys:
