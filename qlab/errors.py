@@ -31,3 +31,7 @@ class QuantError(QlabError):
 
 class NumericalError(QlabError):
     """A numerical procedure failed (e.g. a Cholesky factorisation that never succeeded)."""
+
+
+class NotebookError(QlabError):
+    """A notebook cell raised: the cell, the error's last line, and where the run was written."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import importlib
 import os
 import pkgutil
@@ -83,10 +84,57 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("qlab: error: out of memory (the input asks for more than this machine has)", file=sys.stderr)
         return 2
-    except Exception as exc:  # a bug, not a bad input: say so, and keep the traceback
-        traceback.print_exc()
-        print(f"qlab: internal error ({type(exc).__name__}: {exc}); please report it", file=sys.stderr)
-        return 3
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            return _internal_error(exc)
+        print(f"qlab: error: {environment_message(exc)}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not _is_allocation_failure(exc):
+            return _internal_error(exc)
+        print(f"qlab: error: out of memory ({str(exc).splitlines()[0]}); use a smaller input, "
+              "fewer tokens or batches, or a machine with more memory", file=sys.stderr)  # fmt: skip
+        return 2
+    except Exception as exc:
+        return _internal_error(exc)
+
+
+# The user's environment, not a bug: exit 2 with what to do (the write that failed left the
+# previous file in place: every write qlab makes is atomic).
+_REMEDY = {
+    errno.ENOSPC: "no space left on the device: free some space or write to another disk",
+    errno.EDQUOT: "disk quota exceeded: free some space or write to another disk",
+    errno.EROFS: "read-only file system: choose a writable output path",
+    errno.EACCES: "permission denied: choose a path you may write to (or fix its permissions)",
+    errno.EPERM: "operation not permitted: choose a path you may write to",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+_ENVIRONMENT_ERRNOS = frozenset(_REMEDY)
+
+
+def environment_message(exc: OSError) -> str:
+    """``PATH: what happened and what to do`` for an OSError caused by the environment."""
+    where = exc.filename if exc.filename is not None else "a file"
+    return f"{where}: {_REMEDY.get(exc.errno or 0, exc.strerror)}"
+
+
+def _is_allocation_failure(exc: RuntimeError) -> bool:
+    # torch reports a failed allocation as a RuntimeError (CUDA: torch.OutOfMemoryError)
+    text = str(exc)
+    return isinstance(exc, _torch_oom()) or "can't allocate memory" in text or "not enough memory" in text
+
+
+def _torch_oom() -> type[BaseException]:
+    """torch.OutOfMemoryError when torch is loaded (the CLI does not import torch for --help)."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "OutOfMemoryError", MemoryError) if torch is not None else MemoryError
+
+
+def _internal_error(exc: BaseException) -> int:
+    """A bug, not a bad input: say so, and keep the traceback."""
+    traceback.print_exception(exc)
+    print(f"qlab: internal error ({type(exc).__name__}: {exc}); please report it", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

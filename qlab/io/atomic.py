@@ -7,8 +7,11 @@ half-written file — the guarantee resumable training and the matrix builder re
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,7 +26,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_tmp(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_WRITER}.", suffix=".tmp")
     try:
         # mkstemp creates the file 0600; give it the mode open() would have (0666 & ~umask)
         # so collaborators on a shared machine can read what qlab writes
@@ -33,9 +36,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write() names no file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     _fsync_dir(path.parent)
     return path
@@ -79,6 +84,25 @@ def _fsync_dir(directory: Path) -> None:
 
 
 STALE_TMP_SECONDS = 3600.0  # a temp file this old belongs to a killed write, not a live one
+# Who writes a temp file: this host (hashed: names may hold dots) and process, so the next
+# write on the same host sweeps the files of a killed process at once, not an hour later.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_WRITER = f"{_HOST}-{os.getpid()}"
+_TMP_NAME = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def _writer_gone(name: str) -> bool:
+    """True when the temp file ``name`` was written on this host by a process that has exited."""
+    m = _TMP_NAME.match(name)
+    if m is None or m["host"] != _HOST or int(m["pid"]) == os.getpid():
+        return False
+    try:
+        os.kill(int(m["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
 
 
 def check_output(out: str | os.PathLike, inputs: list[str | os.PathLike], force: bool = False) -> Path:
@@ -109,12 +133,13 @@ def _is_input_file(p: Path) -> bool:
 
 
 def sweep_stale_tmp(directory: str | os.PathLike, max_age_s: float = STALE_TMP_SECONDS) -> list[Path]:
-    """Delete ``.NAME.*.tmp`` files older than ``max_age_s`` (left by killed atomic writes)."""
+    """Delete ``.NAME.*.tmp`` files left by killed atomic writes: those whose writer (on this
+    host) has exited, and any older than ``max_age_s``."""
     now = time.time()
     removed = []
     for p in Path(directory).glob(".*.tmp"):
         try:
-            if p.is_file() and now - p.stat().st_mtime > max_age_s:
+            if p.is_file() and (_writer_gone(p.name) or now - p.stat().st_mtime > max_age_s):
                 p.unlink()
                 removed.append(p)
         except OSError:
