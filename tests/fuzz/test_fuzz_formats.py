@@ -9,12 +9,10 @@ format (default 60 in ``make test``; ``make fuzz`` runs 1,000).
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import io
 import json
 import os
-import resource
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +21,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from memprobe import run_in_child
 from safetensors.torch import save_file
 
 from qlab.analysis.matrix.spec import load_spec
@@ -117,15 +116,13 @@ def _paths(obj, prefix=()):
 
 
 def _bounded(fn) -> None:
-    """Run ``fn``: success or QlabError only, within the time and memory bounds."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    with contextlib.suppress(QlabError):
-        fn()
-    elapsed = time.perf_counter() - t0
-    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    assert elapsed < MAX_SECONDS, f"took {elapsed:.1f} s"
-    assert grown < MAX_RSS_GROWTH_MIB, f"peak RSS grew {grown:.0f} MiB"
+    """Run ``fn`` in a forked child: success or QlabError only, within the time and memory
+    bounds, memory measured as the child's own peak RSS (not the suite's high-water mark)."""
+    rep = run_in_child(fn, cap_mib=2 * MAX_RSS_GROWTH_MIB)
+    if rep.error is not None and not isinstance(rep.error, QlabError):
+        raise AssertionError(f"not a QlabError:\n{rep.trace}")
+    assert rep.seconds < MAX_SECONDS, f"took {rep.seconds:.1f} s"
+    assert rep.growth_mib < MAX_RSS_GROWTH_MIB, f"peak RSS grew {rep.growth_mib:.0f} MiB"
 
 
 # ------------------------------------------------------------------ seeds (written by qlab)
@@ -254,14 +251,47 @@ def test_run_directory_config(seeds, tmp_path):
     run()
 
 
-def test_matrix_specs(tmp_path):
-    spec = {"name": "m", "seeds": [0], "bases": {"a": {"preset": "tiny", "iterations": 2}},
-            "variants": ["control"], "quant": {"policy": "record_small"}}  # fmt: skip
+SPEC = {"name": "m", "seeds": [0, 1], "bases": {"a": {"preset": "tiny", "train": {"iterations": 2}}},
+        "variants": ["control", "qahsp=0.1"], "quant": {"weight_policies": ["record_small"]},
+        "eval": {"val_max_tokens": 4096}}  # fmt: skip
+SPEC_TOML = b"""name = "m"
+seeds = [0, 1]
+variants = ["control", "qahsp=0.1"]
+
+[bases.a]
+preset = "tiny"
+
+[bases.a.train]
+iterations = 2
+
+[quant]
+weight_policies = ["record_small"]
+
+[eval]
+val_max_tokens = 4096
+"""
+
+
+def test_matrix_specs_yaml(tmp_path):
+    assert load_spec(_write(tmp_path, "ok.yaml", json.dumps(SPEC).encode())).name == "m"
 
     @FUZZ
-    @given(obj=json_mutated(spec))
-    def run(obj):
-        path = _write(tmp_path, "m.json", json.dumps(obj).encode())
+    @given(obj=json_mutated(SPEC), raw=st.booleans(), junk=mutated(json.dumps(SPEC).encode()))
+    def run(obj, raw, junk):
+        # JSON is YAML: structured mutations reach the validator, byte mutations the parser
+        path = _write(tmp_path, "m.yaml", junk if raw else json.dumps(obj).encode())
+        _bounded(lambda: load_spec(path))
+
+    run()
+
+
+def test_matrix_specs_toml(tmp_path):
+    assert load_spec(_write(tmp_path, "ok.toml", SPEC_TOML)).name == "m"
+
+    @FUZZ
+    @given(data=mutated(SPEC_TOML))
+    def run(data):
+        path = _write(tmp_path, "m.toml", data)
         _bounded(lambda: load_spec(path))
 
     run()
@@ -299,6 +329,93 @@ def test_qlab_artifact_headers(seeds, tmp_path):
     @given(obj=json_mutated(header))
     def run(obj):
         path = _write(tmp_path, "h.qlab", build(obj))
+        _bounded(lambda: load_state_dict(path))
+
+    run()
+
+
+def _rehashed(header: dict, payload: bytes) -> bytes:
+    """A v2 artifact of this header and payload, every hash a writer controls recomputed
+    (the raw payload's SHA-256 cannot be: it is checked only after decoding)."""
+    from qlab.compress import container as C
+
+    header = dict(header, payload_length=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
+    raw = json.dumps(header).encode()
+    return C._PREFIX.pack(C.MAGIC, C.VERSION, 0, len(raw), hashlib.sha256(raw).digest()) + raw + payload
+
+
+def test_symbol_layout_headers_and_streams(seeds, tmp_path):
+    """The ``--codec ans`` layout: its header fields (stream lengths, rest codec) and its
+    symbol streams mutated, with the header and payload hashes recomputed, so every
+    mutation reaches the symbol decoder."""
+    from qlab.compress import container as C
+
+    data = (seeds["dir"] / "w_ans.qlab").read_bytes()
+    head, end = C._read_header_v2(data, "seed")
+    header, payload = json.loads(head), data[end:]
+    assert "symbols" in header
+
+    @FUZZ
+    @given(
+        obj=json_mutated(header), stream=mutated(payload), which=st.sampled_from(["header", "stream", "both"])
+    )
+    def run(obj, stream, which):
+        h = obj if which != "stream" else header
+        p = stream if which != "header" else payload
+        path = _write(tmp_path, "s.qlab", _rehashed(h, p))
+        _bounded(lambda: load_state_dict(path))
+
+    run()
+
+
+HOSTILE_LEAF = st.one_of(
+    st.none(), st.integers(-(2**70), 2**70), st.text(max_size=6), st.lists(st.integers(0, 3), max_size=3),
+    st.dictionaries(st.integers(0, 3), st.none(), max_size=2),
+    st.sampled_from([torch.zeros(0), torch.zeros(2, 0, 3), torch.ones(3, dtype=torch.bool),
+                     torch.ones(2, 2, dtype=torch.complex64), torch.full((2, 2), 2**40, dtype=torch.int64),
+                     torch.tensor(float("nan")), torch.ones(1, 1, 1, 1)]),
+)  # fmt: skip
+
+
+@st.composite
+def ptz_tree_mutated(draw, tree):
+    """A well-formed Parameter Golf tree with one value (or key) replaced by a hostile one."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    table = draw(st.sampled_from(sorted(tree)))
+    node = tree[table]
+    if isinstance(node, dict) and node and draw(st.booleans()):
+        key = draw(st.sampled_from(sorted(node)))
+        if draw(st.integers(0, 3)) == 0:
+            node[draw(st.sampled_from([1, None, key + ".q", ""]))] = node.pop(key)
+        else:
+            node[key] = draw(HOSTILE_LEAF)
+    else:
+        tree[table] = draw(HOSTILE_LEAF)
+    return tree
+
+
+@pytest.mark.parametrize("layout", ["mixed", "clean"])
+def test_ptz_trees_with_hostile_types(seeds, tmp_path, layout):
+    """Well-formed ``.ptz`` object trees (so mutations get past the decompressor and the
+    unpickler) with hostile types and names in them."""
+    model = seeds["model"]
+    qm = quantize_model(model, record_policy("record_small"))
+    mixed = ptz_tree(qm.quantized_state)
+    if layout == "mixed":
+        tree = mixed
+    else:
+        q = {n[:-2]: t for n, t in mixed["w"].items() if n.endswith(".q")}
+        tree = {"__quant_format__": "int8_clean_per_row_v1", "quantized": q,
+                "scales": {n: mixed["w"][n + ".scale"] for n in q},
+                "passthrough": {n: t for n, t in mixed["w"].items() if not n.endswith((".q", ".scale"))},
+                "passthrough_orig_dtypes": {}}  # fmt: skip
+    path = _write(tmp_path, "seed.ptz", ptz_bytes(tree, codec="brotli-5"))
+    assert load_state_dict(path)
+
+    @FUZZ
+    @given(obj=ptz_tree_mutated(tree))
+    def run(obj):
+        path = _write(tmp_path, "t.ptz", ptz_bytes(obj, codec="brotli-1"))
         _bounded(lambda: load_state_dict(path))
 
     run()
