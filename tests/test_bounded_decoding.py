@@ -18,7 +18,7 @@ from memprobe import peak_growth_mib
 from safetensors.torch import save_file
 
 from qlab.compress import container as C
-from qlab.compress.ans import ans_encode
+from qlab.compress.ans import _put_varint, ans_encode
 from qlab.compress.codecs import get_codec
 from qlab.errors import ArtifactError, CheckpointError, ConfigError, QlabError, QuantError
 from qlab.loaders.readers import load_state_dict
@@ -48,12 +48,7 @@ def _lying_ans_stream(n: int) -> bytes:
     stream = bytearray(ans_encode(np.array([1, 2, 3], np.uint8)))
     assert stream[6:8] == bytes([1, 3])  # MAGIC(4) version dtype, ndim 1, then the length 3
     out = bytearray(stream[:7])
-    value = n
-    while True:
-        out.append((value & 0x7F) | (0x80 if value >> 7 else 0))
-        value >>= 7
-        if not value:
-            break
+    _put_varint(out, n)
     return bytes(out + stream[8:])
 
 
@@ -66,18 +61,27 @@ def test_the_ans_byte_codec_refuses_a_declared_size_over_the_limit():
 
 
 def test_a_qlab_file_whose_ans_payload_lies_costs_nothing(tmp_path):
+    """The byte codec ``ans`` as a whole-payload codec: its stream claims 10⁹ bytes where
+    the header says 4."""
     path = tmp_path / "a.qlab"
     stream = _lying_ans_stream(10**9)
-    data = C.encode_artifact({"w": torch.zeros(4)}, codec="ans", shuffle=False)
+    data = C.encode_artifact({"w": torch.zeros(1, dtype=torch.int32)}, codec="raw", shuffle=False)
 
     def lie(h):
-        h["payload_length"] = len(stream)
-        h["payload_sha256"] = hashlib.sha256(stream).hexdigest()
+        h.update(codec="ans", payload_length=len(stream), payload_sha256=hashlib.sha256(stream).hexdigest())
 
     head, end = C._read_header_v2(data, "x")
-    forged = _with_header(data[:end] + stream, lie)
-    path.write_bytes(forged)
-    assert peak_growth_mib(C.read_artifact, path, expect=QlabError) < 64
+    path.write_bytes(_with_header(data[:end] + stream, lie))
+    assert peak_growth_mib(C.read_artifact, path, expect=QlabError, match="declares more than") < 64
+
+
+def test_an_empty_shape_with_data_after_it_is_corrupt():
+    from qlab.compress.symbols import decode_symbols, encode_symbols
+
+    stream = bytearray(encode_symbols(np.array([[1, 2], [3, 4]], np.int8)))
+    stream[7] = 0  # rows: 2 -> 0
+    with pytest.raises(ArtifactError, match="after an empty shape"):
+        decode_symbols(bytes(stream))
 
 
 # ------------------------------------------------------------------ 9. symbol-coded artifacts
@@ -101,12 +105,7 @@ def test_a_symbol_stream_past_the_work_bound_is_refused_before_decoding():
     # rewrite the shape: [1, 2] -> [1, n] (one varint byte for 1, then the column count)
     assert stream[6:9] == bytes([2, 1, 2])
     cols = bytearray()
-    value = n
-    while True:
-        cols.append((value & 0x7F) | (0x80 if value >> 7 else 0))
-        value >>= 7
-        if not value:
-            break
+    _put_varint(cols, n)
     forged = bytes(stream[:8]) + bytes(cols) + bytes(stream[9:])
     with pytest.raises(ArtifactError, match="GiB to decode"):
         decode_symbols(forged)

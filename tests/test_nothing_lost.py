@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import save_file
+from trainkit import model_config
 
 from qlab.cli import main
 from qlab.config import get_preset
@@ -39,11 +40,7 @@ def _small_model():
     from qlab.model.gpt import GPT
 
     torch.manual_seed(0)
-    cfg = get_preset("tiny").replace(
-        vocab_size=64, model_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, rope_dims=8,
-        loop_layers=None, train_seq_len=16, eval_seq_len=16,
-    )  # fmt: skip
-    return GPT(cfg)
+    return GPT(model_config(64, loop=False))
 
 
 @pytest.fixture()
@@ -502,3 +499,32 @@ def test_an_unpicklable_ptz_is_one_line(tmp_path, capsys):
     assert main(["entropy", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "weights_only=False" not in err
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (root only; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_real_full_disk_and_a_read_only_folder(small_disk, tmp_path, capsys):
+    src = _docs(tmp_path / "src")
+    out = small_disk / "ds"
+    assert (
+        main(["data", "build", str(src), "--out", str(out), "--vocab", "300", "--shard-tokens", "2000"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "no space left" in err and str(out) in err and "internal error" not in err
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    w = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(8, 8)}, str(w))
+    assert main(["entropy", str(w), "--json", str(small_disk / "r.json")]) == 2
+    assert "read-only file system" in capsys.readouterr().err

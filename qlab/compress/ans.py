@@ -153,6 +153,8 @@ def ans_decode(data: bytes, max_symbols: int | None = None) -> np.ndarray:
             f"ans stream: shape {shape} declares more than the {max_symbols:,} symbols allowed"
         )
     if n == 0:
+        if r.pos != len(data):  # an empty tensor is its prelude alone
+            raise ArtifactError(f"ans stream: {len(data) - r.pos} bytes after an empty shape {shape}")
         return np.zeros(shape, dtype=dtype)
     lo = _unzigzag(r.varint())
     m = r.varint()

@@ -315,6 +315,8 @@ def decode_symbols(
             f"symbol stream: shape {shape} holds more than the {max_symbols:,} symbols allowed"
         )
     if n == 0:
+        if r.pos != len(data):  # an empty tensor is its prelude alone
+            raise ArtifactError(f"symbol stream: {len(data) - r.pos} bytes after an empty shape {shape}")
         return np.zeros(shape, dtype=dtype)
     rows, cols = matrix_view(shape)
     lo, p = _read_model(r, dtype, rows, cols)
