@@ -278,6 +278,17 @@ def test_loop_variables_are_bounded_before_a_range_is_built():
         model_env_overrides({"NUM_LOOPS": "1", "LOOP_END": "99999999999999999999"}, get_preset("tiny"))
 
 
+@pytest.mark.parametrize(
+    "env, field",
+    [({"SEED": "-1"}, "seed"), ({"WARMDOWN_ITERS": "0", "ITERATIONS": "0"}, "ITERATIONS")],
+)
+def test_train_environments_that_were_tracebacks(env, field):
+    from qlab.train.config import resolve_configs
+
+    with pytest.raises(ConfigError, match=field):
+        resolve_configs("tiny", env=env)
+
+
 def test_safetensors_seed_still_loads(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.ones(3)}, str(path))

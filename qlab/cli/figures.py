@@ -8,6 +8,7 @@ from pathlib import Path
 from qlab.figures import figure_table, generate_figures
 from qlab.figures.notebooks import notebook_path, run_notebook
 from qlab.figures.scale import SCALES
+from qlab.io.outputs import refuse_inputs
 from qlab.progress import cli_progress
 
 HELP = "regenerate every paper figure and qlab's own measurements of them"
@@ -56,6 +57,8 @@ def main(args: argparse.Namespace) -> int:
             f"\n{len(table)} figures; needs: weights: any checkpoint, model: a qlab run, none: papers' data"
         )
         return 0
+    data = args.data if args.data not in (None, "embedded") else None
+    refuse_inputs(args.out, [args.checkpoint, data], nested=False)  # beside an input, never as one
     if args.notebook:
         out = Path(args.out) / notebook_path(args.notebook).name
         run_notebook(args.notebook, out, checkpoint=args.checkpoint, data=args.data, scale=args.scale,

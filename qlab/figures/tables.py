@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 from typing import Any
 
@@ -498,7 +500,10 @@ def matrix(ws: Workspace) -> MatrixResults:
     """Run (or resume) the small matrix under the work directory and collect its results."""
 
     if "matrix" not in ws.memo:
-        out = ws.work / "matrix"
-        run_matrix(matrix_spec(ws), out, progress=ws.progress)
+        spec = matrix_spec(ws)
+        # a cache folder per spec: a grid folder refuses another spec's cells, never mixes them
+        digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        out = ws.work / f"matrix-{digest}"
+        run_matrix(spec, out, progress=ws.progress)
         ws.memo["matrix"] = collect_results(out)
     return ws.memo["matrix"]

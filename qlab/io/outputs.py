@@ -91,7 +91,7 @@ def claim_output_dir(
     (``"dataset"``), which ``--force`` then may replace.
     """
     out_p = Path(out)
-    _refuse_inputs(out_p, [Path(i) for i in inputs if i is not None], force)
+    refuse_inputs(out_p, inputs, force)
     if out_p.exists() and not out_p.is_dir():
         raise ConfigError(f"{out_p}: exists and is not a folder (choose another --out)")
     stamp = read_stamp(out_p) if out_p.is_dir() else None
@@ -137,18 +137,18 @@ def _may_write(
 
 
 def refuse_inputs(
-    out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None], force: bool = False
+    out: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike | None],
+    force: bool = False,
+    nested: bool = True,
 ) -> None:
-    """ConfigError when ``out`` is an input or lies inside an input folder (or, with
-    ``force``, holds an input)."""
-    _refuse_inputs(Path(out), [Path(i) for i in inputs if i is not None], force)
-
-
-def _refuse_inputs(out: Path, inputs: list[Path], force: bool) -> None:
-    real = out.resolve()
-    for src in inputs:
+    """ConfigError when ``out`` is an input, lies inside an input folder (unless not
+    ``nested``: outputs that only add files beside an input's own) or, with ``force``,
+    holds an input."""
+    real = Path(out).resolve()
+    for src in (Path(i) for i in inputs if i is not None):
         s = src.resolve()
-        if real == s or (s.is_dir() and s in real.parents):
+        if real == s or (nested and s.is_dir() and s in real.parents):
             raise ConfigError(f"{out}: the output would write into the input {src} (choose another --out)")
         if force and real in s.parents:  # --force may replace what the folder holds: never an input
             raise ConfigError(f"{out}: holds the input {src}; --force never replaces an input")

@@ -530,6 +530,8 @@ def resolve_configs(
         total = train_fields.get("iterations", TrainConfig.iterations)
         if iters < 0:
             raise ConfigError(f"environment variable WARMDOWN_ITERS={iters} must be >= 0")
+        if not (_is_int(total) and total > 0):
+            raise ConfigError(f"WARMDOWN_ITERS={iters} needs a positive ITERATIONS, got {total!r}")
         train_fields["warmdown_frac"] = min(iters / total, 1.0)
     if "VAL_BATCH_TOKENS" in env and "val_batch_seqs" not in (train_overrides or {}):
         train_fields["val_batch_seqs"] = _val_batch_seqs(env, train_fields)
