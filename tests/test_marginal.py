@@ -14,6 +14,7 @@ from qlab.analysis import marginal as M
 from qlab.cli import main
 from qlab.data import build_byte_tables, load_tokenizer, load_validation_tokens
 from qlab.errors import ConfigError
+from qlab.eval.agreement import document_sums
 from qlab.eval.bpb import evaluate_bpb, token_scores
 from qlab.quant.policy import TensorSpec
 from tests.test_cli_quantize import POLICY, run_dir  # noqa: F401  (the module fixture)
@@ -34,7 +35,7 @@ def test_document_sums_cut_at_bos():
     tokens = torch.tensor([1, 5, 6, 1, 7, 8, 9, 1, 4])  # documents start at BOS = 1
     nll = torch.arange(1, 9, dtype=torch.float64)  # targets at positions 1..8
     nbytes = torch.ones(8, dtype=torch.float64)
-    doc_nll, doc_bytes = M.document_sums(nll, nbytes, torch.arange(1, 9), tokens, bos_id=1)
+    doc_nll, doc_bytes = document_sums(torch.arange(1, 9), tokens, 1, nll, nbytes)
     # position 3 (a BOS target) opens document 2, as does position 7
     assert doc_nll.tolist() == [1 + 2, 3 + 4 + 5 + 6, 7 + 8] and doc_bytes.tolist() == [2, 4, 2]
 
@@ -134,8 +135,8 @@ def test_a_table_without_evaluation_is_completed_by_the_predictor(setup, monkeyp
     kw = dict(seq_len=32, settings=["bits-1", "bits+1", "k*1.25"], n_boot=100)
     measured = M.marginal_table(model, policy, val, tables, hessians, **kw)
     scored = []
-    real = M.token_scores
-    monkeypatch.setattr(M, "token_scores", lambda *a, **k: scored.append(1) or real(*a, **k))
+    real = M.token_agreement  # every forward pass of the table goes through it
+    monkeypatch.setattr(M, "token_agreement", lambda *a, **k: scored.append(1) or real(*a, **k))
     blind = M.marginal_table(model, policy, val, tables, hessians, evaluate=False, **kw)
     assert scored == []  # not one forward pass
     cols = ["group", "setting", "delta_bytes", "delta_hessian_err"]

@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from qlab.analysis.marginal import document_sums, paired_delta
+from qlab.analysis.marginal import paired_delta
+from qlab.eval.agreement import document_sums
 from qlab.eval.bpb import token_scores
 
 __all__ = ["eval_levers", "paired_on_common_tokens"]
@@ -34,8 +35,9 @@ def paired_on_common_tokens(
     ref_nll[ref[2]] = ref[0].to(torch.float64)
     nll, nbytes, pos = other
     keep = torch.isfinite(ref_nll[pos])
-    base_docs, doc_bytes = document_sums(ref_nll[pos][keep], nbytes[keep], pos[keep], tokens, bos_id)
-    docs, _ = document_sums(nll[keep], nbytes[keep], pos[keep], tokens, bos_id)
+    base_docs, docs, doc_bytes = document_sums(
+        pos[keep], tokens, bos_id, ref_nll[pos][keep], nll[keep], nbytes[keep]
+    )
     return paired_delta(base_docs, docs, doc_bytes, n_boot)
 
 

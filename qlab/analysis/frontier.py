@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qlab.analysis.marginal import measure_policy, paired_delta, scoring_inputs
+from qlab.analysis.marginal import measure_policy, paired_delta, paired_kl, scoring_inputs
 from qlab.analysis.spectra import weight_family
 from qlab.errors import ConfigError
 from qlab.quant.policy import Policy, Rule
@@ -78,21 +78,23 @@ def rate_frontier(
     :data:`RATE_AWARE` over ``lambdas`` at ``base_k``), ``k``, ``rate_lambda``,
     ``artifact_bytes`` (the real ``codec`` artifact), ``val_bpb``, and the paired
     ``delta_bpb`` with its 95 % bootstrap interval ``ci_lo``/``ci_hi`` against plain GPTQ
-    at ``base_k`` (``base_bytes``, ``base_bpb``)."""
+    at ``base_k`` (``base_bytes``, ``base_bpb``), and the paired change of KL to the float
+    model ``delta_kl`` (bits per byte) with ``kl_lo``/``kl_hi``."""
     ev = scoring_inputs(val_tokens, byte_tables, seq_len, max_tokens, bos_id)
     sd = model.state_dict()
-    base_bytes, base_nll, _ = measure_policy(model, gptq_variant(policy, sd, base_k), hessians, ev, codec)
-    base_bpb = float(base_nll.sum() / np.log(2) / ev["doc_bytes"].sum())
+    base = measure_policy(model, gptq_variant(policy, sd, base_k), hessians, ev, codec)
+    base_bpb = float(base.doc_nll.sum() / np.log(2) / ev["doc_bytes"].sum())
     points = [(PLAIN, float(k), 0.0) for k in ks]
     points += [(RATE_AWARE, float(base_k), float(lam)) for lam in lambdas]
     rows = []
     for method, k, lam in tqdm(points, desc="frontier", disable=not progress):
-        nbytes, nll, _ = measure_policy(model, gptq_variant(policy, sd, k, lam), hessians, ev, codec)
-        delta, lo, hi = paired_delta(base_nll, nll, ev["doc_bytes"], n_boot)
+        m = measure_policy(model, gptq_variant(policy, sd, k, lam), hessians, ev, codec)
+        delta, lo, hi = paired_delta(base.doc_nll, m.doc_nll, ev["doc_bytes"], n_boot)
+        dkl, kl_lo, kl_hi = paired_kl(base, m, ev["doc_bytes"], n_boot)
         rows.append({
-            "method": method, "k": k, "rate_lambda": lam, "artifact_bytes": nbytes,
+            "method": method, "k": k, "rate_lambda": lam, "artifact_bytes": m.nbytes,
             "val_bpb": base_bpb + delta, "delta_bpb": delta, "ci_lo": lo, "ci_hi": hi,
-            "base_bytes": base_bytes, "base_bpb": base_bpb,
+            "delta_kl": dkl, "kl_lo": kl_lo, "kl_hi": kl_hi, "base_bytes": base.nbytes, "base_bpb": base_bpb,
         })  # fmt: skip
     return pd.DataFrame(rows)
 

@@ -12,6 +12,10 @@ validation tokens. Per row:
   Σ Δnll / (ln 2 · Σ bytes);
 * ``resolved``: whether the interval excludes 0 — an unresolved effect is drawn as such;
 * mBPB per kB: Δbpb·1000 / (Δbytes/1000), the exchange rate between bytes and bits;
+* ΔKL (``delta_kl``, ``kl_lo``/``kl_hi``, ``kl_resolved``): the variant's KL divergence
+  from the float model minus the base's, in bits per byte (bpb's units), paired per
+  document — the quiet signal of the same change (:mod:`qlab.eval.agreement`);
+  ``choose_settings(value="delta_kl")`` allocates on it;
 * Δ Hessian error: Σ over the group of tr(ΔW H ΔWᵀ) (variant minus base), the
   second-order proxy ½·ΔwᵀHΔw of the loss change up to a constant, from which
   :func:`fit_predictor` predicts Δbpb without evaluating (slopes fitted on measured rows:
@@ -30,6 +34,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -44,21 +49,22 @@ from qlab.analysis.rd import hessian_error, tensor_family
 from qlab.analysis.spectra import layer_index
 from qlab.compress.container import encode_artifact
 from qlab.errors import ConfigError
-from qlab.eval.bpb import token_scores
+from qlab.eval.agreement import document_sums, ratio_interval, token_agreement
 from qlab.io.atomic import atomic_write_text
 from qlab.quant.model_quant import quantize_model
 from qlab.quant.policy import Policy, Rule, TensorSpec
 from qlab.quant.tensor import QuantizedTensor, dequantize
 
 __all__ = [
-    "SETTINGS", "group_tensors", "document_sums", "paired_delta", "marginal_table", "fit_predictor",
+    "SETTINGS", "Measured", "group_tensors", "paired_delta", "paired_kl", "marginal_table", "fit_predictor",
     "predict_delta_bpb",
 ]  # fmt: skip
 
 # Relative changes of a group's spec: bits ± 1, clip width k × 0.8 / × 1.25.
 SETTINGS = ("bits+1", "bits-1", "k*0.8", "k*1.25")
 COLUMNS = ["group", "setting", "tensors", "numel", "base_bytes", "delta_bytes", "base_bpb", "delta_bpb",
-           "ci_lo", "ci_hi", "resolved", "mbpb_per_kb", "delta_hessian_err"]  # fmt: skip
+           "ci_lo", "ci_hi", "resolved", "mbpb_per_kb", "delta_hessian_err", "delta_kl", "kl_lo", "kl_hi",
+           "kl_resolved"]  # fmt: skip
 
 
 def group_tensors(
@@ -86,30 +92,19 @@ def group_tensors(
     return groups
 
 
-def document_sums(
-    nll: torch.Tensor, nbytes: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor, bos_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Σ nll and Σ bytes per document (the stream cut before each BOS token)."""
-    starts = torch.cumsum((tokens.to(torch.int64) == bos_id).to(torch.int64), 0)[positions]
-    doc_of = (starts - starts.min()).numpy()
-    n = int(doc_of.max()) + 1
-    return (np.bincount(doc_of, weights=nll.numpy(), minlength=n),
-            np.bincount(doc_of, weights=nbytes.numpy(), minlength=n))  # fmt: skip
+def paired_kl(
+    base: Measured, other: Measured, doc_bytes: np.ndarray, n_boot: int = 1000
+) -> tuple[float, float, float]:
+    """(ΔKL, 2.5 %, 97.5 %): ``other``'s KL to the float model minus ``base``'s, in bits per
+    byte (the units of Δbpb), paired per document: the quiet signal of the same change."""
+    return ratio_interval(other.doc_kl - base.doc_kl, doc_bytes, n_boot)
 
 
 def paired_delta(
     base_nll: np.ndarray, nll: np.ndarray, doc_bytes: np.ndarray, n_boot: int = 1000, seed: int = 0
 ) -> tuple[float, float, float]:
     """(Δbpb, 2.5 %, 97.5 % bootstrap quantiles) of ``nll`` against ``base_nll``, per document."""
-    diff = nll - base_nll
-    delta = float(diff.sum() / math.log(2) / doc_bytes.sum())
-    if n_boot <= 0 or diff.size < 2:
-        return delta, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, diff.size, size=(n_boot, diff.size))
-    boot = diff[idx].sum(1) / math.log(2) / doc_bytes[idx].sum(1)
-    lo, hi = np.quantile(boot, [0.025, 0.975])
-    return delta, float(lo), float(hi)
+    return ratio_interval((nll - base_nll) / math.log(2), doc_bytes, n_boot, seed)
 
 
 _BITS = re.compile(r"^bits([+-]\d+)$")
@@ -136,18 +131,30 @@ def variant_policy(
     return Policy(f"{policy.name}:{setting}", rules + list(policy.rules), policy.default)
 
 
-def measure_policy(
-    model: nn.Module, policy: Policy, hessians: Mapping, ev: dict, codec: str
-) -> tuple[int, np.ndarray, dict]:
-    """(artifact bytes, Σ nll per document, quantized state) of ``model`` under ``policy``."""
+@dataclass
+class Measured:
+    """One policy measured on the validation documents: real artifact bytes, Σ NLL (nats)
+    and Σ KL to the float model (bits) per document, and the quantized state."""
 
+    nbytes: int
+    doc_nll: np.ndarray
+    doc_kl: np.ndarray
+    state: dict
+
+
+def measure_policy(model: nn.Module, policy: Policy, hessians: Mapping, ev: dict, codec: str) -> Measured:
+    """``model`` (the float reference) quantized under ``policy``, its artifact encoded and
+    its quantized model scored token by token against ``model`` itself."""
     nbytes, qm = _encoded(model, policy, hessians, codec)
-    nll, tok_bytes, pos = token_scores(
-        qm.dequantized_model, ev["tokens"], ev["tables"], seq_len=ev["seq_len"], max_tokens=ev["max_tokens"]
+    ta = token_agreement(
+        qm.dequantized_model, model, ev["tokens"], ev["tables"], seq_len=ev["seq_len"],
+        max_tokens=ev["max_tokens"], reference_cache=ev.setdefault("reference_cache", {}),
+    )  # fmt: skip
+    doc_nll, doc_kl, doc_bytes = document_sums(
+        ta.positions, ev["tokens"], ev["bos"], ta.nll, ta.kl_bits, ta.bytes
     )
-    doc_nll, doc_bytes = document_sums(nll, tok_bytes, pos, ev["tokens"], ev["bos"])
     ev.setdefault("doc_bytes", doc_bytes)  # the same tokens every time: one byte count per document
-    return nbytes, doc_nll, qm.quantized_state
+    return Measured(nbytes, doc_nll, doc_kl, qm.quantized_state)
 
 
 def measure_bytes(model: nn.Module, policy: Policy, hessians: Mapping, codec: str) -> tuple[int, dict]:
@@ -198,10 +205,11 @@ def marginal_table(
     :func:`predict_delta_bpb` completes from a predictor fitted on a few measured rows,
     for models where evaluating every variant is too slow."""
     ev = scoring_inputs(val_tokens, byte_tables, seq_len, max_tokens, bos_id)
-    base_nll = None
+    base = None
     if evaluate:
-        base_bytes, base_nll, base_state = measure_policy(model, policy, hessians, ev, codec)
-        base_bpb = float(base_nll.sum() / math.log(2) / ev["doc_bytes"].sum())
+        base = measure_policy(model, policy, hessians, ev, codec)
+        base_bytes, base_state = base.nbytes, base.state
+        base_bpb = float(base.doc_nll.sum() / math.log(2) / ev["doc_bytes"].sum())
     else:
         (base_bytes, base_state), base_bpb = measure_bytes(model, policy, hessians, codec), math.nan
     shapes = dict(model.state_dict())
@@ -214,10 +222,12 @@ def marginal_table(
     for group, setting in tqdm(todo, desc="marginal", disable=not progress):
         names = groups[group]
         variant = variant_policy(policy, names, setting, shapes)
-        delta, lo, hi = (math.nan,) * 3
-        if base_nll is not None:
-            nbytes, nll, state = measure_policy(model, variant, hessians, ev, codec)
-            delta, lo, hi = paired_delta(base_nll, nll, ev["doc_bytes"], n_boot)
+        delta, lo, hi, dkl, kl_lo, kl_hi = (math.nan,) * 6
+        if base is not None:
+            m = measure_policy(model, variant, hessians, ev, codec)
+            nbytes, state = m.nbytes, m.state
+            delta, lo, hi = paired_delta(base.doc_nll, m.doc_nll, ev["doc_bytes"], n_boot)
+            dkl, kl_lo, kl_hi = paired_kl(base, m, ev["doc_bytes"], n_boot)
         else:
             nbytes, state = measure_bytes(model, variant, hessians, codec)
         err = _hessian_errors(shapes, state, hessians, names)
@@ -228,6 +238,7 @@ def marginal_table(
             "ci_lo": lo, "ci_hi": hi,
             "resolved": bool(lo > 0 or hi < 0), "mbpb_per_kb": _rate(delta, nbytes - base_bytes),
             "delta_hessian_err": sum(err[n] - base_err[n] for n in names),
+            "delta_kl": dkl, "kl_lo": kl_lo, "kl_hi": kl_hi, "kl_resolved": bool(kl_lo > 0 or kl_hi < 0),
         })  # fmt: skip
         if out is not None:
             atomic_write_text(out, pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
@@ -343,7 +354,7 @@ def _read_rows(out: str | os.PathLike | None, base_bytes: int) -> dict[tuple[str
         raise ConfigError(
             f"{out}: not a marginal table (columns {list(df.columns)}); remove it or pick another --out"
         )
-    numeric = [c for c in COLUMNS if c not in ("group", "setting", "resolved")]
+    numeric = [c for c in COLUMNS if c not in ("group", "setting", "resolved", "kl_resolved")]
     if df[["group", "setting"]].isna().any().any() or any(
         not pd.api.types.is_numeric_dtype(df[c]) for c in numeric
     ):

@@ -10,7 +10,7 @@ import argparse
 
 from qlab.cli._args import add_model_checkpoint, plain
 from qlab.errors import ConfigError
-from qlab.eval.context import EvalContext
+from qlab.eval.context import EvalContext, resolve_model
 from qlab.progress import cli_progress
 
 HELP = "val_loss and val_bpb of a checkpoint or artifact"
@@ -24,6 +24,13 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, help="evaluation sequence length (default: the model's)")
     p.add_argument("--max-tokens", type=int, help="evaluate on at most N validation tokens")
     p.add_argument("--batch-seqs", type=int, default=8, help="windows per forward pass")
+    p.add_argument(
+        "--against",
+        metavar="REF",
+        help="also compare with a reference checkpoint (e.g. the float model) token by token: "
+        "KL(p_ref ‖ p_model), top-1 agreement and Δbpb with 95%% intervals over documents",
+    )
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for --against (default 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -46,4 +53,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"val_loss:  {res.val_loss:.4f}")
     print(f"val_bpb:   {res.val_bpb:.4f}")
     print(f"scored:    {res.tokens:,} tokens, {res.bytes:,} bytes")
+    if args.against:
+        reference, ref_label = resolve_model(args.against, preset=args.preset)
+        s = ctx.agreement(ctx.model, reference, n_boot=args.boot, stride=args.stride,
+                          max_tokens=args.max_tokens, batch_seqs=args.batch_seqs)  # fmt: skip
+        print(agreement_lines(s, ref_label))
     return 0
+
+
+def agreement_lines(s: dict[str, float], ref_label: str) -> str:
+    """The agreement summary as lines, with intervals and the noise of each signal."""
+
+    def ci(name: str, scale: float, fmt: str) -> str:
+        lo, hi = s[f"{name}_lo"] * scale, s[f"{name}_hi"] * scale
+        return f"{s[name] * scale:{fmt}}  [{lo:{fmt}}, {hi:{fmt}}]"
+
+    return "\n".join([
+        f"against:   {ref_label}, {int(s['docs'])} documents (95% intervals resample documents)",
+        f"KL:        {ci('kl_bpb', 1e3, '.3f')} mbit/byte; {ci('kl_bits', 1.0, '.5f')} bits/token",
+        f"top-1:     {ci('top1', 100.0, '.2f')} % of tokens agree",
+        f"Δbpb:      {ci('delta_bpb', 1e3, '+.3f')} mBPB",
+        f"noise:     ±1 mBPB(-equivalent) needs ~{s['resolve_docs_bpb']:,.0f} documents with Δbpb, "
+        f"~{s['resolve_docs_kl']:,.0f} with KL",
+    ])  # fmt: skip

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from qlab.analysis.allocator import allocate
-from qlab.analysis.marginal import fit_predictor, marginal_table
+from qlab.analysis.marginal import COLUMNS, fit_predictor, marginal_table
 from qlab.cli._args import plain
 from qlab.errors import ConfigError
 from qlab.eval.context import EvalContext
@@ -52,8 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty --out that holds other results (rows measured on "
                         "another checkpoint, policy, dataset, budget or codec are discarded)")  # fmt: skip
+    p.add_argument("--value", choices=sorted(VALUES), default="bpb",
+                   help="what --cap minimises: 'bpb' (paired Δbpb, the default) or 'kl' (the paired "
+                        "change of KL to the float model: bits per byte too, a quieter signal)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+VALUES = {"bpb": "delta_bpb", "kl": "delta_kl"}
 
 
 def provenance(args: argparse.Namespace, policy) -> dict:
@@ -61,7 +67,7 @@ def provenance(args: argparse.Namespace, policy) -> dict:
     return {
         "checkpoint": input_digest(args.checkpoint), "data": input_digest(args.data),
         "policy": policy.to_dict(), "group_by": args.group_by, "calib_batches": args.calib_batches,
-        "boot": args.boot, "eval_tokens": args.eval_tokens, "codec": args.codec,
+        "boot": args.boot, "eval_tokens": args.eval_tokens, "codec": args.codec, "columns": len(COLUMNS),
     }  # fmt: skip
 
 
@@ -109,6 +115,7 @@ def _allocate(args, model, policy, table, val, tables, hessians, out: Path) -> N
     r = allocate(
         model, policy, table, args.cap, val, tables, hessians, seq_len=model.config.eval_seq_len,
         grouping=args.group_by, codec=args.codec, n_boot=args.boot, max_tokens=args.eval_tokens,
+        value=VALUES[args.value],
     )  # fmt: skip
     atomic_write_json(out / "allocated_policy.json", r["policy"].to_dict())
     picked = ", ".join(f"{g} {s}" for g, s in r["choice"].items()) or "no change"
@@ -119,8 +126,10 @@ def _allocate(args, model, policy, table, val, tables, hessians, out: Path) -> N
             m = r[key]
             extra = f", matrices k = {r['uniform_k']:.3f}" if key == "vs_uniform" else ""
             ci = f"[{1e3 * m['ci_lo']:+.2f}, {1e3 * m['ci_hi']:+.2f}]"
+            kl = f"[{1e3 * m['kl_lo']:+.3f}, {1e3 * m['kl_hi']:+.3f}]"
             print(f"measured vs {what} ({m['base_bytes']:,} B{extra}): {m['bytes']:,} B, "
-                  f"Δ {1e3 * m['delta_bpb']:+.2f} mBPB {ci}")  # fmt: skip
+                  f"Δ {1e3 * m['delta_bpb']:+.2f} mBPB {ci}, "
+                  f"ΔKL {1e3 * m['delta_kl']:+.3f} mbit/byte {kl}")  # fmt: skip
     print(f"wrote {out / 'allocated_policy.json'} (qlab quantize --policy accepts it)")
 
 
@@ -128,9 +137,14 @@ def _print(table) -> None:
     base = table.iloc[0] if len(table) else None
     if base is not None:
         print(f"base: {int(base['base_bytes']):,} B, val_bpb {base['base_bpb']:.4f}")
-    print(f"{'group':<14} {'setting':<8} {'Δbytes':>9} {'ΔmBPB':>8} {'95% CI (mBPB)':>18} {'mBPB/kB':>8}")
+    print(f"{'group':<14} {'setting':<8} {'Δbytes':>9} {'ΔmBPB':>8} {'95% CI (mBPB)':>18} {'mBPB/kB':>8} "
+          f"{'ΔKL (mbit/B)':>12} {'95% CI':>18}")  # fmt: skip
     for _, r in table.iterrows():
         ci = f"[{1e3 * r['ci_lo']:+.2f}, {1e3 * r['ci_hi']:+.2f}]"
-        flag = "" if r["resolved"] else "  not resolved"
+        kl = f"[{1e3 * r['kl_lo']:+.3f}, {1e3 * r['kl_hi']:+.3f}]"
+        flag = ("" if r["resolved"] else "  Δbpb not resolved") + (
+            "" if r["kl_resolved"] else "  ΔKL not resolved"
+        )
         print(f"{r['group']:<14} {r['setting']:<8} {int(r['delta_bytes']):>+9,} "
-              f"{1e3 * r['delta_bpb']:>+8.2f} {ci:>18} {r['mbpb_per_kb']:>+8.3f}{flag}")  # fmt: skip
+              f"{1e3 * r['delta_bpb']:>+8.2f} {ci:>18} {r['mbpb_per_kb']:>+8.3f} "
+              f"{1e3 * r['delta_kl']:>+12.3f} {kl:>18}{flag}")  # fmt: skip

@@ -179,7 +179,11 @@ def _print_row(r: pd.Series, out: str, cap: int) -> None:
           f"brotli-11 predicted {r['predicted_bytes']:,}) -> {verdict} the {cap:,} B cap, "
           f"headroom {r['headroom_bytes']:,} B")  # fmt: skip
     print(f"pre-quant:     val_bpb {r['pre_quant_bpb']:.4f}")
-    print(f"quantized:     val_bpb {r['quantized_bpb']:.4f}  (quant tax {r['quant_tax_mbpb']:+.2f} mBPB)")
+    print(f"quantized:     val_bpb {r['quantized_bpb']:.4f}  (quant tax {r['quant_tax_mbpb']:+.2f} mBPB, "
+          f"95% [{r['quant_tax_lo_mbpb']:+.2f}, {r['quant_tax_hi_mbpb']:+.2f}] over documents)")  # fmt: skip
+    print(f"vs float:      KL {1e3 * r['kl_bpb']:.3f} mbit/byte [{1e3 * r['kl_bpb_lo']:.3f}, "
+          f"{1e3 * r['kl_bpb_hi']:.3f}], top-1 agreement {100 * r['top1']:.2f} % "
+          f"[{100 * r['top1_lo']:.2f}, {100 * r['top1_hi']:.2f}]")  # fmt: skip
     if pd.notna(r["sliding_bpb"]):
         gain = r["sliding_gain_mbpb"]
         print(f"sliding:       val_bpb {r['sliding_bpb']:.4f}  (sliding gain {gain:+.2f} mBPB)")

@@ -118,17 +118,10 @@ def evaluate_bpb(
     dealt round-robin to ranks when torch.distributed is initialised.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    tokens = val_tokens.to(torch.int64)
-    if stride is None:
-        tokens = truncate_tokens(tokens, seq_len, max_tokens)
-        windows = standard_windows(tokens.numel(), seq_len)
-    else:
-        if max_tokens is not None:
-            tokens = tokens[:max_tokens]
-        windows = sliding_windows(tokens.numel(), seq_len, stride)
+    tokens, windows = scored_windows(val_tokens, seq_len, stride, max_tokens)
     rank, world = _rank_world()
     mine = windows[rank::world]
-    local_tables = _tables_on(byte_tables, device)
+    local_tables = tables_on(byte_tables, device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
 
     with eval_mode(model):
@@ -143,7 +136,43 @@ def evaluate_bpb(
     )
 
 
-def _tables_on(tables: ByteTables, device: torch.device) -> ByteTables:
+def scored_windows(
+    val_tokens: torch.Tensor, seq_len: int, stride: int | None, max_tokens: int | None
+) -> tuple[torch.Tensor, list[Window]]:
+    """(int64 tokens, windows) every evaluation scores: standard windows over whole
+    ``seq_len`` chunks, or sliding ones (``stride``) over the first ``max_tokens`` tokens."""
+    tokens = val_tokens.to(torch.int64)
+    if stride is None:
+        tokens = truncate_tokens(tokens, seq_len, max_tokens)
+        return tokens, standard_windows(tokens.numel(), seq_len)
+    tokens = tokens[:max_tokens] if max_tokens is not None else tokens
+    return tokens, sliding_windows(tokens.numel(), seq_len, stride)
+
+
+def window_batch(
+    tokens: torch.Tensor, windows: list[Window]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, scored mask) of a batch of windows, (B, T) each. Windows in one
+    batch share a length except possibly the final, shorter sliding window: it is padded
+    and the padding masked out of the score."""
+    length = max(w.end - w.start for w in windows)
+    x = torch.zeros(len(windows), length, dtype=torch.int64)
+    y = torch.zeros_like(x)
+    mask = torch.zeros(len(windows), length, dtype=torch.bool)
+    for row, w in enumerate(windows):
+        n = w.end - w.start
+        x[row, :n] = tokens[w.start : w.end]
+        y[row, :n] = tokens[w.start + 1 : w.end + 1]
+        mask[row, w.score_from - w.start - 1 : n] = True
+    return x, y, mask
+
+
+def target_positions(windows: list[Window], length: int) -> torch.Tensor:
+    """(B, T) index in the token stream of each window position's target."""
+    return torch.stack([torch.arange(w.start + 1, w.start + 1 + length) for w in windows])
+
+
+def tables_on(tables: ByteTables, device: torch.device) -> ByteTables:
     return ByteTables(
         base_bytes=tables.base_bytes.to(device),
         has_leading_space=tables.has_leading_space.to(device),
@@ -179,21 +208,15 @@ def token_scores(
     float64/float64/int64 on the CPU — the same tokens and values :func:`evaluate_bpb`
     sums with the same ``stride``, kept apart for paired comparisons."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    tokens = val_tokens.to(torch.int64)
-    if stride is None:
-        tokens = truncate_tokens(tokens, seq_len, max_tokens)
-        windows = standard_windows(tokens.numel(), seq_len)
-    else:
-        tokens = tokens[:max_tokens] if max_tokens is not None else tokens
-        windows = sliding_windows(tokens.numel(), seq_len, stride)
-    tables = _tables_on(byte_tables, device)
+    tokens, windows = scored_windows(val_tokens, seq_len, stride, max_tokens)
+    tables = tables_on(byte_tables, device)
     out_nll, out_bytes, out_pos = [], [], []
     with eval_mode(model):
         for i in range(0, len(windows), batch_seqs):
             batch = windows[i : i + batch_seqs]
             with torch.no_grad():
                 nll, nbytes, mask = _window_scores(model, tokens, batch, tables, device, None)
-            pos = torch.stack([torch.arange(w.start + 1, w.start + 1 + nll.shape[1]) for w in batch])
+            pos = target_positions(batch, nll.shape[1])
             keep = mask.cpu()
             out_nll.append(nll.cpu()[keep])
             out_bytes.append(nbytes.cpu()[keep])
@@ -210,18 +233,7 @@ def _window_scores(
     autocast: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per position of a batch of windows: nll (float64), bytes (float64), scored mask."""
-    # Windows in one batch share a length except possibly the final, shorter sliding
-    # window; pad it and mask the padding out of the score.
-    length = max(w.end - w.start for w in windows)
-    x = torch.zeros(len(windows), length, dtype=torch.int64)
-    y = torch.zeros_like(x)
-    mask = torch.zeros(len(windows), length, dtype=torch.bool)
-    for row, w in enumerate(windows):
-        n = w.end - w.start
-        x[row, :n] = tokens[w.start : w.end]
-        y[row, :n] = tokens[w.start + 1 : w.end + 1]
-        mask[row, w.score_from - w.start - 1 : n] = True
-    x, y, mask = x.to(device), y.to(device), mask.to(device)
+    x, y, mask = (t.to(device) for t in window_batch(tokens, windows))
     with autocast_context(device, autocast):
         nll = model(x, y, reduction="none")
     return nll.float().double(), token_bytes(tables, x, y).double(), mask

@@ -33,7 +33,9 @@ from qlab.data import (
     load_validation_tokens,
     open_dataset,
 )
+from qlab.data.tokenizer import BOS_ID
 from qlab.errors import ConfigError
+from qlab.eval.agreement import agreement_summary, token_agreement
 from qlab.eval.bpb import EvalResult, evaluate_bpb
 from qlab.io.checkpoint import has_checkpoint, load_weights, read_config
 from qlab.loaders import load_model, load_quantized
@@ -208,6 +210,17 @@ class EvalContext:
         if key not in self._scores:
             self._scores[key] = evaluate_bpb(self.model, val, tables, seq_len=self.seq_len, **settings)
         return self._scores[key]
+
+    def agreement(
+        self, model: nn.Module, reference: nn.Module | None = None, n_boot: int = 1000, **settings: Any
+    ) -> dict[str, float]:
+        """:func:`~qlab.eval.agreement.agreement_summary` of ``model`` against ``reference``
+        (default: the context's own model) on the validation tokens at ``seq_len``:
+        KL, top-1 agreement and Δbpb with document-bootstrap intervals."""
+        val, tables = self.validation()
+        ref = self.model if reference is None else reference
+        ta = token_agreement(model, ref, val, tables, seq_len=self.seq_len, **settings)
+        return agreement_summary(ta, val, BOS_ID, n_boot=n_boot)
 
     # ---- calibration -----------------------------------------------------------------
     def calibration(self, n_batches: int = 64, batch_seqs: int = 8) -> list[torch.Tensor]:

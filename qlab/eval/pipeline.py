@@ -35,12 +35,18 @@ from qlab.eval.ttt import TTTConfig, score_first_ttt
 from qlab.quant.model_quant import QuantizedModel, model_extra, quantize_model
 from qlab.quant.policy import Policy, resolve_policy
 
+# The quantized model against the float one, token by token (qlab.eval.agreement): KL in
+# bits per byte, top-1 agreement, and the quant tax's 95 % interval over documents.
+AGREEMENT_COLUMNS = ["kl_bpb", "kl_bpb_lo", "kl_bpb_hi", "top1", "top1_lo", "top1_hi", "quant_tax_lo_mbpb",
+                     "quant_tax_hi_mbpb"]  # fmt: skip
+
 COLUMNS = [
     "source",
     "variant",
     "checkpoint",
     "policy",
     *(c for c in ATTRIBUTION_COLUMNS if c != "prequant_ttt_bpb"),  # no pre-quant TTT stage here
+    *AGREEMENT_COLUMNS,
     "pre_quant_loss",
     "quantized_loss",
     "eval_tokens",
@@ -94,6 +100,7 @@ def run_pipeline(
     extra: dict | None = None,
     eval_batch_seqs: int = 8,
     autocast: str | None = None,
+    agreement: bool = True,
     progress: bool = False,
 ) -> PipelineResult:
     """Run every stage and return the row, the quantized model and the artifact bytes.
@@ -104,7 +111,8 @@ def run_pipeline(
     ``seq_len`` are the context's) to run several policies on one model: the float model
     is scored once and the Hessians collected once. Evaluation runs on the model's device,
     with ``autocast`` (e.g. ``"bf16"`` on CUDA) and ``eval_batch_seqs`` sequences per
-    forward pass."""
+    forward pass. ``agreement`` adds the quantized model's KL and top-1 agreement with
+    the float model and the quant tax's interval (one more pass of both models)."""
     if isinstance(model_or_ckpt, EvalContext):
         if dataset is not None or seq_len is not None:
             raise ConfigError("pipeline: an EvalContext brings its own dataset and seq_len")
@@ -125,6 +133,11 @@ def run_pipeline(
     if hessians is not None:
         qm.meta["calib_batches"] = calib_batches  # the batches the given Hessians came from
     quant, t_q = _timed(evaluate_bpb, qm.dequantized_model, val, tables, **ev)
+    agree = (
+        ctx.agreement(qm.dequantized_model, max_tokens=max_eval_tokens, batch_seqs=eval_batch_seqs)
+        if agreement
+        else None
+    )
     slide, t_s = (None, 0.0)
     if stride is not None:
         slide, t_s = _timed(evaluate_bpb, qm.dequantized_model, val, tables, stride=stride, **ev)
@@ -138,7 +151,7 @@ def run_pipeline(
     blob = encode_artifact(qm.quantized_state, policy=policy.to_dict(), codec=codec, extra=head)
     t_c = time.perf_counter() - t0
     predicted = predict_artifact_bytes(qm.quantized_state, policy=policy.to_dict(), extra=head)
-    stages = dict(pre=pre, quant=quant, slide=slide, ttt=ttt_res)
+    stages = dict(pre=pre, quant=quant, slide=slide, ttt=ttt_res, agreement=agree)
     times = dict(calib_quant=t_quant, pre_quant=t_pre, quantized=t_q, sliding=t_s, ttt=t_ttt, compress=t_c)
     sizes = dict(artifact=len(blob) + code_bytes, predicted=predicted + code_bytes, code=code_bytes, cap=cap)
     row = _row(ctx.label, policy.name, stages, qm, sizes, times)
@@ -166,6 +179,7 @@ def _row(label: str, policy: str, stages: dict, qm: QuantizedModel, sizes: dict,
         "checkpoint": label,
         "policy": policy,
         **attribute_stages({k: v for k, v in by.items() if not math.isnan(v)}),
+        **_agreement_fields(stages["agreement"]),
         "pre_quant_loss": float(stages["pre"].val_loss),
         "quantized_loss": float(stages["quant"].val_loss),
         "eval_tokens": int(stages["quant"].tokens),
@@ -179,6 +193,16 @@ def _row(label: str, policy: str, stages: dict, qm: QuantizedModel, sizes: dict,
         **{f"time_{k}_s": float(v) for k, v in times.items()},
     }
     return pd.DataFrame([row], columns=COLUMNS)
+
+
+def _agreement_fields(s: dict[str, float] | None) -> dict[str, float]:
+    if s is None:
+        return dict.fromkeys(AGREEMENT_COLUMNS, math.nan)
+    fields = {k: s[k] for k in ("kl_bpb", "kl_bpb_lo", "kl_bpb_hi", "top1", "top1_lo", "top1_hi")}
+    return fields | {
+        "quant_tax_lo_mbpb": 1e3 * s["delta_bpb_lo"],
+        "quant_tax_hi_mbpb": 1e3 * s["delta_bpb_hi"],
+    }
 
 
 def pipeline_row(

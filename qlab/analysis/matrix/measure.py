@@ -110,7 +110,7 @@ def measure_pipeline(
         res = run_pipeline(
             ctx, policy, calib_batches=calib, calib_batch_seqs=CALIBRATION_BATCH,
             stride=spec.sliding_stride or None, max_eval_tokens=spec.val_max_tokens or None, ttt=ttt,
-            eval_batch_seqs=spec.batch_seqs, autocast=cell_autocast(ctx),
+            eval_batch_seqs=spec.batch_seqs, autocast=cell_autocast(ctx), agreement=False,
             extra={"source": source} if source else None, progress=progress,
         )  # fmt: skip
         r = res.row.iloc[0]
