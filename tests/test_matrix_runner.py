@@ -250,3 +250,71 @@ def test_a_matrix_cell_and_qlab_quantize_report_the_same_bytes_and_bpb(
         assert f"{label + ':':<14} val_bpb {cell[stage]:.4f}" in text, (stage, text)
     tax = 1e3 * (cell["quantized_bpb"] - cell["pre_quant_bpb"])
     assert f"quant tax {tax:+.2f} mBPB" in text
+
+
+# ------------------------------------------------------------------ the cluster recipe
+
+
+def test_a_fake_slurm_array_runs_one_cell_per_task(
+    spec, killed_run, tiny_dataset, tmp_path, monkeypatch, capsys
+):
+    """Array task i runs cell i of `matrix list` (index order is the sorted ids on every
+    machine); retrained from scratch in a fresh folder it measures the same numbers."""
+    import shutil
+
+    out, _, _ = killed_run
+    cells = plan_cells(spec)
+    assert main(["matrix", "list", str(SMOKE), "--count"]) == 0
+    assert capsys.readouterr().out.strip() == str(len(cells))
+    assert main(["matrix", "list", str(SMOKE)]) == 0
+    listed = [(line.split("\t")[0], line.split("\t")[-1]) for line in capsys.readouterr().out.splitlines()]
+    assert listed == [(c.cell_id, f"index={i}") for i, c in enumerate(cells)]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    args = ["matrix", "run", str(SMOKE), "--data", str(tiny_dataset.root), "--device", "cpu"]
+    for i in (0, 5, len(cells) - 1):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
+        assert main([*args, "--out", str(copy)]) == 0
+        assert "1 cell(s) in this shard: 1 skipped" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    assert main([*args, "--out", str(fresh)]) == 0
+    done = list((fresh / "cells").glob("*.json"))
+    assert [p.stem for p in done] == [cells[2].cell_id]
+    assert measured(done[0]) == measured(cell_result_path(out, cells[2].cell_id))
+    cost = json.loads(done[0].read_text())["cost"]
+    assert cost["device"] == "cpu" and cost["world_size"] == 1 and cost["device_hours"] > 0
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(len(cells)))
+    assert main([*args, "--out", str(fresh)]) == 2
+    assert "outside the grid" in capsys.readouterr().err
+    assert main([*args, "--out", str(fresh), "--cell-index", "1", "--shard", "0/2"]) == 2
+
+
+def test_merging_two_machines_folders_equals_one_folders_run(spec, killed_run, tmp_path):
+    import shutil
+
+    out, _, _ = killed_run
+    whole = merge_results(out, out=tmp_path / "whole")
+    parts = []
+    for k in range(2):
+        part = tmp_path / f"machine{k}"
+        (part / "cells").mkdir(parents=True)
+        shutil.copy(out / "spec.json", part / "spec.json")
+        for i, c in enumerate(plan_cells(spec)):
+            if i % 2 == k:
+                shutil.copy(cell_result_path(out, c.cell_id), part / "cells")
+        parts.append(part)
+    merged = merge_results(*parts, out=tmp_path / "merged")
+    pd.testing.assert_frame_equal(merged.pipeline, whole.pipeline)
+    pd.testing.assert_frame_equal(merged.hidden, whole.hidden)
+    assert (tmp_path / "merged" / "results.csv").read_text() == (
+        tmp_path / "whole" / "results.csv"
+    ).read_text()
+    other = tmp_path / "other"
+    (other / "cells").mkdir(parents=True)
+    shutil.copy(cell_result_path(out, plan_cells(spec)[0].cell_id), other / "cells")
+    (other / "spec.json").write_text('{"name": "another grid"}')
+    from qlab.errors import DataError
+
+    with pytest.raises(DataError, match="different grid specs"):
+        merge_results(parts[0], other)

@@ -1,27 +1,27 @@
 """``qlab matrix``: build, merge and report a reg × quant matrix (:mod:`qlab.analysis.matrix`).
 
-    qlab matrix list SPEC [--shard i/n]                  the cells (ids) of a grid
-    qlab matrix run SPEC --out DIR [--shard i/n] [--cell ID ...] [--data DIR] [--device D] [--progress]
-    qlab matrix merge DIR                                results.csv, hidden.csv, geometry.csv, results.json
+    qlab matrix list SPEC [--shard i/n] [--count]        the cells (id, …, index) of a grid
+    qlab matrix run SPEC --out DIR [--shard i/n | --cell ID ... | --cell-index N] [--data DIR] [--device D]
+    qlab matrix merge DIR [DIR ...] [--out OUT]          results.csv, hidden.csv, geometry.csv, results.json
     qlab matrix report DIR [--metric M] [--policy P] [--figures FIGDIR]
     qlab matrix paper [DIR] [--figures FIGDIR]           PR #2011's published matrix (next to DIR's)
 
-SLURM array (one GPU per task, disjoint cells, same output folder)::
-
-    #SBATCH --array=0-7 --gpus=1
-    qlab matrix run qlab/resources/matrix/full_8xh100.toml --out runs/matrix \\
-        --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
-    # afterwards: qlab matrix merge runs/matrix && qlab matrix report runs/matrix --figures figs
+Under a SLURM job array, ``matrix run`` without --shard/--cell/--cell-index runs the cell
+whose index is ``$SLURM_ARRAY_TASK_ID`` (``matrix list --count`` gives the array size);
+docs/cluster.md has the tested sbatch script.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
 from qlab.analysis.matrix import (
+    cell_at,
     collect_results,
     lambda_budget,
     load_spec,
@@ -52,6 +52,7 @@ def register(subparsers) -> None:
     ls = sub.add_parser("list", help="print the cells of a grid spec")
     ls.add_argument("spec", help="grid spec (.toml, .yaml or .yml)")
     ls.add_argument("--shard", default="0/1", help="i/n: only shard i of n (0-based)")
+    ls.add_argument("--count", action="store_true", help="print only the number of cells (an array's size)")
     ls.set_defaults(func=_list)
 
     run = sub.add_parser("run", help="train and measure the cells of a grid spec (resumable)")
@@ -63,6 +64,9 @@ def register(subparsers) -> None:
         help="i/n: run shard i of n, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
     )
     run.add_argument("--cell", action="append", help="run only this cell id (repeatable; see `matrix list`)")
+    run.add_argument("--cell-index", type=int, metavar="N",
+                     help="run only the N-th cell of `matrix list` (default under a SLURM array: "
+                          "$SLURM_ARRAY_TASK_ID)")  # fmt: skip
     run.add_argument("--data", help="dataset directory for every base (overrides the spec)")
     run.add_argument("--device", help="auto, cpu or cuda[:N] (overrides the spec)")
     run.add_argument("--progress", action="store_true", help="show progress bars")
@@ -71,7 +75,8 @@ def register(subparsers) -> None:
     merge = sub.add_parser(
         "merge", help="collect all cells of DIR into results.csv / hidden.csv / results.json"
     )
-    merge.add_argument("dir", help="the run directory of the grid")
+    merge.add_argument("dir", nargs="+", help="the grid's output folder(s): shards run on different machines")
+    merge.add_argument("--out", help="where the merged tables go (default: the first DIR)")
     merge.set_defaults(func=_merge)
 
     rep = sub.add_parser("report", help="statistics tables (mean ± std, paired tests, signs, λ budget)")
@@ -94,25 +99,51 @@ def _spec(args: argparse.Namespace):
 
 
 def _list(args: argparse.Namespace) -> int:
-    cells = shard_cells(plan_cells(_spec(args)), *parse_shard(args.shard))
-    for c in cells:
-        print(f"{c.cell_id}\tbase={c.base}\tvariant={c.variant.label}\tseed={c.seed}")
+    every = plan_cells(_spec(args))
+    mine = {c.cell_id for c in shard_cells(every, *parse_shard(args.shard))}
+    if args.count:
+        print(len(mine))
+        return 0
+    for i, c in enumerate(every):
+        if c.cell_id in mine:
+            print(f"{c.cell_id}\tbase={c.base}\tvariant={c.variant.label}\tseed={c.seed}\tindex={i}")
     return 0
 
 
+ARRAY_TASK_VAR = "SLURM_ARRAY_TASK_ID"
+
+
+def selected_cells(args: argparse.Namespace, spec, env: Mapping[str, str]) -> list[str] | None:
+    """The cell ids ``matrix run`` was asked for: --cell, --cell-index, or (with neither and
+    no --shard) the array task's index; None for this shard's cells."""
+    index = args.cell_index
+    if index is None and not args.cell and args.shard == "0/1" and env.get(ARRAY_TASK_VAR, "").strip():
+        try:
+            index = int(env[ARRAY_TASK_VAR])
+        except ValueError:
+            raise ConfigError(f"${ARRAY_TASK_VAR}={env[ARRAY_TASK_VAR]!r} is not a cell index") from None
+    if index is None:
+        return args.cell
+    if args.cell or args.shard != "0/1":
+        raise ConfigError("--cell-index (or a SLURM array task) runs one cell: drop --cell and --shard")
+    return [cell_at(spec, index).cell_id]
+
+
 def _run(args: argparse.Namespace) -> int:
-    status = run_matrix(
-        _spec(args), args.out, shard=parse_shard(args.shard), cells=args.cell, progress=args.progress
-    )
+    spec = _spec(args)
+    cells = selected_cells(args, spec, os.environ)
+    status = run_matrix(spec, args.out, shard=parse_shard(args.shard), cells=cells, progress=args.progress)
     counts = status["status"].value_counts().to_dict()
     print(f"{len(status)} cell(s) in this shard: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
-    res = merge_results(args.dir)
+    out = Path(args.out or args.dir[0])
+    res = merge_results(*args.dir, out=out)
     n = res.pipeline["cell_id"].nunique()
-    print(f"{n} cells → {Path(args.dir) / 'results.csv'}, hidden.csv, geometry.csv, results.json")
+    print(f"{n} cells from {len(args.dir)} folder(s) → {out / 'results.csv'}, hidden.csv, geometry.csv, "
+          "results.json")  # fmt: skip
     return 0
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 
 from qlab.analysis.matrix.runner import CELLS_DIR, RESULT_FORMAT
 from qlab.analysis.papers import stage_attribution
+from qlab.checks import parse_json
 from qlab.errors import DataError
 from qlab.io.atomic import atomic_write_json, atomic_write_text
 
@@ -148,13 +149,40 @@ def _geometry(cells: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=KEY_COLUMNS)
 
 
-def collect_results(out: str | Path) -> MatrixResults:
-    """Read every ``OUT/cells/*.json`` (all shards) into the three tables."""
-    folder = Path(out) / CELLS_DIR
-    paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    if not paths:
-        raise DataError(f"{folder} holds no cell results; run `qlab matrix run SPEC --out {out}` first")
-    cells = [read_cell(p) for p in paths]
+def collect_results(*outs: str | Path) -> MatrixResults:
+    """Read every ``OUT/cells/*.json`` of one grid — all shards, from one folder or from the
+    folders of shards that ran on different machines — into the three tables. The folders
+    must hold the same grid spec; a cell found twice must have the same result."""
+    if not outs:
+        raise DataError("collect_results: no folder given")
+    cells: dict[str, dict[str, Any]] = {}
+    for out in outs:
+        folder = Path(out) / CELLS_DIR
+        paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        if not paths:
+            raise DataError(f"{folder} holds no cell results; run `qlab matrix run SPEC --out {out}` first")
+        _same_grid(Path(outs[0]), Path(out))
+        for p in paths:
+            cell = read_cell(p)
+            seen = cells.setdefault(cell["cell_id"], cell)
+            if _measured(seen) != _measured(cell):
+                raise DataError(f"cell {cell['cell_id']} differs between the folders (found again in {p})")
+    return _tables(list(cells.values()))
+
+
+def _measured(cell: dict[str, Any]) -> dict[str, Any]:
+    """A cell's results without what a rerun changes (its timings and cost)."""
+    return {k: v for k, v in cell.items() if k not in ("cost", "train_result")}
+
+
+def _same_grid(first: Path, other: Path) -> None:
+    specs = [parse_json((d / "spec.json").read_bytes(), str(d / "spec.json"), DataError)
+             if (d / "spec.json").is_file() else None for d in (first, other)]  # fmt: skip
+    if specs[0] is not None and specs[1] is not None and specs[0] != specs[1]:
+        raise DataError(f"{first} and {other} hold different grid specs: their cells do not merge")
+
+
+def _tables(cells: list[dict[str, Any]]) -> MatrixResults:
     sort = ["base", "variant", "seed"]
     pipeline = _pipeline(cells).sort_values([*sort, "policy"], kind="stable").reset_index(drop=True)
     hidden = _hidden(cells).sort_values(sort, kind="stable").reset_index(drop=True)
@@ -162,10 +190,11 @@ def collect_results(out: str | Path) -> MatrixResults:
     return MatrixResults(pipeline, hidden, geometry)
 
 
-def merge_results(out: str | Path) -> MatrixResults:
-    """:func:`collect_results`, then write results.csv / hidden.csv / geometry.csv / results.json."""
-    out = Path(out)
-    res = collect_results(out)
+def merge_results(*dirs: str | Path, out: str | Path | None = None) -> MatrixResults:
+    """:func:`collect_results` of ``dirs``, then write results.csv / hidden.csv / geometry.csv /
+    results.json into ``out`` (default: the first folder)."""
+    out = Path(out if out is not None else dirs[0])
+    res = collect_results(*dirs)
     tables = {"results": res.pipeline, "hidden": res.hidden, "geometry": res.geometry}
     for name, df in tables.items():
         atomic_write_text(out / f"{name}.csv", df.to_csv(index=False))

@@ -26,7 +26,9 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +150,28 @@ def _run_cell(spec: MatrixSpec, cell: Cell, out: Path, progress: bool) -> str:
     elif _rank() != 0:
         return "skipped"
     summary = json.loads((run_dir / TRAIN_DONE).read_text(encoding="utf-8"))
+    t0 = time.perf_counter()
     record = _measure(spec, cell, tc, run_dir, progress)
-    record |= {"cell_id": cell.cell_id, "eval_key": eval_key, "train_result": summary}
+    record |= {"cell_id": cell.cell_id, "eval_key": eval_key, "train_result": summary,
+               "cost": _cost(summary, time.perf_counter() - t0, tc.device)}  # fmt: skip
     atomic_write_json(result_path, _jsonable(record))
     return status
+
+
+def _cost(summary: Mapping[str, Any], measure_seconds: float, device: str) -> dict[str, Any]:
+    """What a cell cost: wall seconds of training (as the trainer timed it) and of the
+    measurement, the device and world size, and device-hours (wall × processes), the unit
+    a cluster bills — so a grid's budget can be read off its cells."""
+    world = int(summary.get("world_size", 1) or 1)
+    train_s = float(summary.get("train_seconds", 0.0) or 0.0)
+    kind = torch.device(resolve_device(device)).type
+    name = (
+        torch.cuda.get_device_name() if kind == "cuda" and torch.cuda.is_available() else platform.processor()
+    )
+    return {
+        "train_seconds": train_s, "measure_seconds": measure_seconds, "device": kind, "device_name": name,
+        "world_size": world, "device_hours": (train_s * world + measure_seconds) / 3600.0,
+    }  # fmt: skip
 
 
 def _finished(path: Path, eval_key: str) -> bool:

@@ -457,6 +457,17 @@ def plan_cells(spec: MatrixSpec) -> list[Cell]:
     return sorted(cells, key=lambda c: c.cell_id)
 
 
+def cell_at(spec: MatrixSpec, index: int) -> Cell:
+    """The ``index``-th cell of :func:`plan_cells` (sorted by id: stable across machines,
+    so array task i always runs the same cell)."""
+    cells = plan_cells(spec)
+    if not 0 <= index < len(cells):
+        raise ConfigError(
+            f"cell index {index} is outside the grid's {len(cells)} cells (0 … {len(cells) - 1})"
+        )
+    return cells[index]
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """ "i/n" (0 ≤ i < n, e.g. ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``) → (i, n)."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
