@@ -293,3 +293,23 @@ def test_safetensors_seed_still_loads(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.ones(3)}, str(path))
     assert torch.equal(load_state_dict(path)["a"], torch.ones(3))
+
+
+def test_a_stream_ending_in_a_zero_word_is_corrupt():
+    """Found by the symbol-layout fuzzing: the rANS coder refuses such words itself."""
+    from qlab.compress.ans import ans_decode
+    from qlab.compress.symbols import decode_symbols, encode_symbols
+
+    for encode, decode in ((encode_symbols, decode_symbols), (ans_encode, ans_decode)):
+        stream = bytearray(encode(np.array([[0, 1, 2, 1], [1, 0, 2, 2]], np.int8)))
+        stream[-4:] = bytes(4)  # the last u32 word
+        with pytest.raises(ArtifactError, match="does not decode|undecoded|disagree"):
+            decode(bytes(stream))
+
+
+def test_a_null_train_table_in_a_spec_is_the_defaults_or_an_error_never_a_traceback(tmp_path):
+    from qlab.analysis.matrix.spec import load_spec
+
+    path = tmp_path / "m.yaml"
+    path.write_text(json.dumps({"name": "m", "bases": {"a": {"preset": "tiny", "train": None}}}))
+    assert load_spec(path).bases[0].train == {}

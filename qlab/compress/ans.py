@@ -180,8 +180,8 @@ def _decode_symbols(words: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray
         if words.size:
             raise ArtifactError("ans stream: constant tensor must carry no payload words")
         return np.zeros(n, dtype=np.int32)
-    coder = constriction.stream.stack.AnsCoder(words)
-    try:
+    try:  # the coder itself refuses some word sequences (one ending in a zero word)
+        coder = constriction.stream.stack.AnsCoder(words)
         sym = coder.decode(_categorical(counts), n)
     except (ValueError, RuntimeError) as exc:
         raise ArtifactError(f"ans stream: payload does not decode ({exc})") from exc

@@ -335,8 +335,8 @@ def decode_symbols(
             raise ArtifactError("symbol stream: a constant tensor must carry no payload words")
         return np.full(shape, lo, dtype=dtype)
     sym = np.zeros((rows, cols), dtype=np.int32)
-    coder = constriction.stream.stack.AnsCoder(words)
-    try:
+    try:  # the coder itself refuses some word sequences (one ending in a zero word)
+        coder = constriction.stream.stack.AnsCoder(words)
         _walk(sym, p, lambda expected, dist, k: _decode_in_slices(coder, dist, k))
     except (ValueError, RuntimeError, AssertionError) as exc:
         raise ArtifactError(f"symbol stream: payload does not decode ({exc})") from exc

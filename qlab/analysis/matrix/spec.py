@@ -304,17 +304,12 @@ def _base(name: str, obj: Any, where: str) -> BaseSpec:
     for key in ("preset", "data"):
         if key in b and not isinstance(b[key], str):
             raise ConfigError(f"{where}.{key} must be a string, got {b[key]!r}")
-    for key in ("model", "train"):
-        _table(b.get(key), f"{where}.{key}")
-    if "seed" in b.get("train", {}):
+    model, train = (_table(b.get(key), f"{where}.{key}") for key in ("model", "train"))
+    if "seed" in train:
         raise ConfigError(f"{where}.train: set seeds via the top-level 'seeds' list")
-    _base_regs(b.get("train", {}).get("regs", {}), where)
+    _base_regs(train.get("regs", {}), where)
     return BaseSpec(
-        name=name,
-        preset=b.get("preset", "tiny"),
-        data=b.get("data", "embedded"),
-        model=dict(b.get("model", {})),
-        train=dict(b.get("train", {})),
+        name=name, preset=b.get("preset", "tiny"), data=b.get("data", "embedded"), model=model, train=train
     )
 
 
