@@ -79,6 +79,22 @@ if len(saved):
           f"GPTQ at k = 12.85 "
           f"[{1e3 * best.ci_lo:+.2f}, {1e3 * best.ci_hi:+.2f}] mBPB "
           + ("excludes 0" if resolved else "includes 0: not resolved"))"""
+QUIET_VERDICT = """\
+# The same comparisons on the quiet signal: each policy's KL divergence from the float
+# model, paired per document (bits per byte, bpb's own units; qlab.eval.agreement)
+for _, r in T.allocation(ws).iterrows():
+    d, lo, hi = 1e3 * r.delta_kl, 1e3 * r.kl_lo, 1e3 * r.kl_hi
+    verdict = ("closer to" if hi < 0 else "further from") if r.kl_resolved else "not distinguishable in"
+    print(f"{r.comparison}: ΔKL {d:+.3f} mbit/byte [{lo:+.3f}, {hi:+.3f}] -> the allocated policy is "
+          f"{verdict} the float model's predictions" + ("" if r.kl_resolved == r.resolved else
+          f" (Δbpb {'resolved' if r.resolved else 'not resolved'})"))
+saved = bytes_saved_at_equal_bpb(T.rate_aware_frontier(ws), signal="kl")
+if len(saved):
+    best = saved.loc[saved.saving.idxmax()]
+    resolved = not best.kl_lo <= 0 <= best.kl_hi
+    print(f"rate-aware GPTQ at equal KL: {100 * best.saving:+.2f} % bytes at λ = {best.rate_lambda:g}; its ΔKL "
+          f"[{1e3 * best.kl_lo:+.3f}, {1e3 * best.kl_hi:+.3f}] mbit/byte "
+          + ("excludes 0" if resolved else "includes 0: not resolved"))"""
 SCALE_NOTE = (
     "**Why this checkpoint may differ from the PR.** The default checkpoint is the `tiny` preset "
     "(723,984 parameters, 4 layers of width 128) trained for minutes on the embedded corpus; the PRs "
@@ -302,6 +318,14 @@ NOTEBOOKS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
             ),
             ("code", fig("pr1394_rate_aware_gptq", show_table=True)),
             ("code", RATE_VERDICT),
+            (
+                "md",
+                "### The quiet signal\nΔbpb compares two models through the text, so each document's own "
+                "difficulty enters its noise. The KL divergence from the float model's next-token "
+                "distribution compares the predictions directly (bits per byte, bpb's units): the same "
+                "allocations and rate-aware points, judged on it.",
+            ),
+            ("code", QUIET_VERDICT),
             ("md", "## The PR's own numbers\nPer-seed stages and training curves from its logs."),
             ("code", fig("paper_pr1394_seed_stages")),
             ("code", fig("paper_pr1394_train_curves")),

@@ -71,18 +71,32 @@ def test_saving_at_equal_bpb_interpolates_the_plain_curve():
     assert saved["plain_bytes"].iloc[0] == pytest.approx(700.0)  # halfway between 800 and 600
     assert saved["saving"].iloc[0] == pytest.approx(0.0)
     assert saved["ci_hi"].iloc[0] == pytest.approx(0.005)
+    # the same on the quiet signal: its own column and interval
+    kl = df.assign(
+        delta_kl=df["delta_bpb"] / 2, kl_lo=df["delta_bpb"] / 2 - 1e-4, kl_hi=df["delta_bpb"] / 2 + 1e-4
+    )
+    saved_kl = bytes_saved_at_equal_bpb(kl, signal="kl")
+    assert list(saved_kl.columns[1:4]) == ["delta_kl", "kl_lo", "kl_hi"]
+    assert saved_kl["plain_bytes"].iloc[0] == pytest.approx(700.0) and saved_kl["kl_hi"].iloc[
+        0
+    ] == pytest.approx(0.0021)
+    with pytest.raises(ConfigError):
+        bytes_saved_at_equal_bpb(df, signal="nats")
 
 
 def test_allocation_rows_and_the_two_figures(frontier):
     result = {
         "choice": {"mlp": "k*1.25"}, "predicted_bpb": -0.001,
-        "vs_base": {"base_bytes": 1000, "bytes": 990, "delta_bpb": -0.002, "ci_lo": -0.003, "ci_hi": -0.001},
-        "vs_uniform": {"base_bytes": 989, "bytes": 990, "delta_bpb": -0.001, "ci_lo": -0.004, "ci_hi": 0.002},
+        "vs_base": {"base_bytes": 1000, "bytes": 990, "delta_bpb": -0.002, "ci_lo": -0.003, "ci_hi": -0.001,
+                    "delta_kl": -0.001, "kl_lo": -0.0015, "kl_hi": -0.0005},
+        "vs_uniform": {"base_bytes": 989, "bytes": 990, "delta_bpb": -0.001, "ci_lo": -0.004, "ci_hi": 0.002,
+                       "delta_kl": -0.0004, "kl_lo": -0.0007, "kl_hi": -0.0001},
         "uniform_k": 13.1,
     }  # fmt: skip
     rows = allocation_rows(result)
     assert list(rows["comparison"]) == ["vs base policy", "vs uniform k at equal bytes"]
     assert list(rows["resolved"]) == [True, False] and rows["choice"].iloc[0] == "mlp k*1.25"
+    assert list(rows["kl_resolved"]) == [True, True]  # the quiet signal resolves what Δbpb does not
     assert allocation_rows({"choice": {}, "predicted_bpb": 0.0}).empty
     for fig in (plot_allocation(rows), plot_allocation(rows.iloc[:0]), plot_rate_frontier(frontier[2])):
         assert fig.axes and fig.axes[0].get_xlabel()

@@ -212,9 +212,11 @@ def allocation_rows(result: Mapping[str, Any]) -> pd.DataFrame:
     "vs uniform k at equal bytes"), ``choice``, ``bytes`` (the chosen policy's artifact),
     ``other_bytes``, ``delta_bpb`` (chosen − other, paired), ``ci_lo``, ``ci_hi``,
     ``resolved`` (the interval excludes 0), ``predicted_bpb`` (the table's additive
-    prediction against the base), and ``uniform_k``. Empty when nothing was chosen."""
+    prediction against the base), ``uniform_k``, and the same comparison on the quiet
+    signal: ``delta_kl`` (KL to the float model, chosen − other, bits per byte) with
+    ``kl_lo``/``kl_hi`` and ``kl_resolved``. Empty when nothing was chosen."""
     columns = ["comparison", "choice", "bytes", "other_bytes", "delta_bpb", "ci_lo", "ci_hi", "resolved",
-               "predicted_bpb", "uniform_k"]  # fmt: skip
+               "predicted_bpb", "uniform_k", "delta_kl", "kl_lo", "kl_hi", "kl_resolved"]  # fmt: skip
     choice = ", ".join(f"{g} {s}" for g, s in result.get("choice", {}).items())
     rows = []
     for key, label in (("vs_base", "vs base policy"), ("vs_uniform", "vs uniform k at equal bytes")):
@@ -227,5 +229,7 @@ def allocation_rows(result: Mapping[str, Any]) -> pd.DataFrame:
             "ci_lo": c["ci_lo"], "ci_hi": c["ci_hi"],
             "resolved": bool(c["ci_lo"] > 0 or c["ci_hi"] < 0), "predicted_bpb": result["predicted_bpb"],
             "uniform_k": result.get("uniform_k", float("nan")),
+            "delta_kl": c["delta_kl"], "kl_lo": c["kl_lo"], "kl_hi": c["kl_hi"],
+            "kl_resolved": bool(c["kl_lo"] > 0 or c["kl_hi"] < 0),
         })  # fmt: skip
     return pd.DataFrame(rows, columns=columns)

@@ -99,23 +99,32 @@ def rate_frontier(
     return pd.DataFrame(rows)
 
 
-def bytes_saved_at_equal_bpb(frontier: pd.DataFrame) -> pd.DataFrame:
+# The frontier's two quality signals: column of the paired change and of its interval.
+SIGNALS = {"bpb": ("delta_bpb", "ci_lo", "ci_hi"), "kl": ("delta_kl", "kl_lo", "kl_hi")}
+
+
+def bytes_saved_at_equal_bpb(frontier: pd.DataFrame, signal: str = "bpb") -> pd.DataFrame:
     """For each rate-aware point inside the plain frontier's bpb range: the plain
     frontier's bytes at the same Δbpb (linear interpolation between its points sorted by
     Δbpb) and the relative saving ``1 − bytes / plain_bytes`` (positive = rate-aware
     smaller), with the point's own Δbpb interval (``ci_lo``/``ci_hi``): a saving whose
     interval spans the plain curve's Δbpb range nearby is not resolved. Points outside the
-    range are dropped, not extrapolated."""
-    plain = frontier[frontier["method"] == PLAIN].sort_values("delta_bpb")
+    range are dropped, not extrapolated. ``signal="kl"`` does the same at equal KL to the
+    float model (columns ``delta_kl``, ``kl_lo``, ``kl_hi``)."""
+    if signal not in SIGNALS:
+        raise ConfigError(f"signal must be one of {sorted(SIGNALS)}, got {signal!r}")
+    value, lo, hi = SIGNALS[signal]
+    plain = frontier[frontier["method"] == PLAIN].sort_values(value)
     rate = frontier[frontier["method"] == RATE_AWARE]
-    x, y = plain["delta_bpb"].to_numpy(float), plain["artifact_bytes"].to_numpy(float)
+    x, y = plain[value].to_numpy(float), plain["artifact_bytes"].to_numpy(float)
     rows = []
     for _, r in rate.iterrows():
-        d = float(r["delta_bpb"])
+        d = float(r[value])
         if len(x) >= 2 and x[0] <= d <= x[-1]:
             ref = float(np.interp(d, x, y))
-            rows.append({"rate_lambda": float(r["rate_lambda"]), "delta_bpb": d, "ci_lo": float(r["ci_lo"]),
-                         "ci_hi": float(r["ci_hi"]), "artifact_bytes": int(r["artifact_bytes"]),
-                         "plain_bytes": ref, "saving": 1.0 - float(r["artifact_bytes"]) / ref})  # fmt: skip
-    columns = ["rate_lambda", "delta_bpb", "ci_lo", "ci_hi", "artifact_bytes", "plain_bytes", "saving"]
-    return pd.DataFrame(rows, columns=columns)
+            rows.append({"rate_lambda": float(r["rate_lambda"]), value: d, lo: float(r[lo]), hi: float(r[hi]),
+                         "artifact_bytes": int(r["artifact_bytes"]), "plain_bytes": ref,
+                         "saving": 1.0 - float(r["artifact_bytes"]) / ref})  # fmt: skip
+    return pd.DataFrame(
+        rows, columns=["rate_lambda", value, lo, hi, "artifact_bytes", "plain_bytes", "saving"]
+    )
