@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from qlab.data.tokenizer import ByteTables, token_bytes
 from qlab.errors import ConfigError
-from qlab.eval.bpb import scored_windows, tables_on, target_positions, window_batch
+from qlab.eval.bpb import scored_batches, tables_on, target_positions
 from qlab.model.modes import eval_mode
 
 __all__ = [
@@ -80,15 +80,13 @@ def token_agreement(
     across calls, so comparing many variants with one reference runs it once — while the
     logits of all batches fit REFERENCE_CACHE_BYTES; past that they are recomputed."""
     device = next(model.parameters()).device
-    tokens, windows = scored_windows(val_tokens, seq_len, stride, max_tokens)
     tables = tables_on(byte_tables, device)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("kl", "top1", "nll", "ref", "bytes", "pos")}
     with eval_mode(model), eval_mode(reference):
-        for i in range(0, len(windows), batch_seqs):
-            batch = windows[i : i + batch_seqs]
-            x, y, mask = (t.to(device) for t in window_batch(tokens, batch))
+        for b in scored_batches(val_tokens, seq_len, batch_seqs, stride, max_tokens, device):
+            x, y, mask, batch = b.x, b.y, b.mask, b.windows
             logits = model(x).double()
-            ref_logits = _reference_logits(reference, x, i, reference_cache, len(windows) * x.shape[1])
+            ref_logits = _reference_logits(reference, x, b.start, reference_cache, b.total * x.shape[1])
             if logits.shape != ref_logits.shape:
                 raise ConfigError(
                     f"the model's logits {tuple(logits.shape)} and the reference's {tuple(ref_logits.shape)} "

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -167,6 +169,34 @@ def window_batch(
     return x, y, mask
 
 
+class Batch(NamedTuple):
+    """One batch of scored windows: where it starts among ``total`` windows, its windows,
+    and inputs, targets and scored mask (B, T) on the evaluation device."""
+
+    start: int
+    total: int
+    windows: list[Window]
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+
+
+def scored_batches(
+    val_tokens: torch.Tensor,
+    seq_len: int,
+    batch_seqs: int,
+    stride: int | None,
+    max_tokens: int | None,
+    device: torch.device,
+) -> Iterator[Batch]:
+    """The batches every per-token scorer walks (:func:`token_scores`, agreement)."""
+    tokens, windows = scored_windows(val_tokens, seq_len, stride, max_tokens)
+    for i in range(0, len(windows), batch_seqs):
+        batch = windows[i : i + batch_seqs]
+        x, y, mask = (t.to(device) for t in window_batch(tokens, batch))
+        yield Batch(i, len(windows), batch, x, y, mask)
+
+
 def target_positions(windows: list[Window], length: int) -> torch.Tensor:
     """(B, T) index in the token stream of each window position's target."""
     return torch.stack([torch.arange(w.start + 1, w.start + 1 + length) for w in windows])
@@ -208,19 +238,14 @@ def token_scores(
     float64/float64/int64 on the CPU — the same tokens and values :func:`evaluate_bpb`
     sums with the same ``stride``, kept apart for paired comparisons."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    tokens, windows = scored_windows(val_tokens, seq_len, stride, max_tokens)
     tables = tables_on(byte_tables, device)
     out_nll, out_bytes, out_pos = [], [], []
-    with eval_mode(model):
-        for i in range(0, len(windows), batch_seqs):
-            batch = windows[i : i + batch_seqs]
-            with torch.no_grad():
-                nll, nbytes, mask = _window_scores(model, tokens, batch, tables, device, None)
-            pos = target_positions(batch, nll.shape[1])
-            keep = mask.cpu()
-            out_nll.append(nll.cpu()[keep])
-            out_bytes.append(nbytes.cpu()[keep])
-            out_pos.append(pos[keep])
+    with eval_mode(model), torch.no_grad():
+        for b in scored_batches(val_tokens, seq_len, batch_seqs, stride, max_tokens, device):
+            keep = b.mask.cpu()
+            out_nll.append(model(b.x, b.y, reduction="none").float().double().cpu()[keep])
+            out_bytes.append(token_bytes(tables, b.x, b.y).double().cpu()[keep])
+            out_pos.append(target_positions(b.windows, b.x.shape[1])[keep])
     return torch.cat(out_nll), torch.cat(out_bytes), torch.cat(out_pos)
 
 
