@@ -203,6 +203,9 @@ def test_provenance_mismatch_with_force_starts_afresh(tmp_path):
     with pytest.raises(ConfigError, match="another checkpoint"):
         claim_output_dir(out, "marginal", provenance={"checkpoint": "b"})
     assert claim_output_dir(out, "marginal", force=True, provenance={"checkpoint": "b"}) is False
+    tupled = tmp_path / "t"  # a provenance holding tuples matches its own JSON stamp on a rerun
+    for _ in range(2):
+        assert claim_output_dir(tupled, "marginal", provenance={"policy": {"k": (1, 2.5)}}) is True
 
 
 # ------------------------------------------------------------------ 4. --force never makes an input writable

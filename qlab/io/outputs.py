@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qlab.checks import parse_json
 from qlab.errors import ConfigError
 from qlab.io.atomic import atomic_write_json
 
@@ -57,21 +58,23 @@ def folder_kind(folder: Path) -> str | None:
     return None
 
 
-def _is_dataset_meta(path: Path) -> bool:
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """``path``'s JSON object, or None when it is absent, unreadable or not an object."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return False
-    return isinstance(meta, dict) and "shards" in meta
+        obj = parse_json(path.read_bytes(), str(path), ConfigError)
+    except (OSError, ConfigError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _is_dataset_meta(path: Path) -> bool:
+    meta = _json_object(path)
+    return meta is not None and "shards" in meta
 
 
 def read_stamp(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The stamp a qlab command left in ``folder`` (None when absent or unreadable)."""
-    try:
-        stamp = json.loads((Path(folder) / STAMP_NAME).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    return stamp if isinstance(stamp, dict) else None
+    return _json_object(Path(folder) / STAMP_NAME)
 
 
 def claim_output_dir(
@@ -91,6 +94,8 @@ def claim_output_dir(
     (``"dataset"``), which ``--force`` then may replace.
     """
     out_p = Path(out)
+    if provenance is not None:  # compared with the stamp as JSON holds it (tuples become lists)
+        provenance = json.loads(json.dumps(dict(provenance), sort_keys=True))
     refuse_inputs(out_p, inputs, force)
     if out_p.exists() and not out_p.is_dir():
         raise ConfigError(f"{out_p}: exists and is not a folder (choose another --out)")
